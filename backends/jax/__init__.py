@@ -1,0 +1,1 @@
+"""memcore.backends.jax"""

@@ -1,0 +1,1 @@
+"""memcore.kernels.pallas"""

@@ -1,0 +1,204 @@
+"""Layer specs (DESIGN section 3): sequence mixers mapping [B, T, D] to [B, T, D]."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ._validate import bool_arg, choice_arg, divisible, int_arg
+from .base import Spec
+from .primitives import (
+    POSITIONS,
+    AssociativeReadoutSpec,
+    EideticStoreSpec,
+    LeakyAverageSpec,
+    PersistentReadoutSpec,
+    SelectiveScanSpec,
+    WindowedReadoutSpec,
+)
+
+
+def _heads(owner: str, d_model, n_heads) -> None:
+    int_arg(owner, "d_model", d_model, minimum=1)
+    int_arg(owner, "n_heads", n_heads, minimum=1)
+    divisible(owner, "n_heads", d_model, "d_model", n_heads)
+
+
+@dataclass(frozen=True)
+class Transformer(Spec):
+    """Causal softmax attention, full (window=None) or sliding-window (2.3, raw source only)."""
+
+    kind = "transformer"
+    d_model: int
+    n_heads: int
+    window: int | None = None
+    positions: str = "rope"
+
+    def _validate(self):
+        _heads("transformer", self.d_model, self.n_heads)
+        int_arg("transformer", "window", self.window, minimum=1, allow_none=True)
+        choice_arg("transformer", "positions", self.positions, POSITIONS)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def readout(self) -> WindowedReadoutSpec:
+        return WindowedReadoutSpec(self.n_heads, self.head_dim, self.window, self.positions)
+
+
+@dataclass(frozen=True)
+class Mamba(Spec):
+    """The Mamba block of mamba-ssm around the selective scan (2.1)."""
+
+    kind = "mamba"
+    d_model: int
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"
+
+    def _validate(self):
+        int_arg("mamba", "d_model", self.d_model, minimum=1)
+        int_arg("mamba", "d_state", self.d_state, minimum=1)
+        int_arg("mamba", "d_conv", self.d_conv, minimum=1)
+        int_arg("mamba", "expand", self.expand, minimum=1)
+        if self.dt_rank != "auto":
+            int_arg("mamba", "dt_rank", self.dt_rank, minimum=1)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def dt_rank_value(self) -> int:
+        # mamba-ssm's rule for dt_rank="auto".
+        return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
+
+    @property
+    def scan(self) -> SelectiveScanSpec:
+        return SelectiveScanSpec(self.d_inner, self.d_state)
+
+
+@dataclass(frozen=True)
+class BMojoF(Spec):
+    """B'MOJO-F: a Mamba block's output s feeds keys/values of a fading window behind the raw one."""
+
+    kind = "bmojo_f"
+    d_model: int
+    n_heads: int
+    window: int
+    d_state: int = 16
+    positions: str = "rope"
+    tie_fading: bool = True
+    fading: bool = True
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"
+
+    def _validate(self):
+        owner = self.kind
+        _heads(owner, self.d_model, self.n_heads)
+        int_arg(owner, "window", self.window, minimum=1)
+        choice_arg(owner, "positions", self.positions, POSITIONS)
+        bool_arg(owner, "tie_fading", self.tie_fading)
+        bool_arg(owner, "fading", self.fading)
+        # The fading block's own checks, with this layer's name in the message.
+        try:
+            self.fading_block
+        except (TypeError, ValueError) as err:
+            raise type(err)(str(err).replace("mamba:", f"{owner}:", 1)) from None
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def fading_block(self) -> Mamba:
+        return Mamba(self.d_model, self.d_state, self.d_conv, self.expand, self.dt_rank)
+
+    @property
+    def store(self) -> EideticStoreSpec | None:
+        return None
+
+    @property
+    def readout(self) -> WindowedReadoutSpec:
+        return WindowedReadoutSpec(self.n_heads, self.head_dim, self.window, self.positions,
+                                   fading=self.fading, store=self.store)
+
+
+@dataclass(frozen=True)
+class BMojo(BMojoF):
+    """B'MOJO: B'MOJO-F plus an eidetic store of tokens chosen by an innovation test (2.4)."""
+
+    kind = "bmojo"
+    # Defaults only so the dataclass can extend BMojoF; the constructor requires them.
+    chunk: int = 0
+    select: int = 0
+    capacity: int = 0
+
+    def _validate(self):
+        super()._validate()
+        int_arg(self.kind, "chunk", self.chunk, minimum=1)
+        int_arg(self.kind, "select", self.select, minimum=0, maximum=self.chunk)
+        int_arg(self.kind, "capacity", self.capacity, minimum=0)
+
+    @property
+    def store(self) -> EideticStoreSpec:
+        return EideticStoreSpec(self.chunk, self.select, self.capacity, self.window)
+
+
+@dataclass(frozen=True)
+class Mosaic(Spec):
+    """Memory Mosaics' contextual memory (2.5): associative readout with leaky-average keys."""
+
+    kind = "mosaic"
+    d_model: int
+    n_heads: int
+    capacity: int | None = None
+
+    def _validate(self):
+        _heads(self.kind, self.d_model, self.n_heads)
+        int_arg(self.kind, "capacity", self.capacity, minimum=1, allow_none=True)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def leaky(self) -> LeakyAverageSpec:
+        return LeakyAverageSpec(self.n_heads, self.head_dim)
+
+    @property
+    def readout(self) -> AssociativeReadoutSpec:
+        return AssociativeReadoutSpec(self.n_heads, self.head_dim, self.capacity)
+
+
+@dataclass(frozen=True)
+class Persistent(Spec):
+    """Memory Mosaics' persistent memory (2.6): learned key/value slots, replaces the FFN."""
+
+    kind = "persistent"
+    d_model: int
+    n_heads: int
+    slots: int
+
+    def _validate(self):
+        _heads(self.kind, self.d_model, self.n_heads)
+        int_arg(self.kind, "slots", self.slots, minimum=1)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def leaky(self) -> LeakyAverageSpec:
+        return LeakyAverageSpec(self.n_heads, self.head_dim)
+
+    @property
+    def readout(self) -> PersistentReadoutSpec:
+        return PersistentReadoutSpec(self.n_heads, self.head_dim, self.slots)
+
+
+LAYER_KINDS = (Transformer, Mamba, BMojoF, BMojo, Mosaic, Persistent)

@@ -1,0 +1,93 @@
+"""Model spec: token embedding, pre-norm residual blocks (mixer, then optional FFN), tied head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._validate import choice_arg, float_arg, int_arg
+from .base import Spec
+from .layers import LAYER_KINDS, Mamba, Persistent, Transformer
+
+NORMS = ("rms", "layer")
+FFNS = ("mlp", "persistent", None)
+
+
+@dataclass(frozen=True)
+class Model(Spec):
+    """A stack of layer specs.
+
+    ``ffn`` is "mlp" (GELU, ``mlp_ratio`` x wider), a ``Persistent`` spec (Memory Mosaics),
+    "persistent" (shorthand: heads of the first mixer that has heads, 3.5 d_model slots, the
+    parameter-matching count of the Memory Mosaics paper), or None (mixer-only blocks, as
+    Mamba and Zoology's MQAR models).
+    """
+
+    kind = "model"
+    layers: tuple
+    vocab_size: int
+    ffn: str | Persistent | None = "mlp"
+    norm: str = "rms"
+    mlp_ratio: int = 4
+    logit_scale: float = 1.0
+
+    def _validate(self):
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if not isinstance(self.layers, tuple) or not self.layers:
+            raise ValueError(f"model: layers must be a non-empty sequence of layer specs, "
+                             f"got {self.layers!r}")
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, LAYER_KINDS):
+                raise TypeError(f"model: layers[{i}] must be a layer spec "
+                                f"({', '.join(c.kind for c in LAYER_KINDS)}), got {layer!r}")
+            if layer.d_model != self.layers[0].d_model:
+                raise ValueError(f"model: layers[{i}].d_model={layer.d_model} differs from "
+                                 f"layers[0].d_model={self.layers[0].d_model}")
+        int_arg("model", "vocab_size", self.vocab_size, minimum=1)
+        int_arg("model", "mlp_ratio", self.mlp_ratio, minimum=1)
+        choice_arg("model", "norm", self.norm, NORMS)
+        float_arg("model", "logit_scale", self.logit_scale, positive=True)
+        if self.ffn == "persistent":
+            heads = next((layer.n_heads for layer in self.layers if hasattr(layer, "n_heads")), 1)
+            object.__setattr__(self, "ffn", Persistent(self.d_model, heads,
+                                                       int(round(3.5 * self.d_model))))
+        elif isinstance(self.ffn, Persistent):
+            if self.ffn.d_model != self.d_model:
+                raise ValueError(f"model: ffn.d_model={self.ffn.d_model} differs from the "
+                                 f"layers' d_model={self.d_model}")
+        elif self.ffn not in FFNS:
+            raise ValueError(f"model: ffn must be 'mlp', 'persistent', a Persistent spec or "
+                             f"None, got {self.ffn!r}")
+
+    @property
+    def d_model(self) -> int:
+        return self.layers[0].d_model
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def model(layers, vocab_size: int, ffn="mlp", norm: str = "rms", mlp_ratio: int = 4,
+          logit_scale: float = 1.0) -> Model:
+    return Model(tuple(layers) if isinstance(layers, list) else layers, vocab_size, ffn, norm,
+                 mlp_ratio, logit_scale)
+
+
+def jamba(d_model: int, n_heads: int, pattern: str = "MMMA", n_layers: int | None = None,
+          vocab_size: int = 256, d_state: int = 16, window: int | None = None,
+          positions: str = "rope", ffn="mlp", norm: str = "rms") -> Model:
+    """A Jamba-style stack: ``pattern`` letters M (Mamba) and A (attention), repeated to
+    ``n_layers`` (default: one pass of the pattern)."""
+    if not isinstance(pattern, str) or not pattern or set(pattern) - {"M", "A"}:
+        raise ValueError(f"jamba: pattern must be a non-empty string of 'M' and 'A', "
+                         f"got {pattern!r}")
+    n_layers = len(pattern) if n_layers is None else n_layers
+    int_arg("jamba", "n_layers", n_layers, minimum=1)
+    layers = []
+    for i in range(n_layers):
+        if pattern[i % len(pattern)] == "M":
+            layers.append(Mamba(d_model, d_state=d_state))
+        else:
+            layers.append(Transformer(d_model, n_heads, window=window, positions=positions))
+    return Model(tuple(layers), vocab_size, ffn, norm)

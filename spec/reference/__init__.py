@@ -1,0 +1,9 @@
+"""The Array API reference: every primitive and realization in parallel and streaming form.
+
+Runs unchanged on numpy, torch and JAX arrays (through ``array_api_compat``); it is the oracle
+every backend is tested against and a portable fallback.
+"""
+
+from .layers import check_state, forward, forward_aux, init_state, step, step_aux
+
+__all__ = ["forward", "step", "forward_aux", "step_aux", "init_state", "check_state"]

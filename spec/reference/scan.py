@@ -1,0 +1,194 @@
+"""Linear recurrences: the selective scan (DESIGN 2.1) and the leaky average (2.2).
+
+Both are ``h_t = a_t * h_{t-1} + b_t`` elementwise. The parallel form evaluates it chunk by chunk
+in closed form, ``h_t = sum_{s<=t} exp(sum_{s<r<=t} log a_r) b_s + exp(sum_{r<=t} log a_r) h_0``,
+with a dense lower-triangular decay matrix per chunk; the streaming form applies one step.
+The two share no code beyond the parameterisation, so agreement between them is a real check.
+"""
+
+from __future__ import annotations
+
+from ._xp import acc_dtype, cast_out, device, namespace, silu, softplus
+
+SCAN_CHUNK = 16  # chunk of the closed form; any value gives the same result
+
+
+def linear_recurrence(xp, log_a, b, h0, chunk: int = SCAN_CHUNK):
+    """Parallel form. log_a, b: [..., T]; h0: [...]. Returns (h for every t [..., T], h_T)."""
+    T = b.shape[-1]
+    outs = []
+    h = h0
+    for s in range(0, T, chunk):
+        la = log_a[..., s:s + chunk]
+        bb = b[..., s:s + chunk]
+        L = la.shape[-1]
+        cum = xp.cumulative_sum(la, axis=-1)  # [..., L]
+        diff = cum[..., :, None] - cum[..., None, :]  # [..., L(t), L(s)]
+        idx = xp.arange(L, device=device(b))
+        lower = idx[:, None] >= idx[None, :]
+        # Mask before exp: above the diagonal diff is positive and could overflow.
+        decay = xp.where(lower, xp.exp(xp.where(lower, diff, xp.zeros_like(diff))),
+                         xp.zeros_like(diff))
+        hs = xp.matmul(decay, bb[..., :, None])[..., 0] + xp.exp(cum) * h[..., None]
+        outs.append(hs)
+        h = hs[..., -1]
+    if not outs:
+        return xp.zeros(tuple(h0.shape) + (0,), dtype=h0.dtype, device=device(h0)), h0
+    return xp.concat(outs, axis=-1), h
+
+
+def linear_recurrence_step(xp, log_a, b, h):
+    """Streaming form: one step of h = exp(log_a) * h + b."""
+    return xp.exp(log_a) * h + b
+
+
+# --- 2.1 selective scan ------------------------------------------------------------------
+
+def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming: bool):
+    where = "selective_state_update" if streaming else "selective_scan"
+    lead = 2 if streaming else 3
+    if u.ndim != lead:
+        raise ValueError(f"{where}: u must be [batch, channels{'' if streaming else ', T'}], "
+                         f"got shape {tuple(u.shape)}")
+    Bt, Dc = u.shape[0], u.shape[1]
+    if tuple(delta.shape) != tuple(u.shape):
+        raise ValueError(f"{where}: delta must have u's shape {tuple(u.shape)}, "
+                         f"got {tuple(delta.shape)}")
+    if A.ndim != 2 or A.shape[0] != Dc:
+        raise ValueError(f"{where}: A must be [channels={Dc}, d_state], got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, arr in (("B", B), ("C", C)):
+        ok_plain = arr.ndim == lead and arr.shape[0] == Bt and arr.shape[1] == N
+        ok_group = (arr.ndim == lead + 1 and arr.shape[0] == Bt and arr.shape[2] == N
+                    and Dc % arr.shape[1] == 0)
+        tail = "" if streaming else ", T"
+        if not (ok_plain or ok_group) or (not streaming and arr.shape[-1] != u.shape[-1]):
+            raise ValueError(f"{where}: {name} must be [batch={Bt}, d_state={N}{tail}] or "
+                             f"[batch, groups dividing {Dc}, d_state{tail}], "
+                             f"got {tuple(arr.shape)}")
+    for name, arr in (("D", D), ("delta_bias", delta_bias)):
+        if arr is not None and tuple(arr.shape) != (Dc,):
+            raise ValueError(f"{where}: {name} must be [channels={Dc}], got {tuple(arr.shape)}")
+    if z is not None and tuple(z.shape) != tuple(u.shape):
+        raise ValueError(f"{where}: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (Bt, Dc, N):
+        raise ValueError(f"{where}: initial_state must be [batch={Bt}, channels={Dc}, "
+                         f"d_state={N}], got {tuple(initial_state.shape)}")
+
+
+def _expand_groups(xp, M, Dc, streaming: bool):
+    plain = 2 if streaming else 3
+    if M.ndim == plain:
+        return M[:, None, ...]
+    Bt, G = M.shape[0], M.shape[1]
+    rest = tuple(M.shape[2:])
+    M = xp.broadcast_to(M[:, :, None, ...], (Bt, G, Dc // G) + rest)
+    return xp.reshape(M, (Bt, Dc) + rest)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_final_state=False):
+    """mamba-ssm's ``selective_scan_fn`` plus an initial state, on any Array API library.
+
+    u, delta, z: [Bt, Dc, T]; A: [Dc, N]; B, C: [Bt, N, T] or [Bt, G, N, T]; D, delta_bias: [Dc];
+    initial_state: [Bt, Dc, N] (zeros if None). Returns y [Bt, Dc, T] in u's dtype, and with
+    ``return_final_state`` also h_T [Bt, Dc, N] in the accumulation dtype.
+    """
+    xp = namespace(u, delta, A, B, C)
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
+    out_dtype = u.dtype
+    acc = acc_dtype(xp, u.dtype)
+    f = (lambda a: None if a is None else xp.astype(a, acc))
+    u_, dt, A_, B_, C_, D_, z_, db = map(f, (u, delta, A, B, C, D, z, delta_bias))
+    Bt, Dc, T = u.shape
+    N = A.shape[1]
+    if db is not None:
+        dt = dt + db[None, :, None]
+    if delta_softplus:
+        dt = softplus(xp, dt)
+    B_ = _expand_groups(xp, B_, Dc, streaming=False)  # [Bt, Dc|1, N, T]
+    C_ = _expand_groups(xp, C_, Dc, streaming=False)
+    log_a = dt[:, :, None, :] * A_[None, :, :, None]  # [Bt, Dc, N, T]
+    b = (dt * u_)[:, :, None, :] * B_
+    h0 = (xp.zeros((Bt, Dc, N), dtype=acc, device=device(u)) if initial_state is None
+          else xp.astype(initial_state, acc))
+    hs, hT = linear_recurrence(xp, log_a, b, h0)
+    y = xp.sum(hs * C_, axis=2)
+    if D_ is not None:
+        y = y + D_[None, :, None] * u_
+    if z_ is not None:
+        y = y * silu(xp, z_)
+    y = cast_out(xp, y, out_dtype)
+    return (y, hT) if return_final_state else y
+
+
+def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_softplus=False):
+    """Streaming form of ``selective_scan``: one token.
+
+    state: [Bt, Dc, N]; u, delta, z: [Bt, Dc]; B, C: [Bt, N] or [Bt, G, N].
+    Returns (y [Bt, Dc] in u's dtype, new state in the accumulation dtype).
+    """
+    xp = namespace(state, u, delta, A, B, C)
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, state, streaming=True)
+    acc = acc_dtype(xp, u.dtype)
+    f = (lambda a: None if a is None else xp.astype(a, acc))
+    u_, dt, A_, B_, C_, D_, z_, db, h = map(f, (u, delta, A, B, C, D, z, delta_bias, state))
+    Dc = u.shape[1]
+    if db is not None:
+        dt = dt + db[None, :]
+    if delta_softplus:
+        dt = softplus(xp, dt)
+    B_ = _expand_groups(xp, B_, Dc, streaming=True)  # [Bt, Dc|1, N]
+    C_ = _expand_groups(xp, C_, Dc, streaming=True)
+    h = linear_recurrence_step(xp, dt[:, :, None] * A_[None], (dt * u_)[:, :, None] * B_, h)
+    y = xp.sum(h * C_, axis=2)
+    if D_ is not None:
+        y = y + D_[None, :] * u_
+    if z_ is not None:
+        y = y * silu(xp, z_)
+    return cast_out(xp, y, u.dtype), h
+
+
+# --- 2.2 leaky average -------------------------------------------------------------------
+
+def _check_leaky(k, log_decay, state, streaming: bool):
+    where = "leaky_average_step" if streaming else "leaky_average"
+    want = "[batch, heads, head_dim]" if streaming else "[batch, T, heads, head_dim]"
+    if k.ndim != (3 if streaming else 4):
+        raise ValueError(f"{where}: k must be {want}, got shape {tuple(k.shape)}")
+    H, E = k.shape[-2], k.shape[-1]
+    if tuple(log_decay.shape) != (H,):
+        raise ValueError(f"{where}: log_decay must be [heads={H}], got {tuple(log_decay.shape)}")
+    if state is not None and tuple(state.shape) != (k.shape[0], H, E):
+        raise ValueError(f"{where}: initial_state must be [batch={k.shape[0]}, heads={H}, "
+                         f"head_dim={E}], got {tuple(state.shape)}")
+
+
+def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
+    """kbar_t = k_t + exp(log_decay_h) kbar_{t-1}.
+
+    k: [B, T, H, E]; log_decay: [H] (Memory Mosaics: -10 |p_h|); initial_state: [B, H, E].
+    Returns kbar [B, T, H, E] in k's dtype (and the final state in the accumulation dtype).
+    """
+    xp = namespace(k, log_decay)
+    _check_leaky(k, log_decay, initial_state, streaming=False)
+    acc = acc_dtype(xp, k.dtype)
+    Bt, T, H, E = k.shape
+    b = xp.permute_dims(xp.astype(k, acc), (0, 2, 3, 1))  # [B, H, E, T]
+    log_a = xp.broadcast_to(xp.astype(log_decay, acc)[None, :, None, None], (Bt, H, E, T))
+    h0 = (xp.zeros((Bt, H, E), dtype=acc, device=device(k)) if initial_state is None
+          else xp.astype(initial_state, acc))
+    hs, hT = linear_recurrence(xp, log_a, b, h0)
+    y = cast_out(xp, xp.permute_dims(hs, (0, 3, 1, 2)), k.dtype)
+    return (y, hT) if return_final_state else y
+
+
+def leaky_average_step(k_t, log_decay, state):
+    """Streaming form: k_t [B, H, E], state [B, H, E] -> (kbar_t in k's dtype, new state)."""
+    xp = namespace(k_t, log_decay, state)
+    _check_leaky(k_t, log_decay, state, streaming=True)
+    acc = acc_dtype(xp, k_t.dtype)
+    h = linear_recurrence_step(xp, xp.astype(log_decay, acc)[None, :, None],
+                               xp.astype(k_t, acc), xp.astype(state, acc))
+    return cast_out(xp, h, k_t.dtype), h
