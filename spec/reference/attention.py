@@ -64,3 +64,56 @@ def readout(xp, q, sources):
     mask = xp.concat(masks, axis=-1)
     scores = xp.matmul(q, xp.permute_dims(ks, (0, 1, 3, 2))) * (1.0 / math.sqrt(E))
     return masked_softmax_readout(xp, scores, mask, vs)
+
+
+def raw_source(xp, k, v, ring_k, ring_v, pos: int, window: int | None):
+    """Parallel form of the raw source for queries at pos .. pos+T-1.
+
+    k, v: [B, H, T, E]; ring_k, ring_v: the state's ring (or KV cache when window is None).
+    Returns ((keys, values, mask [1, 1, T, S]), new ring_k, new ring_v).
+    """
+    T = k.shape[2]
+    qpos = positions(xp, pos, T, k)
+    kc = xp.concat([ring_k, k], axis=2)
+    vc = xp.concat([ring_v, v], axis=2)
+    old = positions(xp, 0, pos, k) if window is None else ring_positions(xp, pos, window, k)
+    kpos = xp.concat([old, qpos])
+    src = (kc, vc, raw_mask(qpos, kpos, window)[None, None])
+    if window is None:
+        return src, kc, vc
+    return (src, ring_refill(xp, kc, kpos, pos + T, window),
+            ring_refill(xp, vc, kpos, pos + T, window))
+
+
+def fading_source(xp, fk, fv, ring_k, ring_v, pos: int, window: int):
+    """Parallel form of the fading source; the ring holds 2 * window slots."""
+    T = fk.shape[2]
+    qpos = positions(xp, pos, T, fk)
+    kc = xp.concat([ring_k, fk], axis=2)
+    vc = xp.concat([ring_v, fv], axis=2)
+    kpos = xp.concat([ring_positions(xp, pos, 2 * window, fk), qpos])
+    src = (kc, vc, fading_mask(qpos, kpos, window)[None, None])
+    return (src, ring_refill(xp, kc, kpos, pos + T, 2 * window),
+            ring_refill(xp, vc, kpos, pos + T, 2 * window))
+
+
+def raw_source_step(xp, k_t, v_t, ring_k, ring_v, pos: int, window: int | None):
+    """Streaming form of ``raw_source``: k_t, v_t [B, H, E] at position pos."""
+    qpos = positions(xp, pos, 1, k_t)
+    if window is None:
+        ring_k = xp.concat([ring_k, k_t[:, :, None]], axis=2)
+        ring_v = xp.concat([ring_v, v_t[:, :, None]], axis=2)
+        kpos = positions(xp, 0, pos + 1, k_t)
+    else:
+        ring_k = ring_push(xp, ring_k, k_t, pos)
+        ring_v = ring_push(xp, ring_v, v_t, pos)
+        kpos = ring_positions(xp, pos + 1, window, k_t)
+    return (ring_k, ring_v, raw_mask(qpos, kpos, window)[None, None]), ring_k, ring_v
+
+
+def fading_source_step(xp, fk_t, fv_t, ring_k, ring_v, pos: int, window: int):
+    qpos = positions(xp, pos, 1, fk_t)
+    ring_k = ring_push(xp, ring_k, fk_t, pos)
+    ring_v = ring_push(xp, ring_v, fv_t, pos)
+    kpos = ring_positions(xp, pos + 1, 2 * window, fk_t)
+    return (ring_k, ring_v, fading_mask(qpos, kpos, window)[None, None]), ring_k, ring_v

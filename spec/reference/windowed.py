@@ -17,13 +17,12 @@ from __future__ import annotations
 from . import mamba, store
 from ._xp import device, linear
 from .attention import (
-    fading_mask,
+    fading_source,
+    fading_source_step,
     positions,
-    raw_mask,
+    raw_source,
+    raw_source_step,
     readout,
-    ring_positions,
-    ring_push,
-    ring_refill,
 )
 from .rope import rope
 
@@ -100,16 +99,8 @@ def forward(xp, spec, p, x, state, pos: int):
     q, k, v = _qkv(xp, spec, p, x, qpos)
     new = {}
 
-    kc = xp.concat([state["k"], k], axis=2)
-    vc = xp.concat([state["v"], v], axis=2)
-    old = positions(xp, 0, pos, x) if W is None else ring_positions(xp, pos, W, x)
-    kpos = xp.concat([old, qpos])
-    sources = [(kc, vc, raw_mask(qpos, kpos, W)[None, None])]
-    if W is None:
-        new["k"], new["v"] = kc, vc
-    else:
-        new["k"] = ring_refill(xp, kc, kpos, pos + T, W)
-        new["v"] = ring_refill(xp, vc, kpos, pos + T, W)
+    src, new["k"], new["v"] = raw_source(xp, k, v, state["k"], state["v"], pos, W)
+    sources = [src]
 
     s = None
     if fading:
@@ -117,12 +108,8 @@ def forward(xp, spec, p, x, state, pos: int):
                                   {"conv": state["conv"], "ssm": state["ssm"]})
         new.update(mstate)
         fk, fv = _fading_kv(xp, spec, p, s, qpos)
-        fkc = xp.concat([state["fk"], fk], axis=2)
-        fvc = xp.concat([state["fv"], fv], axis=2)
-        fpos = xp.concat([ring_positions(xp, pos, 2 * W, x), qpos])
-        sources.append((fkc, fvc, fading_mask(qpos, fpos, W)[None, None]))
-        new["fk"] = ring_refill(xp, fkc, fpos, pos + T, 2 * W)
-        new["fv"] = ring_refill(xp, fvc, fpos, pos + T, 2 * W)
+        src, new["fk"], new["fv"] = fading_source(xp, fk, fv, state["fk"], state["fv"], pos, W)
+        sources.append(src)
 
     aux = None
     if st is not None:
@@ -185,15 +172,9 @@ def step(xp, spec, p, x_t, state, pos: int):
     qpos = positions(xp, pos, 1, x_t)
     q, k, v = _qkv(xp, spec, p, x, qpos)  # [B, H, 1, E]
     new = {}
-    if W is None:
-        new["k"] = xp.concat([state["k"], k], axis=2)
-        new["v"] = xp.concat([state["v"], v], axis=2)
-        kpos = positions(xp, 0, pos + 1, x_t)
-    else:
-        new["k"] = ring_push(xp, state["k"], k[:, :, 0], pos)
-        new["v"] = ring_push(xp, state["v"], v[:, :, 0], pos)
-        kpos = ring_positions(xp, pos + 1, W, x_t)
-    sources = [(new["k"], new["v"], raw_mask(qpos, kpos, W)[None, None])]
+    src, new["k"], new["v"] = raw_source_step(xp, k[:, :, 0], v[:, :, 0], state["k"],
+                                              state["v"], pos, W)
+    sources = [src]
 
     s_t = None
     if fading:
@@ -201,10 +182,9 @@ def step(xp, spec, p, x_t, state, pos: int):
                                  {"conv": state["conv"], "ssm": state["ssm"]})
         new.update(mstate)
         fk, fv = _fading_kv(xp, spec, p, s_t[:, None, :], qpos)
-        new["fk"] = ring_push(xp, state["fk"], fk[:, :, 0], pos)
-        new["fv"] = ring_push(xp, state["fv"], fv[:, :, 0], pos)
-        fpos = ring_positions(xp, pos + 1, 2 * W, x_t)
-        sources.append((new["fk"], new["fv"], fading_mask(qpos, fpos, W)[None, None]))
+        src, new["fk"], new["fv"] = fading_source_step(xp, fk[:, :, 0], fv[:, :, 0], state["fk"],
+                                                       state["fv"], pos, W)
+        sources.append(src)
 
     aux = None
     if st is not None:
