@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any, ClassVar
 
-_KINDS: dict[str, type["Spec"]] = {}
+_KINDS: dict[str, type[Spec]] = {}
 
 
 class Spec:

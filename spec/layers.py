@@ -83,7 +83,8 @@ class Mamba(Spec):
 
 @dataclass(frozen=True)
 class BMojoF(Spec):
-    """B'MOJO-F: a Mamba block's output s feeds keys/values of a fading window behind the raw one."""
+    """B'MOJO-F: a Mamba block's output s gives the keys/values of a fading window that sits
+    behind the raw window, in the same softmax."""
 
     kind = "bmojo_f"
     d_model: int
@@ -106,7 +107,7 @@ class BMojoF(Spec):
         bool_arg(owner, "fading", self.fading)
         # The fading block's own checks, with this layer's name in the message.
         try:
-            self.fading_block
+            _ = self.fading_block
         except (TypeError, ValueError) as err:
             raise type(err)(str(err).replace("mamba:", f"{owner}:", 1)) from None
 

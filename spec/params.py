@@ -5,15 +5,19 @@ Each parameter draws from its own generator seeded by (seed, name), so a paramet
 initial value in every spec that has it: ``init(bmojo(...))`` restricted to ``bmojo_f``'s names
 equals ``init(bmojo_f(...))`` for the same arguments and seed.
 
-| spec | names (shapes) |
-|---|---|
-| transformer | q_proj.weight, k_proj.weight, v_proj.weight, o_proj.weight [D, D] |
-| mamba | mamba-ssm's Mamba: in_proj.weight [2Di, D], conv1d.weight [Di, 1, K], conv1d.bias [Di], x_proj.weight [R+2N, Di], dt_proj.weight [Di, R], dt_proj.bias [Di], A_log [Di, N], D [Di], out_proj.weight [D, Di] |
-| bmojo_f | transformer's, plus fading.<mamba names> (if fading), plus k_fading_proj.weight, v_fading_proj.weight [D, D] (if not tie_fading) |
-| bmojo | bmojo_f's, plus pred_proj.weight [D, D] (innovation predictor, if fading) |
-| mosaic | k_proj.weight, v_proj.weight, o_proj.weight [D, D]; leak, k_scale, v_scale, v_mix [H] |
-| persistent | k_proj.weight, o_proj.weight [D, D]; leak, k_scale, out_scale [H]; mem_k, mem_v [H, P, E] |
-| model | embed.weight [V, D]; layers.{i}.norm1.weight [D]; layers.{i}.mixer.<layer names>; layers.{i}.norm2.weight [D] and layers.{i}.ffn.<names> (mlp: fc1.weight [rD, D], fc2.weight [D, rD]; or persistent names) when ffn is set; norm_f.weight [D] |
+transformer: q_proj.weight, k_proj.weight, v_proj.weight, o_proj.weight [D, D].
+mamba (mamba-ssm's Mamba names): in_proj.weight [2Di, D], conv1d.weight [Di, 1, K],
+    conv1d.bias [Di], x_proj.weight [R + 2N, Di], dt_proj.weight [Di, R], dt_proj.bias [Di],
+    A_log [Di, N], D [Di], out_proj.weight [D, Di].
+bmojo_f: transformer's; fading.<mamba names> if fading; k_fading_proj.weight and
+    v_fading_proj.weight [D, D] if not tie_fading.
+bmojo: bmojo_f's; pred_proj.weight [D, D] (the innovation predictor) if fading.
+mosaic: k_proj.weight, v_proj.weight, o_proj.weight [D, D]; leak, k_scale, v_scale, v_mix [H].
+persistent: k_proj.weight, o_proj.weight [D, D]; leak, k_scale, out_scale [H];
+    mem_k, mem_v [H, P, E].
+model: embed.weight [V, D]; layers.{i}.norm1.weight [D]; layers.{i}.mixer.<layer names>;
+    with an ffn, layers.{i}.norm2.weight [D] and layers.{i}.ffn.<names> (mlp: fc1.weight
+    [rD, D], fc2.weight [D, rD]; or the persistent names); norm_f.weight [D].
 """
 
 from __future__ import annotations

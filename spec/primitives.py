@@ -78,7 +78,7 @@ class WindowedReadoutSpec(Spec):
 
 @dataclass(frozen=True)
 class AssociativeReadoutSpec(Spec):
-    """2.5: y_t = sum_{j<t} softmax_j(k_t . k_j) v_j, memory bounded by ``capacity`` (oldest out)."""
+    """2.5: y_t = sum_{j<t} softmax_j(k_t . k_j) v_j; ``capacity`` keeps the newest pairs."""
 
     kind = "associative_readout"
     n_heads: int

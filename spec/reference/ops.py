@@ -73,7 +73,10 @@ def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initi
     fading = fading_k is not None
     state = initial_state or windowed_attention_state(q, window, fading)
     acc = acc_dtype(xp, q.dtype)
-    c = (lambda a: _bhte(xp, xp.astype(a, acc)))  # noqa: E731
+
+    def c(a):
+        return _bhte(xp, xp.astype(a, acc))
+
     pos = state["pos"]
     src, rk, rv = raw_source(xp, c(k), c(v), state["k"], state["v"], pos, window)
     sources = [src]
@@ -91,7 +94,10 @@ def windowed_attention_step(q_t, k_t, v_t, state, window=None, fading_k_t=None, 
     xp = namespace(q_t, k_t, v_t)
     _check_attention(q_t, k_t, v_t, fading_k_t, fading_v_t, window, state, True)
     acc = acc_dtype(xp, q_t.dtype)
-    c = (lambda a: xp.astype(a, acc))  # noqa: E731
+
+    def c(a):
+        return xp.astype(a, acc)
+
     pos = state["pos"]
     src, rk, rv = raw_source_step(xp, c(k_t), c(v_t), state["k"], state["v"], pos, window)
     sources = [src]

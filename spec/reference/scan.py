@@ -76,6 +76,10 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streami
                          f"d_state={N}], got {tuple(initial_state.shape)}")
 
 
+def _as(xp, dtype, *arrays):
+    return [None if a is None else xp.astype(a, dtype) for a in arrays]
+
+
 def _expand_groups(xp, M, Dc, streaming: bool):
     plain = 2 if streaming else 3
     if M.ndim == plain:
@@ -98,8 +102,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
     out_dtype = u.dtype
     acc = acc_dtype(xp, u.dtype)
-    f = (lambda a: None if a is None else xp.astype(a, acc))
-    u_, dt, A_, B_, C_, D_, z_, db = map(f, (u, delta, A, B, C, D, z, delta_bias))
+    u_, dt, A_, B_, C_, D_, z_, db = _as(xp, acc, u, delta, A, B, C, D, z, delta_bias)
     Bt, Dc, T = u.shape
     N = A.shape[1]
     if db is not None:
@@ -132,8 +135,7 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
     xp = namespace(state, u, delta, A, B, C)
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, state, streaming=True)
     acc = acc_dtype(xp, u.dtype)
-    f = (lambda a: None if a is None else xp.astype(a, acc))
-    u_, dt, A_, B_, C_, D_, z_, db, h = map(f, (u, delta, A, B, C, D, z, delta_bias, state))
+    u_, dt, A_, B_, C_, D_, z_, db, h = _as(xp, acc, u, delta, A, B, C, D, z, delta_bias, state)
     Dc = u.shape[1]
     if db is not None:
         dt = dt + db[None, :]
