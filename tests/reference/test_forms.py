@@ -1,0 +1,80 @@
+"""DESIGN contract 1 and 2 on the reference, float64: parallel == fold(step) (outputs and every
+array of the final state) and forward(x[:a]) then forward(x[a:], state) == forward(x)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from refcheck import (
+    MAX_T,
+    REALIZATIONS,
+    assert_close,
+    assert_states_equal,
+    fold,
+    forward,
+    inputs,
+    params64,
+)
+
+IDS = [name for name, _ in REALIZATIONS]
+STRATEGIES = [s for _, s in REALIZATIONS]
+
+# T = 1, T < W, T not a multiple of the chunk, chunk > T all come from small T against the
+# drawn windows and chunks; T = 1 is also drawn on its own often.
+lengths = st.one_of(st.just(1), st.integers(1, MAX_T))
+
+
+@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@given(data=st.data())
+def test_parallel_equals_folded_step(spec_st, data):
+    spec = data.draw(spec_st, label="spec")
+    T = data.draw(lengths, label="T")
+    B = data.draw(st.integers(1, 2), label="B")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    params = params64(spec, seed)
+    x = inputs(spec, B, T, seed)
+    y, state = forward(spec, params, x)
+    ys, state_s = fold(spec, params, x)
+    assert_close(np.stack(ys, axis=1), y, "y (fold of step vs forward)")
+    assert_states_equal(state_s, state, "final state")
+
+
+@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@given(data=st.data())
+def test_split_forward_equals_forward(spec_st, data):
+    spec = data.draw(spec_st, label="spec")
+    T = data.draw(st.integers(2, MAX_T), label="T")
+    B = data.draw(st.integers(1, 2), label="B")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    params = params64(spec, seed)
+    x = inputs(spec, B, T, seed)
+    y, state = forward(spec, params, x)
+    # Every split a, so splits inside a chunk, at chunk ends and at window edges all occur.
+    for a in range(1, T):
+        y1, s1 = forward(spec, params, x[:, :a])
+        y2, s2 = forward(spec, params, x[:, a:], s1)
+        assert_close(np.concatenate([y1, y2], axis=1), y, f"y (split at a={a})")
+        assert_states_equal(s2, state, f"final state (split at a={a})")
+
+
+@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@given(data=st.data())
+def test_three_way_mix_of_forms(spec_st, data):
+    """forward on a prefix, a few steps, then forward on the rest: the state crosses forms both
+    ways, so each form must read the other's state."""
+    spec = data.draw(spec_st, label="spec")
+    T = data.draw(st.integers(3, MAX_T), label="T")
+    a = data.draw(st.integers(1, T - 2), label="a")
+    b = data.draw(st.integers(a + 1, T - 1), label="b")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    params = params64(spec, seed)
+    x = inputs(spec, 1, T, seed)
+    y, state = forward(spec, params, x)
+    y1, s = forward(spec, params, x[:, :a])
+    ys, s = fold(spec, params, x[:, a:b], s)
+    y3, s = forward(spec, params, x[:, b:], s)
+    got = np.concatenate([y1, np.stack(ys, axis=1), y3], axis=1)
+    assert_close(got, y, f"y (forward {a}, step to {b}, forward)")
+    assert_states_equal(s, state, "final state")
