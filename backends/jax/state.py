@@ -1,0 +1,230 @@
+"""Fixed-shape streaming states, their validation, and conversion to and from the reference's
+state dicts (``memcore.spec.reference.layers``).
+
+A ``State`` is an equinox module: ``pos`` a 0-d int32 array (so a jitted ``step`` compiles
+once and ``lax.scan`` can carry it), ``arrays`` a dict of arrays (a model's holds ``layers``
+and optionally ``ffn``, tuples of layer dicts), and ``spec_id`` a static string. Growing
+caches (transformer with window=None, mosaic with capacity=None) have ``max_len`` slots.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from memcore.spec.layers import BMojoF, Mamba, Mosaic, Persistent, Transformer
+from memcore.spec.model import Model
+
+from . import mamba, mosaic, windowed
+from ._base import POS_DTYPE, acc_dtype
+
+
+class State(eqx.Module, strict=True):
+    """A streaming state: ``state.pos`` (tokens seen), ``state[name]`` (an array)."""
+
+    pos: jax.Array
+    arrays: dict
+    spec_id: str = eqx.field(static=True)
+
+    def __getitem__(self, key):
+        return self.arrays[key]
+
+
+def kind(spec) -> str:
+    if isinstance(spec, (Transformer, BMojoF)):
+        return "windowed"
+    if isinstance(spec, Mamba):
+        return "mamba"
+    if isinstance(spec, Mosaic):
+        return "mosaic"
+    if isinstance(spec, Persistent):
+        return "persistent"
+    raise TypeError(f"spec must be a memcore layer spec, got {spec!r}")
+
+
+def grows(spec) -> bool:
+    """Whether the state holds a cache whose length is the stream's (needs ``max_len``)."""
+    return (isinstance(spec, Transformer) and spec.window is None) or (
+        isinstance(spec, Mosaic) and spec.capacity is None)
+
+
+def _grow_keys(spec):
+    if not grows(spec):
+        return ()
+    return ("k", "v") if isinstance(spec, Transformer) else ("mem_k", "mem_v")
+
+
+def layer_arrays(spec, batch: int, dtype, max_len: int) -> dict:
+    k = kind(spec)
+    if k == "windowed":
+        return windowed.init_arrays(spec, batch, dtype, max_len)
+    if k == "mamba":
+        return mamba.init_arrays(spec, batch, dtype)
+    if k == "mosaic":
+        return mosaic.init_arrays(spec, batch, dtype, max_len)
+    return mosaic.persistent_init_arrays(spec, batch, dtype)
+
+
+def needs_max_len(spec) -> bool:
+    if isinstance(spec, Model):
+        return any(grows(layer) for layer in spec.layers)
+    return grows(spec)
+
+
+def _check_batch_len(batch, max_len, spec):
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"init_state: batch must be a positive int, got {batch!r}")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(
+            max_len, (int, np.integer)) or max_len < 1):
+        raise ValueError(f"init_state: max_len must be a positive int or None, got {max_len!r}")
+    if max_len is None and needs_max_len(spec):
+        raise ValueError(f"init_state: max_len is required for a {spec.kind} spec whose cache "
+                         f"grows with the stream (transformer window=None, mosaic "
+                         f"capacity=None): pass max_len=<longest stream>")
+
+
+def init_state(spec, batch: int, max_len: int | None = None, dtype=jnp.float32) -> State:
+    """The empty state; arrays in the accumulation dtype of ``dtype``."""
+    _check_batch_len(batch, max_len, spec)
+    acc = acc_dtype(dtype)
+    n = 0 if max_len is None else int(max_len)
+    if isinstance(spec, Model):
+        arrays = {"layers": tuple(layer_arrays(s, batch, acc, n) for s in spec.layers)}
+        if isinstance(spec.ffn, Persistent):
+            arrays["ffn"] = tuple(layer_arrays(spec.ffn, batch, acc, n) for _ in spec.layers)
+    else:
+        arrays = layer_arrays(spec, batch, acc, n)
+    return State(jnp.zeros((), POS_DTYPE), arrays, spec.spec_id)
+
+
+def check_state(spec, state, batch: int, dtype, name: str = "state") -> None:
+    """Raise a ValueError naming what in ``state`` does not fit ``spec`` and the input."""
+    if not isinstance(state, State):
+        raise TypeError(f"{name} must be a memcore JAX State (from init_state or a previous "
+                        f"call), got {type(state).__name__}; convert a reference state with "
+                        f"from_reference_state")
+    if state.spec_id != spec.spec_id:
+        raise ValueError(f"{name} was made for another spec (spec_id {state.spec_id!r}); this "
+                         f"{spec.kind} has spec_id {spec.spec_id!r}")
+    if jnp.shape(state.pos) != () or not jnp.issubdtype(jnp.asarray(state.pos).dtype,
+                                                         jnp.integer):
+        raise ValueError(f"{name}.pos must be a 0-d integer array, got {state.pos!r}")
+    acc = acc_dtype(dtype)
+    if isinstance(spec, Model):
+        pairs = [(s, a, f"{name}.layers[{i}]") for i, (s, a) in
+                 enumerate(zip(spec.layers, state.arrays.get("layers", ()), strict=False))]
+        if len(state.arrays.get("layers", ())) != spec.n_layers:
+            raise ValueError(f"{name} has {len(state.arrays.get('layers', ()))} layer states, "
+                             f"expected {spec.n_layers}")
+        if isinstance(spec.ffn, Persistent):
+            pairs += [(spec.ffn, a, f"{name}.ffn[{i}]")
+                      for i, a in enumerate(state.arrays.get("ffn", ()))]
+    else:
+        pairs = [(spec, state.arrays, name)]
+    for s, arrays, where in pairs:
+        want = layer_arrays(s, batch, acc, 0)
+        if set(arrays) != set(want):
+            raise ValueError(f"{where} has arrays {sorted(arrays)}; the {s.kind} spec expects "
+                             f"{sorted(want)}")
+        for key, ref in want.items():
+            got = arrays[key]
+            shape, ref_shape = tuple(got.shape), tuple(ref.shape)
+            if key in _grow_keys(s):
+                ref_shape = ref_shape[:2] + shape[2:3] + ref_shape[3:]
+            if shape != ref_shape:
+                raise ValueError(f"{where}[{key!r}] has shape {shape}, expected {ref_shape} "
+                                 f"(batch {batch})")
+            if got.dtype != ref.dtype:
+                raise ValueError(f"{where}[{key!r}] has dtype {got.dtype}, expected {ref.dtype} "
+                                 f"(the accumulation dtype of a {jnp.dtype(dtype)} input)")
+
+
+def capacity_left(spec, state) -> int | None:
+    """Slots of the smallest growing cache (None when nothing grows)."""
+    if isinstance(spec, Model):
+        sizes = [a[k].shape[2] for s, a in zip(spec.layers, state.arrays["layers"], strict=True)
+                 for k in _grow_keys(s)[:1]]
+    else:
+        sizes = [state.arrays[k].shape[2] for k in _grow_keys(spec)[:1]]
+    return min(sizes) if sizes else None
+
+
+# --- conversion to and from the reference format -------------------------------------------
+
+def _layer_to_ref(spec, arrays: dict, pos: int) -> dict:
+    out = {"pos": pos, "spec_id": spec.spec_id}
+    for key, a in arrays.items():
+        a = np.asarray(a)
+        if key in _grow_keys(spec):
+            n = pos if isinstance(spec, Transformer) else max(pos - 1, 0)
+            a = a[:, :, :n]
+        if key.endswith("pos"):
+            a = a.astype(np.int64)
+        out[key] = a
+    return out
+
+
+def to_reference_state(spec, state: State) -> dict:
+    """The reference's state dict: "pos" int, "spec_id", numpy arrays of the same names and
+    shapes (caches cut to the tokens held)."""
+    if not isinstance(state, State):
+        raise TypeError(f"state must be a memcore JAX State, got {type(state).__name__}")
+    if state.spec_id != spec.spec_id:
+        raise ValueError(f"state was made for another spec (spec_id {state.spec_id!r}); "
+                         f"expected {spec.spec_id!r}")
+    pos = int(state.pos)
+    if not isinstance(spec, Model):
+        return _layer_to_ref(spec, state.arrays, pos)
+    out = {"pos": pos, "spec_id": spec.spec_id,
+           "layers": tuple(_layer_to_ref(s, a, pos)
+                           for s, a in zip(spec.layers, state.arrays["layers"], strict=True))}
+    if "ffn" in state.arrays:
+        out["ffn"] = tuple(_layer_to_ref(spec.ffn, a, pos) for a in state.arrays["ffn"])
+    return out
+
+
+def _layer_from_ref(spec, ref: dict, max_len: int | None, where: str) -> dict:
+    if not isinstance(ref, dict) or ref.get("spec_id") != spec.spec_id:
+        got = ref.get("spec_id") if isinstance(ref, dict) else type(ref).__name__
+        raise ValueError(f"{where} was made for another spec ({got!r}); expected spec_id "
+                         f"{spec.spec_id!r}")
+    pos = ref["pos"]
+    out = {}
+    for key, a in ref.items():
+        if key in ("pos", "spec_id"):
+            continue
+        a = np.asarray(a)
+        if key in _grow_keys(spec):
+            n = a.shape[2]
+            if max_len is None or max_len < n:
+                raise ValueError(f"from_reference_state: max_len must be at least the cache "
+                                 f"length {n} of {where}[{key!r}], got {max_len!r}")
+            a = np.pad(a, ((0, 0), (0, 0), (0, max_len - n), (0, 0)))
+        if key.endswith("pos"):
+            a = a.astype(np.int32)
+        out[key] = jnp.asarray(a)
+    del pos
+    return out
+
+
+def from_reference_state(spec, ref: dict, max_len: int | None = None) -> State:
+    """A ``State`` from the reference's dict; ``max_len`` sizes growing caches."""
+    if not isinstance(ref, dict) or "pos" not in ref:
+        raise TypeError(f"ref_state must be a reference state dict, got {type(ref).__name__}")
+    if ref.get("spec_id") != spec.spec_id:
+        raise ValueError(f"ref_state was made for another spec ({ref.get('spec_id')!r}); "
+                         f"expected spec_id {spec.spec_id!r}")
+    pos = int(ref["pos"])
+    if max_len is not None and needs_max_len(spec) and pos > max_len:
+        raise ValueError(f"from_reference_state: max_len={max_len} is below pos={pos}")
+    if isinstance(spec, Model):
+        arrays = {"layers": tuple(_layer_from_ref(s, r, max_len, f"ref_state['layers'][{i}]")
+                                  for i, (s, r) in enumerate(zip(spec.layers, ref["layers"],
+                                                                 strict=True)))}
+        if "ffn" in ref:
+            arrays["ffn"] = tuple(_layer_from_ref(spec.ffn, r, max_len, f"ref_state['ffn'][{i}]")
+                                  for i, r in enumerate(ref["ffn"]))
+    else:
+        arrays = _layer_from_ref(spec, ref, max_len, "ref_state")
+    return State(jnp.asarray(pos, POS_DTYPE), arrays, spec.spec_id)
