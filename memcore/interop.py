@@ -1,0 +1,257 @@
+"""Parameters from other projects' modules, mapped onto memcore specs.
+
+    spec, params = memcore.interop.from_mamba_ssm(mamba_module.state_dict())
+    spec, params = memcore.interop.from_memory_mosaics(stack_asso_mem.state_dict(), n_heads=12)
+    layer = memcore.realize(spec, backend="torch", params=params)
+
+Both take a state dict of torch tensors or numpy arrays and return ``(spec, params)`` with
+params a dict of numpy arrays under memcore's names (``memcore.spec.params``). Values are
+copied, never shared with the source; bfloat16 becomes float32 (exactly), other float dtypes
+are kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from memcore.spec import Mamba, Model, Mosaic, Persistent
+from memcore.spec.params import check_params
+
+__all__ = ["from_mamba_ssm", "from_memory_mosaics"]
+
+
+def _to_numpy(name: str, value) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch, without importing it
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()  # numpy has no bfloat16; widening is exact
+        value = t.numpy()
+    arr = np.array(value, copy=True)
+    if arr.dtype.name == "bfloat16":  # ml_dtypes, e.g. from JAX
+        arr = arr.astype(np.float32)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"state_dict[{name!r}] must hold floating values, got dtype {arr.dtype}")
+    return arr
+
+
+def _as_dict(owner: str, state_dict) -> dict:
+    if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+        raise TypeError(f"{owner}: state_dict must be a mapping of names to tensors, got "
+                        f"{type(state_dict).__name__}")
+    return {str(k): state_dict[k] for k in state_dict.keys()}
+
+
+def _shape_error(owner: str, name: str, want: str, got) -> ValueError:
+    return ValueError(f"{owner}: state_dict[{name!r}] must have shape {want}, got {tuple(got)}")
+
+
+# --- mamba-ssm ---------------------------------------------------------------------------
+
+_MAMBA_KEYS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight",
+               "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight")
+
+
+def from_mamba_ssm(state_dict, d_conv: int | None = None) -> tuple[Mamba, dict]:
+    """A mamba-ssm ``Mamba`` module's state dict as memcore's ``mamba`` spec and params.
+
+    Names map 1:1 (memcore's Mamba block uses mamba-ssm's names and layouts). d_model, d_inner
+    (hence expand), d_state, d_conv and dt_rank are read from the shapes; ``d_conv``, if given,
+    must agree with conv1d.weight. A module built with ``conv_bias=False`` has no conv1d.bias:
+    it maps to a zero bias, which is the same function. A module built with ``bias=True``
+    (in_proj.bias, out_proj.bias) is refused: memcore's block has no such biases.
+    """
+    owner = "from_mamba_ssm"
+    sd = _as_dict(owner, state_dict)
+    biases = sorted(k for k in ("in_proj.bias", "out_proj.bias") if k in sd)
+    if biases:
+        raise ValueError(f"{owner}: the module has {biases} (built with bias=True); memcore's "
+                         f"Mamba block has no in_proj/out_proj bias, so it cannot be mapped")
+    required = [k for k in _MAMBA_KEYS if k != "conv1d.bias"]
+    missing = sorted(k for k in required if k not in sd)
+    unknown = sorted(set(sd) - set(_MAMBA_KEYS))
+    if missing or unknown:
+        raise ValueError(f"{owner}: state_dict keys do not match a mamba-ssm Mamba module: "
+                         f"missing {missing}, unknown {unknown}")
+    p = {k: _to_numpy(k, v) for k, v in sd.items()}
+
+    w_in = p["in_proj.weight"]
+    if w_in.ndim != 2 or w_in.shape[0] % 2:
+        raise _shape_error(owner, "in_proj.weight", "[2 * d_inner, d_model]", w_in.shape)
+    Di, D = w_in.shape[0] // 2, w_in.shape[1]
+    if Di % D:
+        raise ValueError(f"{owner}: d_inner={Di} (in_proj.weight rows / 2) is not a multiple of "
+                         f"d_model={D}; memcore's spec needs an integer expand")
+    conv = p["conv1d.weight"]
+    if conv.ndim != 3 or conv.shape[:2] != (Di, 1):
+        raise _shape_error(owner, "conv1d.weight", f"[{Di}, 1, d_conv]", conv.shape)
+    K = conv.shape[2]
+    if d_conv is not None and d_conv != K:
+        raise ValueError(f"{owner}: d_conv={d_conv} was given but conv1d.weight has width {K}")
+    a_log = p["A_log"]
+    if a_log.ndim != 2 or a_log.shape[0] != Di:
+        raise _shape_error(owner, "A_log", f"[{Di}, d_state]", a_log.shape)
+    N = a_log.shape[1]
+    dt_w = p["dt_proj.weight"]
+    if dt_w.ndim != 2 or dt_w.shape[0] != Di:
+        raise _shape_error(owner, "dt_proj.weight", f"[{Di}, dt_rank]", dt_w.shape)
+    R = dt_w.shape[1]
+    if "conv1d.bias" not in p:
+        p["conv1d.bias"] = np.zeros((Di,), dtype=conv.dtype)
+    spec = Mamba(D, d_state=N, d_conv=K, expand=Di // D,
+                 dt_rank="auto" if R == math.ceil(D / 16) else R)
+    # The remaining shapes (x_proj, dt_proj.bias, D, out_proj) follow from the spec.
+    try:
+        check_params(spec, p)
+    except ValueError as err:
+        raise ValueError(f"{owner}: {err}") from None
+    return spec, p
+
+
+# --- Memory Mosaics (facebookresearch/MemoryMosaics, the plain StackAssoMem model) ----------
+
+def _mm_block_keys(i: int, ffn: bool) -> list[str]:
+    b = f"blocks.{i}."
+    keys = [b + "ln1.weight", b + "attn.k_featurizer.conv.weight",
+            b + "attn.v_featurizer.linear.weight", b + "attn.v_featurizer.coef",
+            b + "attn.c_proj.weight", b + "attn.leaky_key_beta", b + "attn.kernel_beta",
+            b + "attn.value_beta"]
+    if ffn:
+        keys += [b + "ln2.weight", b + "pmem.k_featurizer.conv.weight", b + "pmem.c_proj.weight",
+                 b + "pmem.leaky_key_beta", b + "pmem.kernel_beta", b + "pmem.value_beta",
+                 b + "pmem.pmem.M_k0", b + "pmem.pmem.M_v0"]
+    return keys
+
+
+def _strip_wrapper_prefix(sd: dict) -> dict:
+    # torch.compile and DistributedDataParallel save every name under one extra prefix.
+    for prefix in ("_orig_mod.", "module."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def from_memory_mosaics(state_dict, n_heads: int | None = None) -> tuple[Model, dict]:
+    """The official Memory Mosaics model (``StackAssoMem`` of facebookresearch/MemoryMosaics,
+    ``Library/memory_mosaics/models``) as a memcore model spec and params.
+
+    The spec: one ``mosaic`` mixer per block, a ``persistent`` FFN with the model's slot count
+    (or no FFN for a model built with ``attn_only=True``), ``norm="layer"``, and
+    ``logit_scale = 1 / sqrt(d_model)``, the factor that model applies to its logits. The model
+    must have its default options: pre-norm blocks, no biases, key featurizer a kernel-1
+    ``linearconv``, value featurizer ``lowrlinearconv``, one persistent memory
+    (``pmem_count=1``), tied embedding and head (head.weight, if present, must equal
+    emb.weight). n_heads, if given, must agree with the per-head parameters.
+
+    Conversions (each exact; the official code is the ground truth):
+
+    - ``k_featurizer.conv.weight`` [D, D, 1] (a kernel-1 Conv1d) is the Linear weight
+      ``k_proj.weight`` [D, D] = ``conv.weight[:, :, 0]``: both are [out, in].
+    - The official leaky average multiplies every key by (1 - exp(-10 |p_h|)); the factor is
+      constant per head, so the L2 normalisation that follows removes it: memcore's
+      ``leaky_average`` omits it. ``leak`` = ``leaky_key_beta`` (p_h), with the same sign
+      convention and scale (decay exp(-10 |p_h|)).
+    - ``kernel_beta`` = ``k_scale`` (key scale exp(min(10 q, 5)); squared in the persistent
+      unit in both), ``value_beta`` = ``v_scale`` (contextual) or ``out_scale`` (persistent)
+      (scale exp(10 r)), ``v_featurizer.coef`` = ``v_mix`` (c in (1 - c) x_{t+1} + c x_t).
+    - ``pmem.pmem.M_k0`` / ``M_v0`` [1, H, P, E] drop the leading axis: ``mem_k`` / ``mem_v``.
+    - ``c_proj.weight`` = ``o_proj.weight``; ``ln1``/``ln2``/``ln_out`` = ``norm1``/``norm2``/
+      ``norm_f`` (both LayerNorm without bias, eps 1e-5); ``emb.weight`` = ``embed.weight``.
+
+    Dropout is a training-time operation and has no parameters; the mapped model is the
+    official model in eval mode. Names left by torch.compile (``_orig_mod.``) or
+    DistributedDataParallel (``module.``) are stripped.
+    """
+    owner = "from_memory_mosaics"
+    sd = _strip_wrapper_prefix(_as_dict(owner, state_dict))
+    if "emb.weight" not in sd:
+        raise ValueError(f"{owner}: state_dict has no 'emb.weight'; expected the keys of a "
+                         f"StackAssoMem model (emb.weight, blocks.<i>..., ln_out.weight)")
+    block_ids = set()
+    for k in sd:
+        parts = k.split(".")
+        if parts[0] == "blocks" and len(parts) > 2 and parts[1].isdigit():
+            block_ids.add(int(parts[1]))
+    n_layers = len(block_ids)
+    if n_layers == 0 or block_ids != set(range(n_layers)):
+        raise ValueError(f"{owner}: expected blocks numbered 0..L-1, got block ids "
+                         f"{sorted(block_ids)}")
+    ffn = any(k.startswith("blocks.0.pmem.") for k in sd)
+    if any(k.startswith("blocks.") and ".pmem.pmem.M_k" in k and not k.endswith("M_k0")
+           for k in sd):
+        raise ValueError(f"{owner}: the model has more than one persistent memory "
+                         f"(pmem_count > 1): an average of several softmax readouts has no "
+                         f"memcore equivalent")
+    expected = ["emb.weight", "ln_out.weight"]
+    for i in range(n_layers):
+        expected += _mm_block_keys(i, ffn)
+    optional = {"head.weight"}
+    missing = sorted(set(expected) - set(sd))
+    unknown = sorted(set(sd) - set(expected) - optional)
+    if missing or unknown:
+        raise ValueError(f"{owner}: state_dict keys do not match a StackAssoMem model with "
+                         f"{n_layers} blocks{'' if ffn else ' (attn_only)'}: missing {missing}, "
+                         f"unknown {unknown} (biases, other featurizers and post-norm models "
+                         f"are not supported)")
+    p = {k: _to_numpy(k, v) for k, v in sd.items()}
+
+    emb = p["emb.weight"]
+    if emb.ndim != 2:
+        raise _shape_error(owner, "emb.weight", "[vocab_size, d_model]", emb.shape)
+    V, D = emb.shape
+    if "head.weight" in p and not np.array_equal(p["head.weight"], emb):
+        raise ValueError(f"{owner}: head.weight differs from emb.weight (a model built with "
+                         f"weight_tying=False); memcore's models tie the output head")
+    beta = p["blocks.0.attn.leaky_key_beta"]
+    if beta.ndim != 1:
+        raise _shape_error(owner, "blocks.0.attn.leaky_key_beta", "[n_heads]", beta.shape)
+    H = beta.shape[0]
+    if n_heads is not None and n_heads != H:
+        raise ValueError(f"{owner}: n_heads={n_heads} was given but blocks.0.attn.leaky_key_beta "
+                         f"has {H} entries (one per head)")
+    if D % H:
+        raise ValueError(f"{owner}: d_model={D} is not divisible by n_heads={H}")
+    for k in p:
+        if k.endswith("conv.weight") and (p[k].ndim != 3 or p[k].shape[2] != 1):
+            raise _shape_error(owner, k, f"[{D}, {D}, 1] (a kernel-1 linearconv)", p[k].shape)
+    ffn_spec = None
+    if ffn:
+        mk = p["blocks.0.pmem.pmem.M_k0"]
+        if mk.ndim != 4 or mk.shape[0] != 1:
+            raise _shape_error(owner, "blocks.0.pmem.pmem.M_k0", f"[1, {H}, slots, {D // H}]",
+                               mk.shape)
+        ffn_spec = Persistent(D, H, mk.shape[2])
+    spec = Model(tuple(Mosaic(D, H) for _ in range(n_layers)), V, ffn_spec, norm="layer",
+                 logit_scale=1.0 / math.sqrt(D))
+
+    out = {"embed.weight": emb, "norm_f.weight": p["ln_out.weight"]}
+    for i in range(n_layers):
+        b, m, f = f"blocks.{i}.", f"layers.{i}.mixer.", f"layers.{i}.ffn."
+        out[f"layers.{i}.norm1.weight"] = p[b + "ln1.weight"]
+        out[m + "k_proj.weight"] = p[b + "attn.k_featurizer.conv.weight"][:, :, 0].copy()
+        out[m + "v_proj.weight"] = p[b + "attn.v_featurizer.linear.weight"]
+        out[m + "o_proj.weight"] = p[b + "attn.c_proj.weight"]
+        out[m + "leak"] = p[b + "attn.leaky_key_beta"]
+        out[m + "k_scale"] = p[b + "attn.kernel_beta"]
+        out[m + "v_scale"] = p[b + "attn.value_beta"]
+        out[m + "v_mix"] = p[b + "attn.v_featurizer.coef"]
+        if ffn:
+            out[f"layers.{i}.norm2.weight"] = p[b + "ln2.weight"]
+            out[f + "k_proj.weight"] = p[b + "pmem.k_featurizer.conv.weight"][:, :, 0].copy()
+            out[f + "o_proj.weight"] = p[b + "pmem.c_proj.weight"]
+            out[f + "leak"] = p[b + "pmem.leaky_key_beta"]
+            out[f + "k_scale"] = p[b + "pmem.kernel_beta"]
+            out[f + "out_scale"] = p[b + "pmem.value_beta"]
+            for src, dst in (("M_k0", "mem_k"), ("M_v0", "mem_v")):
+                t = p[b + "pmem.pmem." + src]
+                if t.ndim != 4 or t.shape[0] != 1:
+                    raise _shape_error(owner, b + "pmem.pmem." + src,
+                                       f"[1, {H}, slots, {D // H}]", t.shape)
+                out[f + dst] = t[0].copy()
+    try:
+        check_params(spec, out)
+    except ValueError as err:
+        raise ValueError(f"{owner}: shapes do not fit a Memory Mosaics model with d_model={D}, "
+                         f"n_heads={H}: {err}") from None
+    return spec, out
