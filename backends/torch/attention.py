@@ -1,0 +1,157 @@
+"""Banded softmax attention over position windows, and ring buffers (DESIGN 2.3, 2.5).
+
+A *source* is a run of keys/values at consecutive absolute positions ``base, base+1, ...`` and
+a band ``lo <= t - p < hi``: a query at t sees the keys whose position p lies in it (and
+p >= 0). Queries go in blocks of Q; block j reads one window of Q + hi - lo - 1 keys
+(``Tensor.unfold``, a view), so memory is O(T (Q + W)), never T x T.
+
+Each source gives a partial softmax (row max, sum of weights, weighted values); partials merge
+by log-sum-exp, which equals one softmax over the union of the sources.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._util import NEG_INF
+
+MIN_BLOCK = 16
+
+
+# --- rings: slot p % R holds position p ----------------------------------------------------
+
+def ring_to_seq(ring, n: int):
+    """A ring [B, H, R, E] after n tokens, as positions n-R .. n-1 in order."""
+    R = ring.shape[2]
+    return torch.roll(ring, shifts=-(n % R), dims=2) if R else ring
+
+
+def seq_to_ring(seq, n: int):
+    """The inverse: ``seq`` [B, H, R, E] holds positions n-R .. n-1; negative positions
+    (a stream shorter than the ring) are stored as zeros, as the reference does."""
+    R = seq.shape[2]
+    if R == 0:
+        return seq
+    if n < R:
+        keep = torch.arange(R, device=seq.device) >= R - n
+        seq = seq * keep[:, None].to(seq.dtype)
+    return torch.roll(seq, shifts=n % R, dims=2)
+
+
+def ring_slot_positions(n: int, size: int, device):
+    """Position held by each slot of a ring of ``size`` after n tokens (< 0: empty)."""
+    i = torch.arange(size, device=device)
+    return (n - 1) - torch.remainder((n - 1) - i, size)
+
+
+def ring_write(ring, entry, pos: int):
+    """The ring with ``entry`` [B, H, E] written at slot pos % R (a new tensor, same size)."""
+    slot = torch.tensor([pos % ring.shape[2]], device=ring.device)
+    return ring.index_copy(2, slot, entry[:, :, None, :])
+
+
+# --- partial softmaxes -----------------------------------------------------------------------
+
+def partial(scores, mask, values):
+    """(m, l, acc) of a masked softmax: m the row max (-inf for a row with no key), l the sum
+    of exp(s - m), acc the sum of exp(s - m) v. scores, mask [..., Q, S]; values [..., S, E]."""
+    s = scores.masked_fill(~mask, NEG_INF)
+    m = s.amax(-1, keepdim=True).detach() if s.shape[-1] else torch.full_like(
+        s[..., :1], NEG_INF)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(s - m_safe)  # masked entries: exp(-inf) = 0, and no gradient
+    return m, w.sum(-1, keepdim=True), w @ values
+
+
+def combine(parts):
+    """Normalised readout from partial softmaxes over disjoint key sets; 0 for empty rows."""
+    if len(parts) == 1:
+        _, l, acc = parts[0]
+    else:
+        M = parts[0][0]
+        for m, _, _ in parts[1:]:
+            M = torch.maximum(M, m)
+        M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+        l = acc = 0
+        for m, li, ai in parts:
+            f = torch.exp(m - M)  # m = -inf: the source has no key for this row
+            l = l + li * f
+            acc = acc + ai * f
+    return acc / torch.where(l > 0, l, torch.ones_like(l))
+
+
+def _band_windows(q, pos: int, sources, block: int | None):
+    """Blocked queries and, per source, the key/value window of each block and its mask."""
+    B, H, T, E = q.shape
+    Q = block or min(T, max(MIN_BLOCK, max(s[4] - s[3] for s in sources)))
+    nB = -(-T // Q)
+    qb = F.pad(q, (0, 0, 0, nB * Q - T)).reshape(B, H, nB, Q, E)
+    dev = q.device
+    a = torch.arange(Q, device=dev)
+    jstart = torch.arange(nB, device=dev) * Q
+    keys, values, masks = [], [], []
+    for k, v, base, lo, hi in sources:
+        Lw = Q + hi - lo - 1
+        s0 = pos - hi + 1 - base
+        need = (nB - 1) * Q + Lw
+        kk, vv = k[:, :, s0:s0 + need], v[:, :, s0:s0 + need]
+        if kk.shape[2] < need:
+            kk = F.pad(kk, (0, 0, 0, need - kk.shape[2]))
+            vv = F.pad(vv, (0, 0, 0, need - vv.shape[2]))
+        keys.append(kk.unfold(2, Lw, Q).transpose(-1, -2))  # [B, H, nB, Lw, E]
+        values.append(vv.unfold(2, Lw, Q).transpose(-1, -2))
+        b = torch.arange(Lw, device=dev)
+        d = a[:, None] - b[None, :] + (hi - 1)  # t - p within a block
+        rel = (d >= lo) & (d < hi)  # [Q, Lw]
+        kpos = (pos - hi + 1) + jstart[:, None] + b[None, :]  # [nB, Lw]
+        masks.append(rel[None] & (kpos >= 0)[:, None, :])
+    return qb, _cat(keys, -2), _cat(values, -2), _cat(masks, -1)
+
+
+def _cat(xs, dim):
+    return torch.cat(xs, dim) if len(xs) > 1 else xs[0]
+
+
+def band_partial(q, pos: int, sources, scale: float, block: int | None = None):
+    """Partial softmax of queries q [B, H, T, E] at positions pos .. pos+T-1 over banded
+    sources, each ``(k, v, base, lo, hi)``: k, v [B, H, S, E] at positions base .. base+S-1,
+    with ``base <= pos - hi + 1``. Sources in one call share one softmax.
+    Returns (m, l, acc) over [B, H, T]."""
+    B, H, T, E = q.shape
+    qb, kw, vw, mask = _band_windows(q, pos, sources, block)
+    m, l, acc = partial((qb @ kw.transpose(-1, -2)) * scale, mask, vw)
+    n = qb.shape[2] * qb.shape[3]
+    return (m.reshape(B, H, n, 1)[:, :, :T], l.reshape(B, H, n, 1)[:, :, :T],
+            acc.reshape(B, H, n, E)[:, :, :T])
+
+
+def band_sdpa(q, pos: int, source, scale: float, block: int | None = None):
+    """Normalised banded attention of one source through scaled_dot_product_attention; a
+    row with no key in its band reads 0."""
+    B, H, T, E = q.shape
+    qb, kw, vw, mask = _band_windows(q, pos, [source], block)
+    empty = ~mask.any(-1, keepdim=True)  # [nB, Q, 1]
+    # An empty row would give NaN; let it see every key, then zero it (no gradient leaks).
+    o = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=mask | empty, scale=scale)
+    o = o.masked_fill(empty, 0.0)
+    return o.reshape(B, H, qb.shape[2] * qb.shape[3], E)[:, :, :T]
+
+
+def causal_full(q, k_cache, v_cache, k, v, pos: int):
+    """Full causal softmax attention (scale 1/sqrt(E)) of q, k, v [B, H, T, E] at positions
+    pos .. pos+T-1 after a cache of positions 0 .. pos-1. Returns (o, keys, values)."""
+    T = q.shape[2]
+    if pos == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True), k, v
+    keys = torch.cat([k_cache, k], dim=2)
+    vals = torch.cat([v_cache, v], dim=2)
+    qp = torch.arange(pos, pos + T, device=q.device)
+    mask = torch.arange(pos + T, device=q.device)[None, :] <= qp[:, None]
+    return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask), keys, vals
+
+
+def default_scale(E: int) -> float:
+    return 1.0 / math.sqrt(E)

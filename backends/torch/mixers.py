@@ -1,0 +1,341 @@
+"""The layers' computations on the accumulation dtype, both forms, in the reference's state
+layout (see ``memcore.spec.reference.windowed``, ``mamba``, ``mosaic``).
+
+Every function takes the spec, the parameters by name (already cast), the input, the state
+arrays (no ``pos``/``spec_id``) and the position, and returns (y, new arrays[, aux]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import store
+from ._util import l2_normalize, linear, rope, sub
+from .attention import (
+    band_partial,
+    band_sdpa,
+    causal_full,
+    combine,
+    default_scale,
+    partial,
+    ring_slot_positions,
+    ring_to_seq,
+    ring_write,
+    seq_to_ring,
+)
+from .scan import leaky_average, leaky_average_step, selective_scan, selective_state_update
+
+# --- Mamba block -----------------------------------------------------------------------------
+
+
+def _split_x_dbl(spec, x_dbl):
+    R, N = spec.dt_rank_value, spec.d_state
+    return x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:R + 2 * N]
+
+
+def mamba_forward(spec, p, x, state):
+    Di, K = spec.d_inner, spec.d_conv
+    xz = linear(x, p["in_proj.weight"])
+    xi = xz[..., :Di].transpose(1, 2)  # [B, Di, T]
+    z = xz[..., Di:].transpose(1, 2)
+    xcat = torch.cat([state["conv"], xi], dim=-1)
+    xc = F.silu(F.conv1d(xcat, p["conv1d.weight"], p["conv1d.bias"], groups=Di))
+    dt_low, Bm, Cm = _split_x_dbl(spec, linear(xc.transpose(1, 2), p["x_proj.weight"]))
+    delta = linear(dt_low, p["dt_proj.weight"]).transpose(1, 2)
+    A = -torch.exp(p["A_log"])
+    y, h = selective_scan(xc, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), p["D"], z,
+                          delta_bias=p["dt_proj.bias"], delta_softplus=True,
+                          initial_state=state["ssm"], return_final_state=True)
+    out = linear(y.transpose(1, 2), p["out_proj.weight"])
+    conv = xcat[:, :, xcat.shape[-1] - (K - 1):] if K > 1 else state["conv"]
+    return out, {"conv": conv, "ssm": h}
+
+
+def mamba_step(spec, p, x_t, state):
+    Di = spec.d_inner
+    xz = linear(x_t, p["in_proj.weight"])
+    xi, z = xz[:, :Di], xz[:, Di:]
+    window = torch.cat([state["conv"], xi[:, :, None]], dim=-1)  # [B, Di, K]
+    xc = F.silu((window * p["conv1d.weight"][:, 0, :]).sum(-1) + p["conv1d.bias"])
+    dt_low, Bm, Cm = _split_x_dbl(spec, linear(xc, p["x_proj.weight"]))
+    delta = linear(dt_low, p["dt_proj.weight"])
+    A = -torch.exp(p["A_log"])
+    y, h = selective_state_update(state["ssm"], xc, delta, A, Bm, Cm, p["D"], z,
+                                  delta_bias=p["dt_proj.bias"], delta_softplus=True)
+    return linear(y, p["out_proj.weight"]), {"conv": window[:, :, 1:], "ssm": h}
+
+
+# --- windowed readout: transformer, bmojo_f, bmojo ---------------------------------------------
+
+def _heads_bhte(spec, x, weight, pos, rotate):
+    B, T, _ = x.shape
+    y = linear(x, weight).reshape(B, T, spec.n_heads, spec.head_dim)
+    if rotate and spec.positions == "rope":
+        y = rope(y, pos)
+    return y.transpose(1, 2)
+
+
+def _fading_weights(spec, p):
+    if spec.tie_fading:
+        return p["k_proj.weight"], p["v_proj.weight"]
+    return p["k_fading_proj.weight"], p["v_fading_proj.weight"]
+
+
+def _merge_heads(spec, p, o):
+    B, H, T, E = o.shape
+    return linear(o.transpose(1, 2).reshape(B, T, H * E), p["o_proj.weight"])
+
+
+def _store_spec(spec):
+    return getattr(spec, "store", None)
+
+
+def windowed_forward(spec, p, x, state, pos: int):
+    B, T, _ = x.shape
+    W = spec.window
+    fading = bool(getattr(spec, "fading", False))
+    st = _store_spec(spec)
+    scale = default_scale(spec.head_dim)
+    q = _heads_bhte(spec, x, p["q_proj.weight"], pos, True)
+    k = _heads_bhte(spec, x, p["k_proj.weight"], pos, True)
+    v = _heads_bhte(spec, x, p["v_proj.weight"], pos, False)
+    new = {}
+    if W is None:  # full causal attention (no fading or store without a window)
+        o, new["k"], new["v"] = causal_full(q, state["k"], state["v"], k, v, pos)
+        return _merge_heads(spec, p, o), new, None
+
+    rk = torch.cat([ring_to_seq(state["k"], pos), k], dim=2)  # positions pos-W ..
+    rv = torch.cat([ring_to_seq(state["v"], pos), v], dim=2)
+    sources = [(rk, rv, pos - W, 0, W)]
+    new["k"] = seq_to_ring(rk[:, :, -W:], pos + T)
+    new["v"] = seq_to_ring(rv[:, :, -W:], pos + T)
+    s = None
+    if fading:
+        s, mstate = mamba_forward(spec.fading_block, sub(p, "fading."), x,
+                                  {"conv": state["conv"], "ssm": state["ssm"]})
+        new.update(mstate)
+        wk, wv = _fading_weights(spec, p)
+        fk = _heads_bhte(spec, s, wk, pos, True)
+        fv = _heads_bhte(spec, s, wv, pos, False)
+        ek = torch.cat([ring_to_seq(state["fk"], pos), fk], dim=2)  # positions pos-2W ..
+        ev = torch.cat([ring_to_seq(state["fv"], pos), fv], dim=2)
+        sources.append((ek, ev, pos - 2 * W, W, 2 * W))
+        new["fk"] = seq_to_ring(ek[:, :, -2 * W:], pos + T)
+        new["fv"] = seq_to_ring(ev[:, :, -2 * W:], pos + T)
+    parts = [band_partial(q, pos, sources, scale)]
+    aux = None
+    if st is not None:
+        part, aux, st_state = _store_forward(spec, st, p, x, s, q, k, v, state, pos, scale)
+        if part is not None:
+            parts.append(part)
+        new.update(st_state)
+    return _merge_heads(spec, p, combine(parts)), new, aux
+
+
+def _entries(state, prefix):
+    return {f: state[prefix + f] for f in store.FIELDS}
+
+
+def _store_forward(spec, st, p, x, s, q, k, v, state, pos, scale):
+    B, T, _ = x.shape
+    W, C = spec.window, st.chunk
+    if s is not None:
+        s_prev = torch.cat([state["s_last"][:, None, :], s[:, :T - 1]], dim=1)
+        scores = store.innovation_scores(x, s_prev, p["pred_proj.weight"])
+    else:
+        scores = store.innovation_scores(x, None, None)
+    qpos = torch.arange(pos, pos + T, device=x.device)
+    toks = {"k": k, "v": v, "score": scores, "pos": qpos[None, :].expand(B, T)}
+    snap, c0, front, cand, kept = store.parallel(
+        toks, _entries(state, "cand_"), _entries(state, "store_"), pos, C, st.select,
+        st.capacity)
+    new = {"s_last": s[:, T - 1] if s is not None else state["s_last"]}
+    new.update({"cand_" + f: a for f, a in cand.items()})
+    new.update({"store_" + f: a for f, a in kept.items()})
+    part = None
+    if st.capacity:
+        n_chunks = snap["k"].shape[2]
+        qc = store.to_chunks(q, front, n_chunks, C, 2)  # [B, H, nC, C, E]
+        sc = (qc @ snap["k"].transpose(-1, -2)) * scale  # [B, H, nC, C, M]
+        tq = (c0 * C + torch.arange(n_chunks * C, device=x.device)).reshape(n_chunks, C)
+        sp = snap["pos"][:, None, :, None, :]  # [B, 1, nC, 1, M]
+        mask = (sp >= 0) & (sp <= tq[None, None, :, :, None] - W)
+        m, l, acc = partial(sc, mask, snap["v"])
+        H, E = q.shape[1], q.shape[3]
+        n = n_chunks * C
+        part = (m.reshape(B, H, n, 1)[:, :, front:front + T],
+                l.reshape(B, H, n, 1)[:, :, front:front + T],
+                acc.reshape(B, H, n, E)[:, :, front:front + T])
+    return part, scores.mean(), new
+
+
+def windowed_step(spec, p, x_t, state, pos: int):
+    B, _ = x_t.shape
+    W = spec.window
+    fading = bool(getattr(spec, "fading", False))
+    st = _store_spec(spec)
+    x = x_t[:, None, :]
+    q = _heads_bhte(spec, x, p["q_proj.weight"], pos, True)  # [B, H, 1, E]
+    k = _heads_bhte(spec, x, p["k_proj.weight"], pos, True)
+    v = _heads_bhte(spec, x, p["v_proj.weight"], pos, False)
+    dev = x_t.device
+    new = {}
+    keys, vals, masks = [], [], []
+    if W is None:
+        new["k"] = torch.cat([state["k"], k], dim=2)
+        new["v"] = torch.cat([state["v"], v], dim=2)
+        masks.append(torch.ones(1, 1, 1, pos + 1, dtype=torch.bool, device=dev))
+    else:
+        new["k"] = ring_write(state["k"], k[:, :, 0], pos)
+        new["v"] = ring_write(state["v"], v[:, :, 0], pos)
+        masks.append((ring_slot_positions(pos + 1, W, dev) >= 0)[None, None, None, :])
+    keys.append(new["k"])
+    vals.append(new["v"])
+    s_t = None
+    if fading:
+        s_t, mstate = mamba_step(spec.fading_block, sub(p, "fading."), x_t,
+                                 {"conv": state["conv"], "ssm": state["ssm"]})
+        new.update(mstate)
+        wk, wv = _fading_weights(spec, p)
+        fk = _heads_bhte(spec, s_t[:, None, :], wk, pos, True)
+        fv = _heads_bhte(spec, s_t[:, None, :], wv, pos, False)
+        new["fk"] = ring_write(state["fk"], fk[:, :, 0], pos)
+        new["fv"] = ring_write(state["fv"], fv[:, :, 0], pos)
+        sp = ring_slot_positions(pos + 1, 2 * W, dev)
+        keys.append(new["fk"])
+        vals.append(new["fv"])
+        masks.append(((sp >= 0) & (sp <= pos - W))[None, None, None, :])
+    aux = None
+    if st is not None:
+        kept = _entries(state, "store_")
+        keys.append(kept["k"])
+        vals.append(kept["v"])
+        masks.append(((kept["pos"] >= 0) & (kept["pos"] <= pos - W))[:, None, None, :])
+        pred = p["pred_proj.weight"] if fading else None
+        score = store.innovation_scores(x, state["s_last"][:, None, :] if fading else None,
+                                        pred)  # [B, 1]
+        aux = score.mean()
+        tok = {"k": k, "v": v, "score": score,
+               "pos": torch.full((B, 1), pos, dtype=torch.int64, device=dev)}
+        cand = store.merge(_entries(state, "cand_"), tok, st.select)
+        if (pos + 1) % st.chunk == 0:
+            kept = store.merge(kept, cand, st.capacity)
+            cand = store.empty(B, spec.n_heads, st.select, spec.head_dim, x_t.dtype, dev)
+        new["s_last"] = s_t if fading else state["s_last"]
+        new.update({"cand_" + f: a for f, a in cand.items()})
+        new.update({"store_" + f: a for f, a in kept.items()})
+    S = [kk.shape[2] for kk in keys]
+    sc = (q @ torch.cat(keys, 2).transpose(-1, -2)) * default_scale(spec.head_dim)
+    mask = torch.cat([m.expand(B, spec.n_heads, 1, n) for m, n in zip(masks, S, strict=True)],
+                     dim=-1)
+    o = combine([partial(sc, mask, torch.cat(vals, 2))])
+    return _merge_heads(spec, p, o)[:, 0], new, aux
+
+
+# --- Memory Mosaics ----------------------------------------------------------------------------
+
+def _key_scale(q):
+    return torch.exp(torch.clamp(10.0 * q, max=5.0))
+
+
+def _value(p, u_next, u_now):
+    c = p["v_mix"][:, None]
+    return torch.exp(10.0 * p["v_scale"])[:, None] * l2_normalize((1.0 - c) * u_next + c * u_now)
+
+
+def _split_heads(spec, y):
+    return y.reshape(*y.shape[:-1], spec.n_heads, spec.head_dim)
+
+
+def mosaic_forward(spec, p, x, state, pos: int):
+    B, T, D = x.shape
+    M = spec.capacity
+    kbar, kbar_T = leaky_average(_split_heads(spec, linear(x, p["k_proj.weight"])),
+                                 -10.0 * p["leak"].abs(), initial_state=state["kbar"],
+                                 return_final_state=True)
+    k = _key_scale(p["k_scale"])[:, None] * l2_normalize(kbar)  # [B, T, H, E]
+    u = _split_heads(spec, linear(x, p["v_proj.weight"]))
+    # Pairs completed by this call: j = pos-1 .. pos+T-2 (j = -1 does not exist).
+    k_pairs = torch.cat([state["k_last"][:, None], k[:, :T - 1]], dim=1)
+    u_prev = torch.cat([state["u_last"][:, None], u[:, :T - 1]], dim=1)
+    kp = k_pairs.transpose(1, 2)  # [B, H, T, E]
+    vp = _value(p, u, u_prev).transpose(1, 2)
+    if pos == 0:
+        kp, vp = kp[:, :, 1:], vp[:, :, 1:]
+    q = k.transpose(1, 2)  # keys are the queries
+    if M is None:
+        mem_k = torch.cat([state["mem_k"], kp], dim=2)  # pairs 0 .. pos+T-2
+        mem_v = torch.cat([state["mem_v"], vp], dim=2)
+        if pos == 0:  # strictly causal: query t reads pairs j <= t-1; t = 0 reads nothing
+            y = torch.zeros_like(q)
+            if T > 1:
+                rest = F.scaled_dot_product_attention(q[:, :, 1:], mem_k, mem_v,
+                                                      is_causal=True, scale=1.0)
+                y = torch.cat([y[:, :, :1], rest], dim=2)
+        else:
+            qp = torch.arange(pos, pos + T, device=x.device)
+            mask = torch.arange(mem_k.shape[2], device=x.device)[None, :] <= qp[:, None] - 1
+            y = F.scaled_dot_product_attention(q, mem_k, mem_v, attn_mask=mask, scale=1.0)
+        new_k, new_v = mem_k, mem_v
+    else:
+        n_old, n_new = max(pos - 1, 0), max(pos + T - 1, 0)
+        ek = torch.cat([ring_to_seq(state["mem_k"], n_old), kp], dim=2)  # from n_old - M
+        ev = torch.cat([ring_to_seq(state["mem_v"], n_old), vp], dim=2)
+        y = band_sdpa(q, pos, (ek, ev, n_old - M, 1, M + 1), 1.0)
+        new_k = seq_to_ring(ek[:, :, -M:], n_new)
+        new_v = seq_to_ring(ev[:, :, -M:], n_new)
+    y = y.transpose(1, 2).reshape(B, T, D)
+    new = {"kbar": kbar_T, "k_last": k[:, -1], "u_last": u[:, -1], "mem_k": new_k,
+           "mem_v": new_v}
+    return linear(y, p["o_proj.weight"]), new
+
+
+def mosaic_step(spec, p, x_t, state, pos: int):
+    B, D = x_t.shape
+    kbar, kbar_state = leaky_average_step(_split_heads(spec, linear(x_t, p["k_proj.weight"])),
+                                          -10.0 * p["leak"].abs(), state["kbar"])
+    k = _key_scale(p["k_scale"])[:, None] * l2_normalize(kbar)  # [B, H, E]
+    u = _split_heads(spec, linear(x_t, p["v_proj.weight"]))
+    mem_k, mem_v = state["mem_k"], state["mem_v"]
+    if pos >= 1:  # the pair (k_{pos-1}, v_{pos-1}) completes now
+        v_prev = _value(p, u, state["u_last"])
+        if spec.capacity is None:
+            mem_k = torch.cat([mem_k, state["k_last"][:, :, None]], dim=2)
+            mem_v = torch.cat([mem_v, v_prev[:, :, None]], dim=2)
+        else:
+            mem_k = ring_write(mem_k, state["k_last"], pos - 1)
+            mem_v = ring_write(mem_v, v_prev, pos - 1)
+    S = mem_k.shape[2]
+    if spec.capacity is None:
+        valid = torch.ones(S, dtype=torch.bool, device=x_t.device)
+    else:
+        valid = ring_slot_positions(pos, spec.capacity, x_t.device) >= 0
+    sc = k[:, :, None, :] @ mem_k.transpose(-1, -2)  # [B, H, 1, S]
+    y = combine([partial(sc, valid.expand(B, spec.n_heads, 1, S), mem_v)])[:, :, 0]
+    new = {"kbar": kbar_state, "k_last": k, "u_last": u, "mem_k": mem_k, "mem_v": mem_v}
+    return linear(y.reshape(B, D), p["o_proj.weight"]), new
+
+
+def _persistent_read(p, kbar):
+    alpha = _key_scale(p["k_scale"])[:, None]
+    key = alpha * alpha * l2_normalize(kbar)  # [..., H, E]
+    w = torch.softmax(torch.einsum("...he,hpe->...hp", key, p["mem_k"]), dim=-1)
+    y = torch.einsum("...hp,hpe->...he", w, p["mem_v"])
+    return y * torch.exp(10.0 * p["out_scale"])[:, None]
+
+
+def persistent_forward(spec, p, x, state, pos: int):
+    B, T, D = x.shape
+    kbar, kbar_T = leaky_average(_split_heads(spec, linear(x, p["k_proj.weight"])),
+                                 -10.0 * p["leak"].abs(), initial_state=state["kbar"],
+                                 return_final_state=True)
+    y = _persistent_read(p, kbar).reshape(B, T, D)
+    return linear(y, p["o_proj.weight"]), {"kbar": kbar_T}
+
+
+def persistent_step(spec, p, x_t, state, pos: int):
+    kbar, kbar_state = leaky_average_step(_split_heads(spec, linear(x_t, p["k_proj.weight"])),
+                                          -10.0 * p["leak"].abs(), state["kbar"])
+    y = _persistent_read(p, kbar).reshape(x_t.shape)
+    return linear(y, p["o_proj.weight"]), {"kbar": kbar_state}

@@ -1,0 +1,181 @@
+"""Linear recurrences ``h_t = a_t h_{t-1} + b_t`` as a chunked scan (DESIGN 2.1, 2.2).
+
+Within a chunk of L steps, ``h_t = sum_{s<=t} exp(c_t - c_s) b_s + exp(c_t) h_start`` with
+``c`` the cumulative log-decay; the decay matrix is masked before the exponential (above the
+diagonal ``c_t - c_s`` is positive and could overflow). Chunk end states follow the same closed
+form one level up, over the chunks of a group; groups (bounded memory) run in a loop that
+carries the state. Nothing loops over time.
+"""
+
+from __future__ import annotations
+
+import torch
+from memcore.spec.reference.scan import _check_leaky, _check_scan_args
+
+from ._util import NEG_INF, acc_dtype, softplus
+
+CHUNK = 16  # steps per chunk: the intra-chunk decay matrix is L x L per (batch, channel, state)
+GROUP_ELEMENTS = 1 << 24  # decay-matrix elements per group of chunks (memory bound)
+
+
+def _lower(L: int, device) -> torch.Tensor:
+    return torch.ones(L, L, dtype=torch.bool, device=device).tril()
+
+
+def _masked_exp(diff, lower):
+    return torch.exp(diff.masked_fill(~lower, NEG_INF))
+
+
+def _group(log_a, b, h0, L: int):
+    """One group of whole chunks. log_a broadcastable to b [..., G*L]; h0 [...].
+    Returns (h [..., G*L], h_end [...])."""
+    G = b.shape[-1] // L
+    la = log_a.reshape(*log_a.shape[:-1], G, L)
+    bb = b.reshape(*b.shape[:-1], G, L)
+    cum = la.cumsum(-1)  # [..., G, L]
+    lower = _lower(L, b.device)
+    decay = _masked_exp(cum[..., :, None] - cum[..., None, :], lower)  # [..., G, L, L]
+    h_in = (decay @ bb[..., None])[..., 0]  # from a zero start, per chunk
+    # Chunk level: H_g = exp(tot_g) H_{g-1} + end_g, with H_{-1} = h0.
+    tot = cum[..., -1]
+    ctot = tot.cumsum(-1)  # [..., G]
+    end = h_in[..., -1]
+    d2 = _masked_exp(ctot[..., :, None] - ctot[..., None, :], _lower(G, b.device))
+    H = (d2 @ end[..., None])[..., 0] + torch.exp(ctot) * h0[..., None]
+    h_prev = torch.cat([h0[..., None], H[..., :-1]], dim=-1)  # state before each chunk
+    h = h_in + torch.exp(cum) * h_prev[..., None]
+    return h.reshape(*h.shape[:-2], G * L), H[..., -1]
+
+
+def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int = CHUNK):
+    """Parallel form of h_t = exp(log_a_t) h_{t-1} + b_t.
+
+    log_a: broadcastable to b [..., T]; h0: [...] (b's leading shape). ``out_fn(h, t0, t1)``
+    maps the states of steps t0..t1-1 to that slice of the output (default: the states).
+    Returns (concatenated outputs, h_T).
+    """
+    T = b.shape[-1]
+    if T == 0:
+        out = torch.zeros(*h0.shape, 0, dtype=h0.dtype, device=h0.device)
+        return (out if out_fn is None else out_fn(out, 0, 0)), h0
+    L = min(chunk, T)
+    n_chunks = -(-T // L)
+    pad = n_chunks * L - T
+    if pad:
+        # log a = 0 and b = 0 leave the state unchanged, so h_T is the padded end state.
+        log_a = torch.nn.functional.pad(log_a, (0, pad))
+        b = torch.nn.functional.pad(b, (0, pad))
+    per_chunk = max(1, b[..., 0].numel()) * L * L
+    G = max(1, min(n_chunks, GROUP_ELEMENTS // per_chunk))
+    outs, h = [], h0
+    for g0 in range(0, n_chunks, G):
+        s0, s1 = g0 * L, min(n_chunks, g0 + G) * L
+        hs, h = _group(log_a[..., s0:s1], b[..., s0:s1], h, L)
+        t1 = min(s1, T)
+        hs = hs[..., :t1 - s0]
+        outs.append(hs if out_fn is None else out_fn(hs, s0, t1))
+    return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0], h
+
+
+# --- 2.1 selective scan ----------------------------------------------------------------------
+
+def _expand_groups(M, Dc: int):
+    """[Bt, G, N, T] -> [Bt, Dc, N, T] (G groups share channels)."""
+    Bt, G = M.shape[0], M.shape[1]
+    return M[:, :, None].expand(Bt, G, Dc // G, *M.shape[2:]).reshape(Bt, Dc, *M.shape[2:])
+
+
+def _cast(dtype, *arrays):
+    return [None if a is None else a.to(dtype) for a in arrays]
+
+
+def _expand_streaming(M, Dc: int):
+    if M.ndim == 2:
+        return M[:, None]
+    Bt, G, N = M.shape
+    return M[:, :, None].expand(Bt, G, Dc // G, N).reshape(Bt, Dc, N)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_final_state=False):
+    """mamba-ssm's ``selective_scan_fn`` plus ``initial_state`` / ``return_final_state``.
+
+    u, delta, z: [Bt, Dc, T]; A: [Dc, N]; B, C: [Bt, N, T] or [Bt, G, N, T]; D, delta_bias:
+    [Dc]; initial_state: [Bt, Dc, N]. Returns y [Bt, Dc, T] in u's dtype (and h_T in the
+    accumulation dtype).
+    """
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
+    acc = acc_dtype(u.dtype)
+    u_, dt, A_, B_, C_, D_, z_, db = _cast(acc, u, delta, A, B, C, D, z, delta_bias)
+    Bt, Dc, T = u.shape
+    N = A.shape[1]
+    if db is not None:
+        dt = dt + db[None, :, None]
+    if delta_softplus:
+        dt = softplus(dt)
+    B_ = B_[:, None] if B_.ndim == 3 else _expand_groups(B_, Dc)  # [Bt, Dc|1, N, T]
+    C_ = C_[:, None] if C_.ndim == 3 else _expand_groups(C_, Dc)
+    log_a = dt[:, :, None, :] * A_[None, :, :, None]  # [Bt, Dc, N, T]
+    b = (dt * u_)[:, :, None, :] * B_
+    h0 = (torch.zeros(Bt, Dc, N, dtype=acc, device=u.device) if initial_state is None
+          else initial_state.to(acc))
+
+    def readout(h, t0, t1):  # y_t = C_t . h_t, without keeping every h
+        return (h * C_[..., t0:t1]).sum(2)
+
+    y, hT = linear_recurrence(log_a, b, h0, readout)
+    if D_ is not None:
+        y = y + D_[None, :, None] * u_
+    if z_ is not None:
+        y = y * torch.nn.functional.silu(z_)
+    y = y.to(u.dtype)
+    return (y, hT) if return_final_state else y
+
+
+def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_softplus=False):
+    """One token: state [Bt, Dc, N]; u, delta, z [Bt, Dc]; B, C [Bt, N] or [Bt, G, N].
+    Returns (y [Bt, Dc] in u's dtype, new state in the accumulation dtype)."""
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, state, streaming=True)
+    acc = acc_dtype(u.dtype)
+    u_, dt, A_, B_, C_, D_, z_, db, h = _cast(acc, u, delta, A, B, C, D, z, delta_bias, state)
+    Dc = u.shape[1]
+    if db is not None:
+        dt = dt + db[None, :]
+    if delta_softplus:
+        dt = softplus(dt)
+    B_ = _expand_streaming(B_, Dc)
+    C_ = _expand_streaming(C_, Dc)
+    h = torch.exp(dt[:, :, None] * A_[None]) * h + (dt * u_)[:, :, None] * B_
+    y = (h * C_).sum(2)
+    if D_ is not None:
+        y = y + D_[None, :] * u_
+    if z_ is not None:
+        y = y * torch.nn.functional.silu(z_)
+    return y.to(u.dtype), h
+
+
+# --- 2.2 leaky average -----------------------------------------------------------------------
+
+def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
+    """kbar_t = k_t + exp(log_decay_h) kbar_{t-1}. k: [B, T, H, E]; log_decay: [H];
+    initial_state: [B, H, E]. Returns kbar in k's dtype (and the final state)."""
+    _check_leaky(k, log_decay, initial_state, streaming=False)
+    acc = acc_dtype(k.dtype)
+    Bt, T, H, E = k.shape
+    b = k.to(acc).permute(0, 2, 3, 1)  # [B, H, E, T]
+    # One decay per head: the decay matrix is shared by batch and features.
+    log_a = log_decay.to(acc)[None, :, None, None].expand(1, H, 1, T)
+    h0 = (torch.zeros(Bt, H, E, dtype=acc, device=k.device) if initial_state is None
+          else initial_state.to(acc))
+    hs, hT = linear_recurrence(log_a, b, h0)
+    y = hs.permute(0, 3, 1, 2).to(k.dtype)
+    return (y, hT) if return_final_state else y
+
+
+def leaky_average_step(k_t, log_decay, state):
+    """k_t, state: [B, H, E] -> (kbar_t in k's dtype, new state)."""
+    _check_leaky(k_t, log_decay, state, streaming=True)
+    acc = acc_dtype(k_t.dtype)
+    h = torch.exp(log_decay.to(acc))[None, :, None] * state.to(acc) + k_t.to(acc)
+    return h.to(k_t.dtype), h
