@@ -126,6 +126,15 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _file_mode(path: str) -> int:
+    try:
+        return os.stat(path).st_mode & 0o777  # overwriting keeps the old file's mode
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def save(path, obj) -> None:
     """Write ``obj``'s spec and parameters to ``path`` (a safetensors file), atomically.
 
@@ -146,6 +155,9 @@ def save(path, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
                                suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):
+            # mkstemp makes the file private; give it the mode a plain open() would.
+            os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(header)
             for n in names:
@@ -164,7 +176,7 @@ def save(path, obj) -> None:
 
 # --- reading -------------------------------------------------------------------------------
 
-def _read_file(path: str) -> tuple[dict, bytes]:
+def _read_file(path: str) -> tuple[dict, memoryview]:
     """The parsed header and the data bytes of a safetensors file, with errors naming path."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
@@ -183,7 +195,7 @@ def _read_file(path: str) -> tuple[dict, bytes]:
         raise ValueError(f"{bad}: the header is not JSON ({err})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{bad}: the header is not a JSON object")
-    return header, blob[8 + n:]
+    return header, memoryview(blob)[8 + n:]  # a view: tensors are copied out once
 
 
 def _metadata_spec(path: str, header: dict) -> Spec:
@@ -206,7 +218,7 @@ def _metadata_spec(path: str, header: dict) -> Spec:
         raise ValueError(f"{where}: the spec in its metadata does not parse: {err}") from None
 
 
-def _tensors(path: str, header: dict, data: bytes) -> dict[str, np.ndarray]:
+def _tensors(path: str, header: dict, data: memoryview) -> dict[str, np.ndarray]:
     bad = f"checkpoint {path!r} is not a valid safetensors file"
     out, spans = {}, []
     for name, info in header.items():
@@ -237,7 +249,7 @@ def _tensors(path: str, header: dict, data: bytes) -> dict[str, np.ndarray]:
     return out
 
 
-def _decode(path: str, name: str, code: str, shape: tuple, raw: bytes) -> np.ndarray:
+def _decode(path: str, name: str, code: str, shape: tuple, raw: memoryview) -> np.ndarray:
     if code == "BF16":
         try:
             import ml_dtypes

@@ -84,6 +84,8 @@ def test_file_is_plain_safetensors_with_metadata(tmp_path):
     assert meta["format"] == "memcore.checkpoint"
     assert meta["format_version"] == str(ck.FORMAT_VERSION)
     assert memcore.spec.from_json(meta["spec"]) == spec
+    _, mine = ck.load_params(path)
+    assert all(a.flags.writeable and a.flags.owndata for a in mine.values())
     stored = load_file(str(path))
     assert set(stored) == set(params)
     for k in params:
