@@ -10,14 +10,16 @@
 
 from __future__ import annotations
 
-from memcore import spec
+from memcore import interop, spec
 from memcore.api import check_finite, check_params, init, param_shapes, realize
+from memcore.checkpoint import load, load_params, save
 from memcore.registry import available_backends, get_backend, register_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
     "spec", "init", "realize", "param_shapes", "check_params", "check_finite",
+    "save", "load", "load_params", "interop",
     "available_backends", "get_backend", "register_backend", "ops", "testing",
 ]
 
