@@ -1,0 +1,1 @@
+"""memcore's experiments: data generators, training loops and the CLI tasks that run them."""
