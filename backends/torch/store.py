@@ -35,21 +35,17 @@ def order(score, pos):
 
 
 def take(entries: dict, idx) -> dict:
-    """Entries at ``idx`` [B, ..., n] along the slot axis; empty picks are zeroed like the
-    reference's empty slots (k = v = 0, score 0, pos -1)."""
-    pos = torch.gather(entries["pos"], -1, idx)
-    filled = pos >= 0
-    score = torch.gather(entries["score"], -1, idx)
-    k, v = entries["k"], entries["v"]
+    """Entries at ``idx`` [B, ..., n] along the slot axis (a plain gather, so an empty slot
+    keeps its zeros and gradients pass as through the reference's one-hot product)."""
+    k = entries["k"]
     H, E = k.shape[1], k.shape[-1]
     # idx [B, ..., n] -> [B, H, ..., n, E] for the key/value gather.
     gi = idx.unsqueeze(1).unsqueeze(-1).expand(idx.shape[0], H, *idx.shape[1:], E)
-    f = filled.unsqueeze(1).unsqueeze(-1).to(k.dtype)
     return {
-        "k": torch.gather(k, -2, gi) * f,
-        "v": torch.gather(v, -2, gi) * f,
-        "score": torch.where(filled, score, torch.zeros_like(score)),
-        "pos": torch.where(filled, pos, torch.full_like(pos, -1)),
+        "k": torch.gather(k, -2, gi),
+        "v": torch.gather(entries["v"], -2, gi),
+        "score": torch.gather(entries["score"], -1, idx),
+        "pos": torch.gather(entries["pos"], -1, idx),
     }
 
 
@@ -108,7 +104,7 @@ def parallel(tokens: dict, cand: dict, kept: dict, pos: int, chunk: int, select:
              capacity: int):
     """Stores seen by each chunk of a call, and the state after it.
 
-    tokens: k, v [B, H, T, E], score [B, T] (constants for selection), pos [B, T];
+    tokens: k, v [B, H, T, E], score [B, T] (ranked as constants), pos [B, T];
     cand, kept: the state's running candidates (``select``) and store (``capacity``).
     Returns (snapshots: k, v [B, H, nC, M, E], pos [B, nC, M]; first chunk index; front
     padding; new cand; new kept).
@@ -120,7 +116,7 @@ def parallel(tokens: dict, cand: dict, kept: dict, pos: int, chunk: int, select:
     ch = {
         "k": to_chunks(tokens["k"], front, nC, C, 2),  # [B, H, nC, C, E]
         "v": to_chunks(tokens["v"], front, nC, C, 2),
-        "score": to_chunks(tokens["score"].detach(), front, nC, C, 1),  # [B, nC, C]
+        "score": to_chunks(tokens["score"], front, nC, C, 1),  # [B, nC, C]
         "pos": to_chunks(tokens["pos"], front, nC, C, 1, fill=-1),
     }
     # The state's running candidates compete in the first chunk only.
