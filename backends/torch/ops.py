@@ -112,11 +112,11 @@ def associative_readout(k, v, capacity=None):
     kk, vv = k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2)
     B, H, T, E = kk.shape
     if capacity is None:
-        y = torch.zeros_like(kk)
+        y = vv[:, :, :1] * 0.0  # the first position reads nothing (kept on the graph)
         if T > 1:  # strictly causal: query t reads j <= t-1
             rest = F.scaled_dot_product_attention(kk[:, :, 1:], kk[:, :, :-1], vv[:, :, :-1],
                                                   is_causal=True, scale=1.0)
-            y = torch.cat([y[:, :, :1], rest], dim=2)
+            y = torch.cat([y, rest], dim=2)
     else:
         pad = torch.zeros(B, H, capacity, E, dtype=acc, device=k.device)
         src = (torch.cat([pad, kk], 2), torch.cat([pad, vv], 2), -capacity, 1, capacity + 1)
