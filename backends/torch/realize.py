@@ -27,13 +27,10 @@ def realize(spec: Spec, params: dict | None = None, seed: int = 0, **options):
     dtype = options.get("dtype")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"realize (torch): dtype must be a floating torch.dtype, got {dtype!r}")
-    params = init(spec, seed) if params is None else params
-    if isinstance(spec, Model):
-        module = TorchModel(spec, params)
-    elif isinstance(spec, LAYER_KINDS):
-        module = TorchLayer(spec, params)
-    else:
+    if not isinstance(spec, (Model,) + LAYER_KINDS):
         raise TypeError(f"spec must be a memcore layer or model spec, got {spec!r}")
+    params = init(spec, seed) if params is None else params
+    module = TorchModel(spec, params) if isinstance(spec, Model) else TorchLayer(spec, params)
     if options.get("device") is not None or dtype is not None:
         module = module.to(device=options.get("device"), dtype=dtype)
     return module

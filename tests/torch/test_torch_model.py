@@ -130,8 +130,8 @@ def test_model_errors():
     with pytest.raises(ValueError, match="vocab_size=13"):
         model(tok + 13)
     with pytest.raises(ValueError, match="another spec"):
-        model(tok, MODEL_CASES["jamba_window_layernorm"] and memcore.realize(
-            MODEL_CASES["transformer_mlp"], backend="torch").init_state(2))
+        other = memcore.realize(MODEL_CASES["transformer_mlp"], backend="torch")
+        model(tok, other.init_state(2))
     _, state = model(tok)
     bad = dict(state, layers=state["layers"][:1])
     with pytest.raises(ValueError, match="must hold 2 layer states"):
