@@ -1,0 +1,177 @@
+"""Torch backend on CPU, float32: the targets of the torch backend's benchmarks.
+
+1. forward+backward time of bmojo, bmojo_f, mamba and mosaic against full causal attention
+   (transformer(None), SDPA) at several T; goals: bmojo <= 0.5x full attention at T=8192,
+   bmojo's time grows <= 4.5x from 4K to 16K.
+2. streaming: per-token step latency at t=1K and t=32K (goal: ratio <= 1.2), state bytes.
+3. mosaic's readout against a dense O(T^2) leaky average at T=2048 (goal: >= 2x faster).
+
+Shapes: D=256, H=4, W=128, chunk 128, select 8, capacity 64 (DESIGN's notation).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import memcore
+
+from .harness import machine, median_time, table
+
+D, H, W, CHUNK, SELECT, CAPACITY, N = 256, 4, 128, 128, 8, 64, 16
+
+
+def specs():
+    S = memcore.spec
+    return {
+        "transformer(None)": S.transformer(D, H),
+        "bmojo": S.bmojo(D, H, window=W, chunk=CHUNK, select=SELECT, capacity=CAPACITY,
+                         d_state=N),
+        "bmojo_f": S.bmojo_f(D, H, window=W, d_state=N),
+        "mamba": S.mamba(D, d_state=N),
+        "mosaic": S.mosaic(D, H),
+    }
+
+
+def layer(spec):
+    return memcore.realize(spec, backend="torch", params=memcore.init(spec, 0))
+
+
+def fwd_bwd_time(module, T: int, batch: int, repeat: int) -> float:
+    x = torch.randn(batch, T, D, requires_grad=True)
+
+    def run():
+        module.zero_grad(set_to_none=True)
+        y, _ = module(x)
+        y.float().pow(2).mean().backward()
+
+    return median_time(run, repeat=repeat, warmup=1, budget_s=60)
+
+
+def training_table(lengths, batch: int, repeat: int):
+    mods = {name: layer(spec) for name, spec in specs().items()}
+    rows, times = [], {}
+    for T in lengths:
+        base = fwd_bwd_time(mods["transformer(None)"], T, batch, repeat)
+        times[("transformer(None)", T)] = base
+        row = [T, base]
+        for name in ("bmojo", "bmojo_f", "mamba", "mosaic"):
+            t = fwd_bwd_time(mods[name], T, batch, repeat)
+            times[(name, T)] = t
+            row += [t, t / base]
+        rows.append(row)
+    header = ["T", "attention s"]
+    for name in ("bmojo", "bmojo_f", "mamba", "mosaic"):
+        header += [f"{name} s", f"{name} / attn"]
+    return table(header, rows), times
+
+
+def state_bytes(state) -> int:
+    total = 0
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (tuple, list)):
+        return sum(state_bytes(v) for v in state)
+    if torch.is_tensor(state):
+        total += state.numel() * state.element_size()
+    return total
+
+
+def step_latency(module, t: int, steps: int, batch: int = 1):
+    """Median per-token step time after a prefix of t tokens (built by the parallel form)."""
+    with torch.no_grad():
+        _, state = module(torch.randn(batch, t, D))
+        x = torch.randn(batch, D)
+
+        def run():
+            nonlocal state
+            _, state = module.step(x, state)
+
+        latency = median_time(run, repeat=steps, warmup=3)
+    return latency, state_bytes(state)
+
+
+def streaming_table(short: int, long: int, steps: int):
+    rows = []
+    for name in ("bmojo", "bmojo_f", "mamba"):
+        mod = layer(specs()[name])
+        t1, b1 = step_latency(mod, short, steps)
+        t2, b2 = step_latency(mod, long, steps)
+        rows.append([name, t1 * 1e3, t2 * 1e3, t2 / t1, b1, b2])
+    return table(["layer", f"step ms @t={short}", f"step ms @t={long}", "ratio",
+                  f"state bytes @{short}", f"state bytes @{long}"], rows)
+
+
+def dense_leaky_average(k, log_decay):
+    """The O(T^2) leaky average of the Memory Mosaics code: a dense decay matrix per head."""
+    T = k.shape[1]
+    i = torch.arange(T)
+    lag = (i[:, None] - i[None, :]).clamp(min=0).to(k.dtype)
+    coef = torch.exp(lag[None] * log_decay[:, None, None]) * (i[:, None] >= i[None, :])
+    return torch.einsum("hts,bshe->bthe", coef, k)
+
+
+def mosaic_table(T: int, batch: int, repeat: int):
+    spec = memcore.spec.mosaic(D, H)
+    from memcore import ops
+
+    k = torch.randn(batch, T, H, D // H, requires_grad=True)
+    log_decay = -torch.rand(H) * 5
+
+    def ours():
+        ops.leaky_average(k, log_decay).sum().backward()
+
+    def dense():
+        dense_leaky_average(k, log_decay).sum().backward()
+
+    with torch.no_grad():
+        err = (ops.leaky_average(k, log_decay) - dense_leaky_average(k, log_decay)).abs().max()
+    t_ours = median_time(ours, repeat=repeat)
+    t_dense = median_time(dense, repeat=repeat)
+    mod = layer(spec)
+    t_layer = fwd_bwd_time(mod, T, batch, repeat)
+    return table(["T", "leaky avg (scan) ms", "dense O(T^2) ms", "speed-up", "max abs diff",
+                  "mosaic layer fwd+bwd ms"],
+                 [[T, t_ours * 1e3, t_dense * 1e3, t_dense / t_ours, float(err),
+                   t_layer * 1e3]])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.torch_cpu", description=__doc__)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--stream", type=int, nargs=2, default=[1024, 32768],
+                   metavar=("SHORT", "LONG"))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip", nargs="*", default=[], choices=["training", "streaming", "mosaic"])
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}")
+    print(f"shapes: D={D}, H={H}, W={W}, chunk={CHUNK}, select={SELECT}, capacity={CAPACITY}, "
+          f"d_state={N}, batch={args.batch}, float32\n")
+    if "training" not in args.skip:
+        text, times = training_table(args.lengths, args.batch, args.repeat)
+        print("forward+backward, median seconds (ratio to full causal attention, SDPA):")
+        print(text)
+        if ("bmojo", 4096) in times and ("bmojo", 16384) in times:
+            print(f"bmojo growth 4K -> 16K: "
+                  f"{times[('bmojo', 16384)] / times[('bmojo', 4096)]:.2f}x (goal <= 4.5x)")
+        if ("bmojo", 8192) in times:
+            r = times[("bmojo", 8192)] / times[("transformer(None)", 8192)]
+            print(f"bmojo / attention at T=8192: {r:.2f}x (goal <= 0.5x)")
+        print()
+    if "streaming" not in args.skip:
+        print("streaming step latency (batch 1):")
+        print(streaming_table(args.stream[0], args.stream[1], args.steps))
+        print()
+    if "mosaic" not in args.skip:
+        print("mosaic key extractor: scan vs dense O(T^2) leaky average, forward+backward:")
+        print(mosaic_table(2048, args.batch, args.repeat))
+
+
+if __name__ == "__main__":
+    main()
