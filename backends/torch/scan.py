@@ -47,7 +47,7 @@ def _group(log_a, b, h0, L: int):
     return h.reshape(*h.shape[:-2], G * L), H[..., -1]
 
 
-def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int = CHUNK):
+def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int | None = None):
     """Parallel form of h_t = exp(log_a_t) h_{t-1} + b_t.
 
     log_a: broadcastable to b [..., T]; h0: [...] (b's leading shape). ``out_fn(h, t0, t1)``
@@ -55,6 +55,7 @@ def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int = CHUNK):
     Returns (concatenated outputs, h_T).
     """
     T = b.shape[-1]
+    chunk = CHUNK if chunk is None else chunk
     if T == 0:
         out = torch.zeros(*h0.shape, 0, dtype=h0.dtype, device=h0.device)
         return (out if out_fn is None else out_fn(out, 0, 0)), h0
@@ -66,7 +67,7 @@ def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int = CHUNK):
         log_a = torch.nn.functional.pad(log_a, (0, pad))
         b = torch.nn.functional.pad(b, (0, pad))
     per_chunk = max(1, b[..., 0].numel()) * L * L
-    G = max(1, min(n_chunks, GROUP_ELEMENTS // per_chunk))
+    G = max(1, min(n_chunks, GROUP_ELEMENTS // per_chunk))  # chunks per group
     outs, h = [], h0
     for g0 in range(0, n_chunks, G):
         s0, s1 = g0 * L, min(n_chunks, g0 + G) * L
