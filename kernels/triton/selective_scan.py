@@ -1,0 +1,400 @@
+"""Chunked selective scan (DESIGN 2.1), forward and backward, in Triton.
+
+Semantics of mamba-ssm's ``selective_scan_fn`` plus an initial state in and the final state out:
+
+    dt_t = softplus(delta_t + delta_bias)   (softplus only if delta_softplus)
+    h_t  = exp(dt_t A) * h_{t-1} + dt_t u_t B_t        h: [B, Dc, N], accumulated in float32
+    y_t  = C_t . h_t + D u_t,  times silu(z_t) if z is given
+
+One program owns a block of channels of one batch row and walks the sequence. The forward
+writes the state at the start of every chunk of ``CHUNK`` steps; the backward walks the chunks
+in reverse, recomputes the chunk's states from its checkpoint into a scratch buffer, and then
+runs the adjoint recurrence ``g_{t-1} = exp(dt_t A) g_t + C_{t-1} dy_{t-1}`` through it.
+Gradients reach u, delta, A, B, C, D, z, delta_bias and the initial state, and flow in from the
+final state.
+
+Gradients of B and C (shared by the channels of a group) are summed over the block's channels
+inside the program and over blocks afterwards, so no atomics are needed: a block never spans
+two groups because its width divides the group width.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .buffers import acc_dtype, check_device, check_float, empty
+
+CHUNK = 32  # steps between saved states; the backward's scratch holds one chunk
+MAX_BLOCK_D = 64
+
+
+@triton.jit
+def _softplus(x):
+    # max(x, 0) + log1p(exp(-|x|)), with log1p's small-argument series where log(1 + e) rounds.
+    e = tl.exp(-tl.abs(x))
+    lp = tl.where(e < 1e-6, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+    return tl.maximum(x, 0.0) + lp
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _load_dt(delta, bias_d, off, valid, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+             ACC: tl.constexpr):
+    """Returns (dt after bias and softplus, pre-softplus value); 0 where not valid."""
+    raw = tl.load(delta + off, mask=valid, other=0.0).to(ACC)
+    if HAS_BIAS:
+        raw = raw + bias_d
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    # Padding steps must leave the state alone: dt = 0 makes the step the identity.
+    return tl.where(valid, dt, 0.0), raw
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u, delta, A, Bm, Cm, Dv, z, bias, h0, y, hT, ckpt,
+    T, Dc, N, G, NCHUNK,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+    n = tl.arange(0, BLOCK_N)  # [BN]
+    n_ok = n < N
+    g = (pid_d * BLOCK_D) // (Dc // G)  # the block's group
+    row = (pid_b * Dc + d) * T  # [BD] start of each channel's sequence
+    bc_row = ((pid_b * G + g) * N + n) * T  # [BN]
+    dn = d[:, None] * N + n[None, :]  # [BD, BN]
+    dn_ok = n_ok[None, :] & (d[:, None] < Dc)
+    a_mat = tl.load(A + dn, mask=dn_ok, other=0.0).to(ACC)
+    d_vec = tl.zeros([BLOCK_D], dtype=ACC)
+    if HAS_D:
+        d_vec = tl.load(Dv + d).to(ACC)
+    b_vec = tl.zeros([BLOCK_D], dtype=ACC)
+    if HAS_BIAS:
+        b_vec = tl.load(bias + d).to(ACC)
+    state = pid_b * Dc * N + dn  # [BD, BN] offsets into [B, Dc, N]
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
+    if HAS_H0:
+        h = tl.load(h0 + state, mask=dn_ok, other=0.0).to(ACC)
+    for c in range(0, NCHUNK):
+        # [B, Dc, NCHUNK, N]: the state entering chunk c
+        tl.store(ckpt + (pid_b * Dc + d[:, None]) * NCHUNK * N + c * N + n[None, :], h,
+                 mask=dn_ok)
+        for i in range(0, CHUNK):
+            t = c * CHUNK + i
+            valid = (d * 0 + t) < T  # vector form: scalar & vector masks fail in the interpreter
+            dt, _ = _load_dt(delta, b_vec, row + t, valid, HAS_BIAS, SOFTPLUS, ACC)
+            u_t = tl.load(u + row + t, mask=valid, other=0.0).to(ACC)
+            b_t = tl.load(Bm + bc_row + t, mask=n_ok & ((n * 0 + t) < T), other=0.0).to(ACC)
+            c_t = tl.load(Cm + bc_row + t, mask=n_ok & ((n * 0 + t) < T), other=0.0).to(ACC)
+            h = tl.exp(dt[:, None] * a_mat) * h + (dt * u_t)[:, None] * b_t[None, :]
+            out = tl.sum(h * c_t[None, :], axis=1) + d_vec * u_t
+            if HAS_Z:
+                z_t = tl.load(z + row + t, mask=valid, other=0.0).to(ACC)
+                out = out * z_t * _sigmoid(z_t)
+            tl.store(y + row + t, out.to(y.dtype.element_ty), mask=valid)
+    tl.store(hT + state, h, mask=dn_ok)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u, delta, A, Bm, Cm, Dv, z, bias, dy, dhT, ckpt, scratch,
+    du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, dh0,
+    T, Dc, N, G, NCHUNK, NDB,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DHT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    g_idx = (pid_d * BLOCK_D) // (Dc // G)
+    row = (pid_b * Dc + d) * T
+    bc_row = ((pid_b * G + g_idx) * N + n) * T
+    part_row = ((pid_b * NDB + pid_d) * N + n) * T  # [B, NDB, N, T] partial sums over channels
+    dn = d[:, None] * N + n[None, :]
+    dn_ok = n_ok[None, :] & (d[:, None] < Dc)
+    a_mat = tl.load(A + dn, mask=dn_ok, other=0.0).to(ACC)
+    d_vec = tl.zeros([BLOCK_D], dtype=ACC)
+    if HAS_D:
+        d_vec = tl.load(Dv + d).to(ACC)
+    b_vec = tl.zeros([BLOCK_D], dtype=ACC)
+    if HAS_BIAS:
+        b_vec = tl.load(bias + d).to(ACC)
+    state = pid_b * Dc * N + dn
+    # [B, NDB, CHUNK + 1, BD, BN]: row 0 is the chunk's entering state, row i + 1 is h at step i
+    scr = (pid_b * NDB + pid_d) * (CHUNK + 1) * BLOCK_D * BLOCK_N \
+        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]
+    gacc = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)  # dL/dh_t from steps after t
+    if HAS_DHT:
+        gacc = tl.load(dhT + state, mask=dn_ok, other=0.0).to(ACC)
+    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
+    dD_acc = tl.zeros([BLOCK_D], dtype=ACC)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=ACC)
+    for cc in range(0, NCHUNK):
+        c = NCHUNK - 1 - cc
+        h = tl.load(ckpt + (pid_b * Dc + d[:, None]) * NCHUNK * N + c * N + n[None, :],
+                    mask=dn_ok, other=0.0).to(ACC)
+        tl.store(scratch + scr, h)
+        for i in range(0, CHUNK):
+            t = c * CHUNK + i
+            valid = (d * 0 + t) < T  # vector form: scalar & vector masks fail in the interpreter
+            dt, _ = _load_dt(delta, b_vec, row + t, valid, HAS_BIAS, SOFTPLUS, ACC)
+            u_t = tl.load(u + row + t, mask=valid, other=0.0).to(ACC)
+            b_t = tl.load(Bm + bc_row + t, mask=n_ok & ((n * 0 + t) < T), other=0.0).to(ACC)
+            h = tl.exp(dt[:, None] * a_mat) * h + (dt * u_t)[:, None] * b_t[None, :]
+            tl.store(scratch + scr + (i + 1) * BLOCK_D * BLOCK_N, h)
+        # The reverse walk reads states written by other threads of this program.
+        tl.debug_barrier()
+        for ii in range(0, CHUNK):
+            i = CHUNK - 1 - ii
+            t = c * CHUNK + i
+            valid = (d * 0 + t) < T  # vector form: scalar & vector masks fail in the interpreter
+            dt, raw = _load_dt(delta, b_vec, row + t, valid, HAS_BIAS, SOFTPLUS, ACC)
+            u_t = tl.load(u + row + t, mask=valid, other=0.0).to(ACC)
+            b_t = tl.load(Bm + bc_row + t, mask=n_ok & ((n * 0 + t) < T), other=0.0).to(ACC)
+            c_t = tl.load(Cm + bc_row + t, mask=n_ok & ((n * 0 + t) < T), other=0.0).to(ACC)
+            dy_t = tl.load(dy + row + t, mask=valid, other=0.0).to(ACC)
+            h_prev = tl.load(scratch + scr + i * BLOCK_D * BLOCK_N)
+            h_t = tl.load(scratch + scr + (i + 1) * BLOCK_D * BLOCK_N)
+            dyr = dy_t
+            if HAS_Z:
+                z_t = tl.load(z + row + t, mask=valid, other=0.0).to(ACC)
+                sz = _sigmoid(z_t)
+                yr = tl.sum(h_t * c_t[None, :], axis=1) + d_vec * u_t
+                tl.store(dz + row + t, dy_t * yr * sz * (1.0 + z_t * (1.0 - sz)), mask=valid)
+                dyr = dy_t * z_t * sz
+            gacc = gacc + dyr[:, None] * c_t[None, :]  # now dL/dh_t
+            tl.store(dC_part + part_row + t, tl.sum(dyr[:, None] * h_t, axis=0),
+                     mask=n_ok & ((n * 0 + t) < T))
+            dD_acc += dyr * u_t
+            gb = tl.sum(gacc * b_t[None, :], axis=1)  # [BD]
+            du_t = dyr * d_vec + dt * gb
+            ddt = u_t * gb
+            tl.store(dB_part + part_row + t, tl.sum(gacc * (dt * u_t)[:, None], axis=0),
+                     mask=n_ok & ((n * 0 + t) < T))
+            decay = tl.exp(dt[:, None] * a_mat)
+            da = gacc * h_prev * decay  # dL/d(dt A) elementwise
+            ddt += tl.sum(da * a_mat, axis=1)
+            dA_acc += da * dt[:, None]
+            gacc = gacc * decay  # dL/dh_{t-1} from step t
+            if SOFTPLUS:
+                ddt = ddt * _sigmoid(raw)
+            ddt = tl.where(valid, ddt, 0.0)
+            dbias_acc += ddt
+            tl.store(du + row + t, du_t, mask=valid)
+            tl.store(ddelta + row + t, ddt, mask=valid)
+        tl.debug_barrier()
+    tl.store(dh0 + state, gacc, mask=dn_ok)
+    tl.store(dA_part + state, dA_acc, mask=dn_ok)  # [B, Dc, N]
+    tl.store(dD_part + pid_b * Dc + d, dD_acc, mask=d < Dc)
+    tl.store(dbias_part + pid_b * Dc + d, dbias_acc, mask=d < Dc)
+
+
+def _block_d(Dc: int, G: int) -> int:
+    """The widest power of two <= MAX_BLOCK_D dividing the group width, so a block of channels
+    never straddles two groups and needs no channel mask."""
+    width = Dc // G
+    bd = 1
+    while bd * 2 <= MAX_BLOCK_D and width % (bd * 2) == 0:
+        bd *= 2
+    return bd
+
+
+def _tl_acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    where = "selective_scan"
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        check_float(where, name, t)
+    for name, t in (("D", D), ("z", z), ("delta_bias", delta_bias),
+                    ("initial_state", initial_state)):
+        if t is not None:
+            check_float(where, name, t)
+    check_device(where, u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                 initial_state=initial_state)
+    if u.ndim != 3:
+        raise ValueError(f"{where}: u must be [batch, channels, T], got shape {tuple(u.shape)}")
+    Bt, Dc, T = u.shape
+    if tuple(delta.shape) != tuple(u.shape):
+        raise ValueError(f"{where}: delta must have u's shape {tuple(u.shape)}, "
+                         f"got {tuple(delta.shape)}")
+    if A.ndim != 2 or A.shape[0] != Dc:
+        raise ValueError(f"{where}: A must be [channels={Dc}, d_state], got {tuple(A.shape)}")
+    if A.is_complex():
+        raise TypeError(f"{where}: A must be real, got {A.dtype}")
+    N = A.shape[1]
+    for name, m in (("B", B), ("C", C)):
+        plain = m.ndim == 3 and tuple(m.shape) == (Bt, N, T)
+        grouped = (m.ndim == 4 and m.shape[0] == Bt and m.shape[2] == N and m.shape[3] == T
+                   and m.shape[1] > 0 and Dc % m.shape[1] == 0)
+        if not (plain or grouped):
+            raise ValueError(f"{where}: {name} must be [batch={Bt}, d_state={N}, T={T}] or "
+                             f"[batch, groups dividing {Dc}, d_state, T], got {tuple(m.shape)}")
+    if B.ndim != C.ndim or (B.ndim == 4 and B.shape[1] != C.shape[1]):
+        raise ValueError(f"{where}: B and C must have the same group layout, got "
+                         f"{tuple(B.shape)} and {tuple(C.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (Dc,):
+            raise ValueError(f"{where}: {name} must be [channels={Dc}], got {tuple(t.shape)}")
+    if z is not None and tuple(z.shape) != tuple(u.shape):
+        raise ValueError(f"{where}: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (Bt, Dc, N):
+        raise ValueError(f"{where}: initial_state must be [batch={Bt}, channels={Dc}, "
+                         f"d_state={N}], got {tuple(initial_state.shape)}")
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def _grouped(m):
+    return m if m.ndim == 4 else m[:, None]
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk):
+        u, delta, A, D, z, delta_bias, h0 = map(_c, (u, delta, A, D, z, delta_bias, h0))
+        Bg, Cg = _grouped(B).contiguous(), _grouped(C).contiguous()
+        Bt, Dc, T = u.shape
+        N, G = A.shape[1], Bg.shape[1]
+        acc = acc_dtype(u.dtype)
+        bd = _block_d(Dc, G)
+        nchunk = triton.cdiv(T, chunk)
+        ctx.chunk = chunk
+        y = empty((Bt, Dc, T), u.dtype, u.device)
+        hT = empty((Bt, Dc, N), acc, u.device)
+        ckpt = empty((Bt, Dc, nchunk, N), acc, u.device)
+        dummy = u
+        _scan_fwd_kernel[(Bt, Dc // bd)](
+            u, delta, A, Bg, Cg, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
+            y, hT, ckpt, T, Dc, N, G, nchunk,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, BLOCK_D=bd,
+            BLOCK_N=triton.next_power_of_2(N), CHUNK=chunk, ACC=_tl_acc(u.dtype),
+        )
+        ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, ckpt)
+        ctx.plain_bc = B.ndim == 3
+        ctx.softplus = bool(softplus)
+        ctx.dtypes = (B.dtype, C.dtype, h0.dtype if h0 is not None else None)
+        return y, hT
+
+    @staticmethod
+    def backward(ctx, dy, dhT):
+        u, delta, A, Bg, Cg, D, z, delta_bias, ckpt = ctx.saved_tensors
+        Bt, Dc, T = u.shape
+        N, G = A.shape[1], Bg.shape[1]
+        acc = acc_dtype(u.dtype)
+        dev = u.device
+        bd = _block_d(Dc, G)
+        ndb = Dc // bd
+        nchunk = ckpt.shape[2]
+        bn = triton.next_power_of_2(N)
+        dy = torch.zeros_like(u) if dy is None else dy.contiguous()
+        du = empty((Bt, Dc, T), acc, dev)
+        ddelta = empty((Bt, Dc, T), acc, dev)
+        dz = empty((Bt, Dc, T), acc, dev) if z is not None else None
+        dA_part = empty((Bt, Dc, N), acc, dev)
+        dB_part = empty((Bt, ndb, N, T), acc, dev)
+        dC_part = empty((Bt, ndb, N, T), acc, dev)
+        dD_part = empty((Bt, Dc), acc, dev)
+        dbias_part = empty((Bt, Dc), acc, dev)
+        dh0 = empty((Bt, Dc, N), acc, dev)
+        scratch = empty((Bt, ndb, ctx.chunk + 1, bd, bn), acc, dev)
+        dummy = u
+        _scan_bwd_kernel[(Bt, ndb)](
+            u, delta, A, Bg, Cg, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, dy,
+            dhT.contiguous() if dhT is not None else dummy, ckpt, scratch,
+            du, ddelta, dz if dz is not None else du, dA_part, dB_part, dC_part, dD_part,
+            dbias_part, dh0, T, Dc, N, G, nchunk, ndb,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=ctx.softplus, HAS_DHT=dhT is not None, BLOCK_D=bd, BLOCK_N=bn,
+            CHUNK=ctx.chunk, ACC=_tl_acc(u.dtype),
+        )
+
+        def group_sum(part, dtype):
+            g = part.reshape(Bt, G, ndb // G, N, T).sum(2)
+            return (g[:, 0] if ctx.plain_bc else g).to(dtype)
+
+        need = ctx.needs_input_grad
+        b_dtype, c_dtype, h0_dtype = ctx.dtypes
+        return (
+            du.to(u.dtype) if need[0] else None,
+            ddelta.to(delta.dtype) if need[1] else None,
+            dA_part.sum(0).to(A.dtype) if need[2] else None,
+            group_sum(dB_part, b_dtype) if need[3] else None,
+            group_sum(dC_part, c_dtype) if need[4] else None,
+            dD_part.sum(0).to(D.dtype) if D is not None and need[5] else None,
+            dz.to(z.dtype) if z is not None and need[6] else None,
+            dbias_part.sum(0).to(delta_bias.dtype)
+            if delta_bias is not None and need[7] else None,
+            dh0.to(h0_dtype) if h0_dtype is not None and need[8] else None,
+            None,
+            None,
+        )
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_final_state=False, chunk=CHUNK):
+    """mamba-ssm's ``selective_scan_fn`` with an initial state, as a Triton kernel.
+
+    u, delta, z: [Bt, Dc, T]; A: [Dc, N] (real); B, C: [Bt, N, T] or [Bt, G, N, T];
+    D, delta_bias: [Dc]; initial_state: [Bt, Dc, N] (zeros if None). Returns y [Bt, Dc, T] in
+    u's dtype and, with ``return_final_state``, h_T [Bt, Dc, N] in float32 (float64 for float64
+    input). Differentiable in every tensor argument, including through h_T.
+    ``chunk`` (a power of two) is the number of steps between saved states: the result does not
+    depend on it; memory and the backward's recomputation do.
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"selective_scan: chunk must be a power of two, got {chunk!r}")
+    y, hT = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                 delta_softplus, chunk)
+    return (y, hT) if return_final_state else y
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, initial_state=None, return_final_state=False):
+    """The same function as a plain torch loop over time (float32 or float64 accumulation)."""
+    acc = acc_dtype(u.dtype)
+    Bt, Dc, T = u.shape
+    u_, dt, A_ = u.to(acc), delta.to(acc), A.to(acc)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(acc)[None, :, None]
+    if delta_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    Bx, Cx = _grouped(B).to(acc), _grouped(C).to(acc)
+    rep = Dc // Bx.shape[1]
+    Bx = Bx.repeat_interleave(rep, dim=1)  # [Bt, Dc, N, T]
+    Cx = Cx.repeat_interleave(rep, dim=1)
+    h = (torch.zeros(Bt, Dc, A.shape[1], dtype=acc, device=u.device) if initial_state is None
+         else initial_state.to(acc))
+    ys = []
+    for t in range(T):
+        h = torch.exp(dt[:, :, t, None] * A_) * h + (dt[:, :, t] * u_[:, :, t])[..., None] \
+            * Bx[..., t]
+        ys.append((h * Cx[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else u_.new_zeros(Bt, Dc, 0)
+    if D is not None:
+        y = y + D.to(acc)[None, :, None] * u_
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.to(acc))
+    y = y.to(u.dtype)
+    return (y, h) if return_final_state else y

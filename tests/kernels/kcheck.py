@@ -1,0 +1,42 @@
+"""Comparison helpers for the kernel tests (tolerances from DESIGN section 6)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# relative RMSE allowed, by the dtype of the inputs
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel_rmse(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    if got.shape != want.shape:
+        raise AssertionError(f"shape {tuple(got.shape)} != {tuple(want.shape)}")
+    if not torch.isfinite(got).all():
+        return float("inf")  # NaN never passes
+    err = (got - want).pow(2).mean().sqrt()
+    scale = want.pow(2).mean().sqrt()
+    return float(err / scale) if scale > 0 else float(err)
+
+
+def assert_close(name: str, got, want, dtype) -> None:
+    tol = TOL[dtype]
+    e = rel_rmse(got, want)
+    assert e <= tol, f"{name}: relative RMSE {e:.3e} > {tol:.0e}"
+
+
+def grads(out, inputs, cotangents):
+    """Gradients of sum(out_i * cot_i) with respect to the inputs that require them."""
+    live = [x for x in inputs if x is not None and x.requires_grad]
+    loss = sum((o.float() * c.float()).sum() if o.dtype in (torch.bfloat16, torch.float16)
+               else (o * c).sum() for o, c in zip(out, cotangents, strict=True))
+    return torch.autograd.grad(loss, live)
+
+
+gpu = pytest.mark.skipif(
+    os.environ.get("MEMCORE_KERNELS_GPU", "") != "1" or not torch.cuda.is_available(),
+    reason="realistic sizes need a CUDA device and compiled kernels (MEMCORE_KERNELS_GPU=1)",
+)
