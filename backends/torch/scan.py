@@ -18,12 +18,15 @@ CHUNK = 16  # steps per chunk: the intra-chunk decay matrix is L x L per (batch,
 GROUP_ELEMENTS = 1 << 24  # decay-matrix elements per group of chunks (memory bound)
 
 
-def _lower(L: int, device) -> torch.Tensor:
-    return torch.ones(L, L, dtype=torch.bool, device=device).tril()
+def _upper(L: int, device) -> torch.Tensor:
+    return torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
 
 
-def _masked_exp(diff, lower):
-    return torch.exp(diff.masked_fill(~lower, NEG_INF))
+def _decay(cum):
+    """exp(cum_t - cum_s) for s <= t, else 0: [..., L] -> [..., L, L]. Masked before the
+    exponential; in place on the fresh difference (neither op needs its input for backward)."""
+    diff = cum[..., :, None] - cum[..., None, :]
+    return diff.masked_fill_(_upper(cum.shape[-1], cum.device), NEG_INF).exp_()
 
 
 def _group(log_a, b, h0, L: int):
@@ -33,14 +36,13 @@ def _group(log_a, b, h0, L: int):
     la = log_a.reshape(*log_a.shape[:-1], G, L)
     bb = b.reshape(*b.shape[:-1], G, L)
     cum = la.cumsum(-1)  # [..., G, L]
-    lower = _lower(L, b.device)
-    decay = _masked_exp(cum[..., :, None] - cum[..., None, :], lower)  # [..., G, L, L]
+    decay = _decay(cum)  # [..., G, L, L]
     h_in = (decay @ bb[..., None])[..., 0]  # from a zero start, per chunk
     # Chunk level: H_g = exp(tot_g) H_{g-1} + end_g, with H_{-1} = h0.
     tot = cum[..., -1]
     ctot = tot.cumsum(-1)  # [..., G]
     end = h_in[..., -1]
-    d2 = _masked_exp(ctot[..., :, None] - ctot[..., None, :], _lower(G, b.device))
+    d2 = _decay(ctot)
     H = (d2 @ end[..., None])[..., 0] + torch.exp(ctot) * h0[..., None]
     h_prev = torch.cat([h0[..., None], H[..., :-1]], dim=-1)  # state before each chunk
     h = h_in + torch.exp(cum) * h_prev[..., None]
@@ -67,7 +69,9 @@ def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int | None = None):
         log_a = torch.nn.functional.pad(log_a, (0, pad))
         b = torch.nn.functional.pad(b, (0, pad))
     per_chunk = max(1, b[..., 0].numel()) * L * L
-    G = max(1, min(n_chunks, GROUP_ELEMENTS // per_chunk))  # chunks per group
+    # Chunks per group: bounded by memory, and by L so that the chunk-level matrix
+    # (G x G) costs no more than the intra-chunk ones (L x L per chunk).
+    G = max(1, min(n_chunks, L, GROUP_ELEMENTS // per_chunk))
     outs, h = [], h0
     for g0 in range(0, n_chunks, G):
         s0, s1 = g0 * L, min(n_chunks, g0 + G) * L
