@@ -39,3 +39,8 @@ def check_device(where: str, ref: torch.Tensor, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != ref.device:
             raise ValueError(f"{where}: {name} must be on {ref.device}, got {t.device}")
+
+
+def interpreted(kernel) -> bool:
+    """Whether ``kernel`` runs under TRITON_INTERPRET (decided when it was decorated)."""
+    return type(kernel).__name__ == "InterpretedFunction"
