@@ -47,10 +47,14 @@ def ring_slot_positions(n: int, size: int, device):
     return (n - 1) - torch.remainder((n - 1) - i, size)
 
 
-def ring_write(ring, entry, pos: int):
-    """The ring with ``entry`` [B, H, E] written at slot pos % R (a new tensor, same size)."""
-    slot = torch.tensor([pos % ring.shape[2]], device=ring.device)
-    return ring.index_copy(2, slot, entry[:, :, None, :])
+def ring_write(ring, entry, pos: int, inplace: bool = False):
+    """The ring with ``entry`` [B, H, E] written at slot pos % R: a new tensor of the same
+    size, or, with ``inplace``, the given ring itself (a preallocated buffer)."""
+    slot = pos % ring.shape[2]
+    if inplace:
+        ring[:, :, slot] = entry
+        return ring
+    return ring.index_copy(2, torch.tensor([slot], device=ring.device), entry[:, :, None, :])
 
 
 # --- partial softmaxes -----------------------------------------------------------------------

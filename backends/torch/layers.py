@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import array_api_compat.torch as xp_torch
 import torch
-from memcore.spec.layers import BMojo, BMojoF, Mamba, Mosaic, Persistent, Transformer
+from memcore.spec.layers import BMojoF, Mamba, Mosaic, Persistent, Transformer
 from memcore.spec.params import check_params
 from memcore.spec.reference import layers as ref_layers
 from memcore.spec.reference.layers import META, _check_input
@@ -17,12 +17,30 @@ from ._util import acc_dtype, check_like_params, param_dict, register_params
 _FORMS = {
     "windowed": (mixers.windowed_forward, mixers.windowed_step),
     "mamba": (lambda s, p, x, st, pos: (*mixers.mamba_forward(s, p, x, st), None),
-              lambda s, p, x, st, pos: (*mixers.mamba_step(s, p, x, st), None)),
+              lambda s, p, x, st, pos, **kw: (*mixers.mamba_step(s, p, x, st), None)),
     "mosaic": (lambda s, p, x, st, pos: (*mixers.mosaic_forward(s, p, x, st, pos), None),
-               lambda s, p, x, st, pos: (*mixers.mosaic_step(s, p, x, st, pos), None)),
+               lambda s, p, x, st, pos, **kw: (*mixers.mosaic_step(s, p, x, st, pos, **kw),
+                                               None)),
     "persistent": (lambda s, p, x, st, pos: (*mixers.persistent_forward(s, p, x, st, pos), None),
-                   lambda s, p, x, st, pos: (*mixers.persistent_step(s, p, x, st, pos), None)),
+                   lambda s, p, x, st, pos, **kw: (*mixers.persistent_step(s, p, x, st, pos),
+                                                   None)),
 }
+RINGS = ("k", "v", "fk", "fv", "mem_k", "mem_v")
+
+
+def unalias_rings(arrays: dict) -> dict:
+    """Rings written in place must own their memory: an empty state shares one zero tensor
+    between several arrays."""
+    out = dict(arrays)
+    for key in RINGS:
+        ring = out.get(key)
+        if ring is None or ring.numel() == 0:
+            continue
+        ptr = ring.untyped_storage().data_ptr()
+        if any(isinstance(o, torch.Tensor) and o.numel()
+               and o.untyped_storage().data_ptr() == ptr for k, o in out.items() if k != key):
+            out[key] = ring.clone()
+    return out
 
 
 def _kind(spec) -> str:
@@ -127,13 +145,19 @@ class TorchLayer(nn.Module):
         arrays = {k: v for k, v in state.items() if k not in META}
         return acc, x.to(acc), state["pos"], arrays
 
-    def run(self, p: dict, x, arrays: dict, pos: int, streaming: bool):
+    def run(self, p: dict, x, arrays: dict, pos: int, streaming: bool, inplace: bool = False):
         """Unchecked form on the accumulation dtype: (y, new arrays, aux)."""
-        return _FORMS[self._kind][1 if streaming else 0](self.spec, p, x, arrays, pos)
+        if not streaming:
+            return _FORMS[self._kind][0](self.spec, p, x, arrays, pos)
+        if inplace:
+            arrays = unalias_rings(arrays)
+        return _FORMS[self._kind][1](self.spec, p, x, arrays, pos, inplace=inplace)
 
-    def _call(self, x, state, streaming: bool):
+    def _call(self, x, state, streaming: bool, inplace: bool = False):
+        if inplace:
+            check_inplace()
         acc, xa, pos, arrays = self._prepare(x, state, streaming)
-        y, arrays, aux = self.run(param_dict(self, acc), xa, arrays, pos, streaming)
+        y, arrays, aux = self.run(param_dict(self, acc), xa, arrays, pos, streaming, inplace)
         self.aux_loss = aux
         new = {"pos": pos + (1 if streaming else x.shape[1]), "spec_id": self.spec.spec_id}
         new.update(arrays)
@@ -143,12 +167,19 @@ class TorchLayer(nn.Module):
         """Parallel form: x [B, T, D] -> (y [B, T, D], final state)."""
         return self._call(x, state, streaming=False)
 
-    def step(self, x_t, state=None):
-        """Streaming form: x_t [B, D] -> (y_t [B, D], state)."""
-        return self._call(x_t, state, streaming=True)
+    def step(self, x_t, state=None, *, inplace: bool = False):
+        """Streaming form: x_t [B, D] -> (y_t [B, D], state).
+
+        ``inplace=True`` (under ``torch.no_grad()``) writes the new token into the state's
+        preallocated ring buffers instead of copying them, so the given state is updated too.
+        """
+        return self._call(x_t, state, streaming=True, inplace=inplace)
 
     def extra_repr(self) -> str:
         return repr(self.spec)
 
 
-LAYERS = (Transformer, Mamba, BMojoF, BMojo, Mosaic, Persistent)
+def check_inplace() -> None:
+    if torch.is_grad_enabled():
+        raise ValueError("step(..., inplace=True) overwrites the state's buffers, which "
+                         "autograd may still need: call it under torch.no_grad()")

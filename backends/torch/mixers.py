@@ -170,7 +170,7 @@ def _store_forward(spec, st, p, x, s, q, k, v, state, pos, scale):
     return part, scores.mean(), new
 
 
-def windowed_step(spec, p, x_t, state, pos: int):
+def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):
     B, _ = x_t.shape
     W = spec.window
     fading = bool(getattr(spec, "fading", False))
@@ -187,8 +187,8 @@ def windowed_step(spec, p, x_t, state, pos: int):
         new["v"] = torch.cat([state["v"], v], dim=2)
         masks.append(torch.ones(1, 1, 1, pos + 1, dtype=torch.bool, device=dev))
     else:
-        new["k"] = ring_write(state["k"], k[:, :, 0], pos)
-        new["v"] = ring_write(state["v"], v[:, :, 0], pos)
+        new["k"] = ring_write(state["k"], k[:, :, 0], pos, inplace)
+        new["v"] = ring_write(state["v"], v[:, :, 0], pos, inplace)
         masks.append((ring_slot_positions(pos + 1, W, dev) >= 0)[None, None, None, :])
     keys.append(new["k"])
     vals.append(new["v"])
@@ -200,8 +200,8 @@ def windowed_step(spec, p, x_t, state, pos: int):
         wk, wv = _fading_weights(spec, p)
         fk = _heads_bhte(spec, s_t[:, None, :], wk, pos, True)
         fv = _heads_bhte(spec, s_t[:, None, :], wv, pos, False)
-        new["fk"] = ring_write(state["fk"], fk[:, :, 0], pos)
-        new["fv"] = ring_write(state["fv"], fv[:, :, 0], pos)
+        new["fk"] = ring_write(state["fk"], fk[:, :, 0], pos, inplace)
+        new["fv"] = ring_write(state["fv"], fv[:, :, 0], pos, inplace)
         sp = ring_slot_positions(pos + 1, 2 * W, dev)
         keys.append(new["fk"])
         vals.append(new["fv"])
@@ -291,7 +291,7 @@ def mosaic_forward(spec, p, x, state, pos: int):
     return linear(y, p["o_proj.weight"]), new
 
 
-def mosaic_step(spec, p, x_t, state, pos: int):
+def mosaic_step(spec, p, x_t, state, pos: int, inplace: bool = False):
     B, D = x_t.shape
     kbar, kbar_state = leaky_average_step(_split_heads(spec, linear(x_t, p["k_proj.weight"])),
                                           -10.0 * p["leak"].abs(), state["kbar"])
@@ -304,8 +304,8 @@ def mosaic_step(spec, p, x_t, state, pos: int):
             mem_k = torch.cat([mem_k, state["k_last"][:, :, None]], dim=2)
             mem_v = torch.cat([mem_v, v_prev[:, :, None]], dim=2)
         else:
-            mem_k = ring_write(mem_k, state["k_last"], pos - 1)
-            mem_v = ring_write(mem_v, v_prev, pos - 1)
+            mem_k = ring_write(mem_k, state["k_last"], pos - 1, inplace)
+            mem_v = ring_write(mem_v, v_prev, pos - 1, inplace)
     S = mem_k.shape[2]
     if spec.capacity is None:
         valid = torch.ones(S, dtype=torch.bool, device=x_t.device)

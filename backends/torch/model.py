@@ -14,7 +14,7 @@ from memcore.spec.reference.model import _check_tokens
 from torch import nn
 
 from ._util import acc_dtype, gelu, layer_norm, linear, param_dict, register_params, rms_norm, sub
-from .layers import TorchLayer
+from .layers import TorchLayer, check_inplace
 
 
 class TorchModel(nn.Module):
@@ -72,7 +72,9 @@ class TorchModel(nn.Module):
     def _norm(self, h, w):
         return rms_norm(h, w) if self.spec.norm == "rms" else layer_norm(h, w)
 
-    def _run(self, tokens, state, streaming: bool):
+    def _run(self, tokens, state, streaming: bool, inplace: bool = False):
+        if inplace:
+            check_inplace()
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens must be a torch.Tensor of token ids, got "
                             f"{type(tokens).__name__}")
@@ -100,7 +102,7 @@ class TorchModel(nn.Module):
             st = state["layers"][i]
             g = self._norm(h, p[pre + "norm1.weight"])
             y, arrays, a = block.mixer.run(sub(p, pre + "mixer."), g, _arrays(st), st["pos"],
-                                           streaming)
+                                           streaming, inplace)
             new_layers.append(_state(block.mixer, arrays, st["pos"], h, streaming))
             if a is not None:
                 aux = a if aux is None else aux + a
@@ -113,7 +115,7 @@ class TorchModel(nn.Module):
                 else:
                     st = state["ffn"][i]
                     y, arrays, _ = block.ffn.run(sub(p, pre + "ffn."), g, _arrays(st),
-                                                 st["pos"], streaming)
+                                                 st["pos"], streaming, inplace)
                     new_ffn.append(_state(block.ffn, arrays, st["pos"], h, streaming))
                     h = h + y
         h = self._norm(h, p["norm_f.weight"])
@@ -129,16 +131,18 @@ class TorchModel(nn.Module):
         """tokens [B, T] ints -> (logits [B, T, V], final state)."""
         return self._run(tokens, state, streaming=False)
 
-    def step(self, tokens_t, state=None):
-        """tokens_t [B] ints -> (logits [B, V], state)."""
-        return self._run(tokens_t, state, streaming=True)
+    def step(self, tokens_t, state=None, *, inplace: bool = False):
+        """tokens_t [B] ints -> (logits [B, V], state). ``inplace=True`` (under
+        ``torch.no_grad()``) updates the state's ring buffers in place."""
+        return self._run(tokens_t, state, streaming=True, inplace=inplace)
 
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens: int, temperature: float = 0.0,
                  generator: torch.Generator | None = None, state=None):
         """Continue ``tokens`` [B, T] by ``max_new_tokens``: greedy (argmax) with
         temperature 0, else sampling from softmax(logits / temperature) with ``generator``.
-        The prompt runs in the parallel form, each new token through ``step``.
+        The prompt runs in the parallel form, each new token through ``step``, writing into
+        the state's preallocated ring buffers.
         Returns [B, T + max_new_tokens]."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 max_new_tokens < 0:
@@ -162,7 +166,7 @@ class TorchModel(nn.Module):
             nxt = nxt.to(tokens.dtype)
             out.append(nxt[:, None])
             if i + 1 < max_new_tokens:
-                last, state = self.step(nxt, state)
+                last, state = self.step(nxt, state, inplace=True)
         return torch.cat(out, dim=1)
 
     def extra_repr(self) -> str:

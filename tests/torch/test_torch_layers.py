@@ -203,3 +203,25 @@ def test_ties_in_the_innovation_score_follow_the_total_order():
     y_s, s_s, _ = steps(layer, x)
     assert rel(y_s, y_ref) <= F64
     assert torch.equal(s_s["store_pos"], s_ref["store_pos"])
+
+
+def test_inplace_steps_write_into_preallocated_rings(case):
+    spec, params, layer = case
+    x = inputs(spec, 2, 9, seed=9)
+    y_ref, s_ref, _ = steps(layer, x)
+    rings = ("k", "v", "fk", "fv") if spec.kind != "mosaic" else ("mem_k", "mem_v")
+    fixed = not ((spec.kind == "transformer" and spec.window is None)
+                 or (spec.kind == "mosaic" and spec.capacity is None))
+    with torch.no_grad():
+        state = layer.init_state(2)
+        ys, ptrs = [], []
+        for t in range(x.shape[1]):
+            y, state = layer.step(x[:, t], state, inplace=True)
+            ys.append(y)
+            ptrs.append({k: state[k].data_ptr() for k in rings if k in state})
+    assert rel(torch.stack(ys, 1), y_ref) <= F64
+    assert_states_close(state, s_ref)
+    if fixed:  # after the first step (which unshares the empty state's zeros), no new buffers
+        assert all(p == ptrs[0] for p in ptrs[1:])
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        layer.step(x[:, 0], None, inplace=True)
