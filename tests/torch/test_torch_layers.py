@@ -225,3 +225,34 @@ def test_inplace_steps_write_into_preallocated_rings(case):
         assert all(p == ptrs[0] for p in ptrs[1:])
     with pytest.raises(ValueError, match="torch.no_grad"):
         layer.step(x[:, 0], None, inplace=True)
+
+
+def test_reductions_hold_on_the_torch_backend():
+    """DESIGN 3: bmojo with capacity 0 is bmojo_f; bmojo_f without fading is a sliding-window
+    transformer; on the same parameters (names shared by init)."""
+    x = inputs(LAYER_CASES["bmojo"], 2, 11, seed=12)
+    pairs = [
+        (memcore.spec.bmojo(6, 2, window=3, chunk=4, select=2, capacity=0, d_state=2),
+         memcore.spec.bmojo_f(6, 2, window=3, d_state=2)),
+        (memcore.spec.bmojo_f(6, 2, window=3, fading=False),
+         memcore.spec.transformer(6, 2, window=3)),
+    ]
+    for big, small in pairs:
+        p_big = memcore.init(big, 0, dtype=np.float64)
+        p_small = {k: v for k, v in p_big.items() if k in memcore.init(small, 0)}
+        y_big = memcore.realize(big, backend="torch", params=p_big)(x)[0]
+        y_small = memcore.realize(small, backend="torch", params=p_small)(x)[0]
+        assert rel(y_big, y_small) <= F64
+
+
+def test_bfloat16_runs_with_float32_accumulation():
+    spec = LAYER_CASES["bmojo"]
+    params = memcore.init(spec, 0, dtype=np.float64)
+    layer = memcore.realize(spec, backend="torch", params=params).to(torch.bfloat16)
+    x = inputs(spec, 2, 9, seed=13)
+    y, state = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert state["k"].dtype == torch.float32
+    y_ref = ref_forward(spec, {k: torch.from_numpy(v).bfloat16().double()
+                               for k, v in params.items()}, x.bfloat16().double())[0]
+    assert rmse(y.double(), y_ref) <= 1e-2  # DESIGN 6: bf16

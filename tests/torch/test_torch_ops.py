@@ -220,3 +220,14 @@ def test_ops_reject_bad_shapes():
         O.windowed_attention(q, q[:, :3], q, 2)
     with pytest.raises(ValueError, match="capacity must be a positive int"):
         O.associative_readout(q, q, 0)
+
+
+def test_banded_attention_never_builds_a_t_by_t_matrix():
+    from memcore.backends.torch.attention import _band_windows
+
+    g = torch.Generator().manual_seed(0)
+    T, W = 500, 3
+    q, k = _randn(g, 1, 1, T, 2), _randn(g, 1, 1, T + W, 2)
+    qb, kw, vw, mask = _band_windows(q, 0, [(k, k, -W, 0, W)], None)
+    Q = qb.shape[3]
+    assert Q < T and kw.shape[-2] == Q + W - 1 and mask.shape[-1] == Q + W - 1
