@@ -212,8 +212,8 @@ class JaxModel(eqx.Module, strict=True):
                              f"than pos + steps - 1 = {int(state.pos) + steps - 1}")
         keys = None if key is None else jax.random.split(key, steps)
         out, arrays, pos = _generate(self.spec, self.params, logits[:, -1], state.arrays,
-                                     state.pos, keys, float(temperature), int(steps),
-                                     self.dtype)
+                                     state.pos, keys, jnp.asarray(temperature, self.dtype),
+                                     int(steps), self.dtype)
         return out, State(pos, arrays, self.spec.spec_id)
 
     def to_reference_state(self, state: State) -> dict:
@@ -229,7 +229,7 @@ def _pick(logits, key, temperature):
     return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
+@functools.partial(jax.jit, static_argnums=(0, 7, 8))
 def _generate(spec, params, last_logits, arrays, pos, keys, temperature, steps, acc):
     p = _cast(params, acc)
     first = _pick(last_logits, None if keys is None else keys[0], temperature)
