@@ -12,7 +12,7 @@ from memcore.spec.reference.ops import _check_attention
 from memcore.spec.reference.scan import _check_leaky, _check_scan_args
 
 from . import store as _store
-from ._base import acc_dtype, combine, is_traced, partial
+from ._base import acc_dtype, combine, is_traced
 from .banded import banded_partial, dense_partial, refill_ring, ring_positions, unroll_ring
 from .scan import as_acc, leaky_core, leaky_step_core, selective_scan_core, selective_step_core
 
@@ -182,9 +182,9 @@ def persistent_readout(k, mem_k, mem_v):
                          f"{tuple(mem_k.shape)} and {tuple(mem_v.shape)}")
     acc = acc_dtype(k.dtype)
     scores = jnp.einsum("...he,hpe->...hp", k.astype(acc), mem_k.astype(acc))
-    m, l, o = partial(scores[..., None, :], jnp.ones(scores.shape[-1:], bool),
-                      jnp.broadcast_to(mem_v.astype(acc), scores.shape[:-2] + mem_v.shape))
-    return (o[..., 0, :] / l[..., None]).astype(k.dtype)
+    w = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    w = w / jnp.sum(w, axis=-1, keepdims=True)
+    return jnp.einsum("...hp,hpe->...he", w, mem_v.astype(acc)).astype(k.dtype)
 
 
 def _check_entries(name: str, e):
