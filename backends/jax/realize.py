@@ -5,7 +5,7 @@
     y, state, aux = layer.call_aux(x, state)    # also the innovation loss (bmojo), else None
     y_t, state = layer.step(x_t, state)         # streaming form, x_t [B, D]
     y_t, state, aux = layer.step_aux(x_t, state)
-    state = layer.init_state(batch, max_len=None, dtype=jnp.float32)
+    state = layer.init_state(batch, max_len=None, dtype=None)
 
 Modules are immutable, so the bmojo aux loss is returned by ``call_aux`` / ``step_aux``
 rather than stored. A model realization takes token ids and returns logits, and adds
@@ -117,7 +117,8 @@ class JaxLayer(eqx.Module, strict=True):
     params: dict
     spec: Spec = eqx.field(static=True)
 
-    def init_state(self, batch: int, max_len: int | None = None, dtype=jnp.float32) -> State:
+    def init_state(self, batch: int, max_len: int | None = None, dtype=None) -> State:
+        """The empty state for inputs of ``dtype`` (default: JAX's default float)."""
         return S.init_state(self.spec, batch, max_len, dtype)
 
     def call_aux(self, x, state: State | None = None):

@@ -84,10 +84,11 @@ def _check_batch_len(batch, max_len, spec):
                          f"capacity=None): pass max_len=<longest stream>")
 
 
-def init_state(spec, batch: int, max_len: int | None = None, dtype=jnp.float32) -> State:
-    """The empty state; arrays in the accumulation dtype of ``dtype``."""
+def init_state(spec, batch: int, max_len: int | None = None, dtype=None) -> State:
+    """The empty state; arrays in the accumulation dtype of ``dtype`` (default: JAX's default
+    float, float64 with x64 on)."""
     _check_batch_len(batch, max_len, spec)
-    acc = acc_dtype(dtype)
+    acc = acc_dtype(jnp.zeros(()).dtype if dtype is None else dtype)
     n = 0 if max_len is None else int(max_len)
     if isinstance(spec, Model):
         arrays = {"layers": tuple(layer_arrays(s, batch, acc, n) for s in spec.layers)}
