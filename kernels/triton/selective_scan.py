@@ -6,12 +6,14 @@ Semantics of mamba-ssm's ``selective_scan_fn`` plus an initial state in and the 
     h_t  = exp(dt_t A) * h_{t-1} + dt_t u_t B_t        h: [B, Dc, N], accumulated in float32
     y_t  = C_t . h_t + D u_t,  times silu(z_t) if z is given
 
-One program owns a block of channels of one batch row and walks the sequence. The forward
-writes the state at the start of every chunk of ``CHUNK`` steps; the backward walks the chunks
-in reverse, recomputes the chunk's states from its checkpoint into a scratch buffer, and then
-runs the adjoint recurrence ``g_{t-1} = exp(dt_t A) g_t + C_{t-1} dy_{t-1}`` through it.
-Gradients reach u, delta, A, B, C, D, z, delta_bias and the initial state, and flow in from the
-final state.
+One program owns a block of channels of one batch row and walks the sequence chunk by chunk.
+A chunk is loaded as [channels, time] tiles (contiguous along time) and scanned in closed form
+with ``tl.associative_scan`` over the pairs (exp(dt A), dt u B) of ``h = a h + b``; the state
+carries from chunk to chunk in float32. The forward saves the state entering every chunk; the
+backward walks the chunks in reverse, rebuilds h_{t-1} from the chunk's saved state with a
+shifted scan, and gets ``g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}`` from a reverse
+scan, carrying ``exp(dt A) g`` into the chunk before. Gradients reach u, delta, A, B, C, D, z,
+delta_bias and the initial state, and flow in from the final state.
 
 Gradients of B and C (shared by the channels of a group) are summed over the block's channels
 inside the program and over blocks afterwards, so no atomics are needed: a block never spans
@@ -26,8 +28,8 @@ import triton.language as tl
 
 from .buffers import acc_dtype, check_device, check_float, empty
 
-CHUNK = 32  # steps between saved states; the backward's scratch holds one chunk
-MAX_BLOCK_D = 64
+CHUNK = 32  # time steps per tile, and between saved states
+MAX_BLOCK_D = 8  # a program holds [BLOCK_D, N, chunk] tiles
 
 
 @triton.jit
@@ -58,6 +60,29 @@ def _load_dt(delta, bias_d, off, valid, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.con
 
 
 @triton.jit
+def _combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2) as one step of h = a h + b
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _step_tiles(u, delta, Bm, A_mat, b_vec, row, bc_row, n_ok, t, T, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr, ACC: tl.constexpr):
+    """The steps at times t [BT] (one per column) as tiles: decay a = exp(dt A) and input
+    b = dt u B [BD, BN, BT], with dt and u [BD, BT]. Steps outside [0, T) are the identity."""
+    ok_t = (t >= 0) & (t < T)
+    ok = (row[:, None] * 0 + t[None, :] >= 0) & (row[:, None] * 0 + t[None, :] < T)
+    dt, raw = _load_dt(delta, b_vec[:, None], row[:, None] + t[None, :], ok, HAS_BIAS,
+                       SOFTPLUS, ACC)
+    u_t = tl.load(u + row[:, None] + t[None, :], mask=ok, other=0.0).to(ACC)
+    b_t = tl.load(Bm + bc_row[:, None] + t[None, :], mask=n_ok[:, None] & ok_t[None, :],
+                  other=0.0).to(ACC)
+    a = tl.exp(dt[:, None, :] * A_mat[:, :, None])
+    b = (dt * u_t)[:, None, :] * b_t[None, :, :]
+    return a, b, dt, raw, u_t, b_t, ok
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u, delta, A, Bm, Cm, Dv, z, bias, h0, y, hT, ckpt,
     T, Dc, N, G, NCHUNK,
@@ -70,6 +95,7 @@ def _scan_fwd_kernel(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     n = tl.arange(0, BLOCK_N)  # [BN]
     n_ok = n < N
+    i = tl.arange(0, CHUNK)  # [BT]
     g = (pid_d * BLOCK_D) // (Dc // G)  # the block's group
     row = (pid_b * Dc + d) * T  # [BD] start of each channel's sequence
     bc_row = ((pid_b * G + g) * N + n) * T  # [BN]
@@ -90,25 +116,26 @@ def _scan_fwd_kernel(
         # [B, Dc, NCHUNK, N]: the state entering chunk c
         tl.store(ckpt + (pid_b * Dc + d[:, None]) * NCHUNK * N + c * N + n[None, :], h,
                  mask=dn_ok)
-        for i in range(0, CHUNK):
-            t = c * CHUNK + i
-            valid = (d * 0 + t) < T  # vector form: scalar & vector masks fail in the interpreter
-            dt, _ = _load_dt(delta, b_vec, row + t, valid, HAS_BIAS, SOFTPLUS, ACC)
-            u_t = tl.load(u + row + t, mask=valid, other=0.0).to(ACC)
-            b_t = tl.load(Bm + bc_row + t, mask=n_ok & ((n * 0 + t) < T), other=0.0).to(ACC)
-            c_t = tl.load(Cm + bc_row + t, mask=n_ok & ((n * 0 + t) < T), other=0.0).to(ACC)
-            h = tl.exp(dt[:, None] * a_mat) * h + (dt * u_t)[:, None] * b_t[None, :]
-            out = tl.sum(h * c_t[None, :], axis=1) + d_vec * u_t
-            if HAS_Z:
-                z_t = tl.load(z + row + t, mask=valid, other=0.0).to(ACC)
-                out = out * z_t * _sigmoid(z_t)
-            tl.store(y + row + t, out.to(y.dtype.element_ty), mask=valid)
+        t = c * CHUNK + i
+        a, b, dt, _, u_t, _, ok = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok, t,
+                                              T, HAS_BIAS, SOFTPLUS, ACC)
+        a_cum, b_cum = tl.associative_scan((a, b), 2, _combine)
+        hs = a_cum * h[:, :, None] + b_cum  # [BD, BN, BT]
+        c_t = tl.load(Cm + bc_row[:, None] + t[None, :],
+                      mask=n_ok[:, None] & (t < T)[None, :], other=0.0).to(ACC)
+        out = tl.sum(hs * c_t[None, :, :], axis=1) + d_vec[:, None] * u_t  # [BD, BT]
+        if HAS_Z:
+            z_t = tl.load(z + row[:, None] + t[None, :], mask=ok, other=0.0).to(ACC)
+            out = out * z_t * _sigmoid(z_t)
+        tl.store(y + row[:, None] + t[None, :], out.to(y.dtype.element_ty), mask=ok)
+        # padding steps are the identity, so the last column is the state after the chunk
+        h = tl.sum(tl.where((i == CHUNK - 1)[None, None, :], hs, 0.0), axis=2)
     tl.store(hT + state, h, mask=dn_ok)
 
 
 @triton.jit
 def _scan_bwd_kernel(
-    u, delta, A, Bm, Cm, Dv, z, bias, dy, dhT, ckpt, scratch,
+    u, delta, A, Bm, Cm, Dv, z, bias, dy, dhT, ckpt,
     du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, dh0,
     T, Dc, N, G, NCHUNK, NDB,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -120,6 +147,7 @@ def _scan_bwd_kernel(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     n_ok = n < N
+    i = tl.arange(0, CHUNK)
     g_idx = (pid_d * BLOCK_D) // (Dc // G)
     row = (pid_b * Dc + d) * T
     bc_row = ((pid_b * G + g_idx) * N + n) * T
@@ -134,70 +162,65 @@ def _scan_bwd_kernel(
     if HAS_BIAS:
         b_vec = tl.load(bias + d).to(ACC)
     state = pid_b * Dc * N + dn
-    # [B, NDB, CHUNK + 1, BD, BN]: row 0 is the chunk's entering state, row i + 1 is h at step i
-    scr = (pid_b * NDB + pid_d) * (CHUNK + 1) * BLOCK_D * BLOCK_N \
-        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]
-    gacc = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)  # dL/dh_t from steps after t
+    carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)  # dL/dh at the chunk's last step, from later
     if HAS_DHT:
-        gacc = tl.load(dhT + state, mask=dn_ok, other=0.0).to(ACC)
+        carry = tl.load(dhT + state, mask=dn_ok, other=0.0).to(ACC)
     dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
     dD_acc = tl.zeros([BLOCK_D], dtype=ACC)
     dbias_acc = tl.zeros([BLOCK_D], dtype=ACC)
     for cc in range(0, NCHUNK):
         c = NCHUNK - 1 - cc
-        h = tl.load(ckpt + (pid_b * Dc + d[:, None]) * NCHUNK * N + c * N + n[None, :],
-                    mask=dn_ok, other=0.0).to(ACC)
-        tl.store(scratch + scr, h)
-        for i in range(0, CHUNK):
-            t = c * CHUNK + i
-            valid = (d * 0 + t) < T  # vector form: scalar & vector masks fail in the interpreter
-            dt, _ = _load_dt(delta, b_vec, row + t, valid, HAS_BIAS, SOFTPLUS, ACC)
-            u_t = tl.load(u + row + t, mask=valid, other=0.0).to(ACC)
-            b_t = tl.load(Bm + bc_row + t, mask=n_ok & ((n * 0 + t) < T), other=0.0).to(ACC)
-            h = tl.exp(dt[:, None] * a_mat) * h + (dt * u_t)[:, None] * b_t[None, :]
-            tl.store(scratch + scr + (i + 1) * BLOCK_D * BLOCK_N, h)
-        # The reverse walk reads states written by other threads of this program.
-        tl.debug_barrier()
-        for ii in range(0, CHUNK):
-            i = CHUNK - 1 - ii
-            t = c * CHUNK + i
-            valid = (d * 0 + t) < T  # vector form: scalar & vector masks fail in the interpreter
-            dt, raw = _load_dt(delta, b_vec, row + t, valid, HAS_BIAS, SOFTPLUS, ACC)
-            u_t = tl.load(u + row + t, mask=valid, other=0.0).to(ACC)
-            b_t = tl.load(Bm + bc_row + t, mask=n_ok & ((n * 0 + t) < T), other=0.0).to(ACC)
-            c_t = tl.load(Cm + bc_row + t, mask=n_ok & ((n * 0 + t) < T), other=0.0).to(ACC)
-            dy_t = tl.load(dy + row + t, mask=valid, other=0.0).to(ACC)
-            h_prev = tl.load(scratch + scr + i * BLOCK_D * BLOCK_N)
-            h_t = tl.load(scratch + scr + (i + 1) * BLOCK_D * BLOCK_N)
-            dyr = dy_t
-            if HAS_Z:
-                z_t = tl.load(z + row + t, mask=valid, other=0.0).to(ACC)
-                sz = _sigmoid(z_t)
-                yr = tl.sum(h_t * c_t[None, :], axis=1) + d_vec * u_t
-                tl.store(dz + row + t, dy_t * yr * sz * (1.0 + z_t * (1.0 - sz)), mask=valid)
-                dyr = dy_t * z_t * sz
-            gacc = gacc + dyr[:, None] * c_t[None, :]  # now dL/dh_t
-            tl.store(dC_part + part_row + t, tl.sum(dyr[:, None] * h_t, axis=0),
-                     mask=n_ok & ((n * 0 + t) < T))
-            dD_acc += dyr * u_t
-            gb = tl.sum(gacc * b_t[None, :], axis=1)  # [BD]
-            du_t = dyr * d_vec + dt * gb
-            ddt = u_t * gb
-            tl.store(dB_part + part_row + t, tl.sum(gacc * (dt * u_t)[:, None], axis=0),
-                     mask=n_ok & ((n * 0 + t) < T))
-            decay = tl.exp(dt[:, None] * a_mat)
-            da = gacc * h_prev * decay  # dL/d(dt A) elementwise
-            ddt += tl.sum(da * a_mat, axis=1)
-            dA_acc += da * dt[:, None]
-            gacc = gacc * decay  # dL/dh_{t-1} from step t
-            if SOFTPLUS:
-                ddt = ddt * _sigmoid(raw)
-            ddt = tl.where(valid, ddt, 0.0)
-            dbias_acc += ddt
-            tl.store(du + row + t, du_t, mask=valid)
-            tl.store(ddelta + row + t, ddt, mask=valid)
-        tl.debug_barrier()
-    tl.store(dh0 + state, gacc, mask=dn_ok)
+        h_in = tl.load(ckpt + (pid_b * Dc + d[:, None]) * NCHUNK * N + c * N + n[None, :],
+                       mask=dn_ok, other=0.0).to(ACC)
+        t = c * CHUNK + i
+        a, b, dt, raw, u_t, b_t, ok = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok,
+                                                  t, T, HAS_BIAS, SOFTPLUS, ACC)
+        # h_{t-1}: a scan of the steps shifted by one, the chunk's first column the identity
+        a_p, b_p, _, _, _, _, _ = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok,
+                                              tl.where(i == 0, -1, t - 1), T, HAS_BIAS,
+                                              SOFTPLUS, ACC)
+        ap_cum, bp_cum = tl.associative_scan((a_p, b_p), 2, _combine)
+        h_prev = ap_cum * h_in[:, :, None] + bp_cum
+        hs = a * h_prev + b
+        c_t = tl.load(Cm + bc_row[:, None] + t[None, :],
+                      mask=n_ok[:, None] & (t < T)[None, :], other=0.0).to(ACC)
+        dy_t = tl.load(dy + row[:, None] + t[None, :], mask=ok, other=0.0).to(ACC)
+        dyr = dy_t
+        if HAS_Z:
+            z_t = tl.load(z + row[:, None] + t[None, :], mask=ok, other=0.0).to(ACC)
+            sz = _sigmoid(z_t)
+            yr = tl.sum(hs * c_t[None, :, :], axis=1) + d_vec[:, None] * u_t
+            tl.store(dz + row[:, None] + t[None, :], dy_t * yr * sz * (1.0 + z_t * (1.0 - sz)),
+                     mask=ok)
+            dyr = dy_t * z_t * sz
+        # g_t = dL/dh_t = C_t dyr_t + a_{t+1} g_{t+1}: a reverse scan with the decays of the
+        # next steps (the chunk's last column gets the identity and the carry instead)
+        a_n, _, _, _, _, _, _ = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok,
+                                            tl.where(i == CHUNK - 1, -1, t + 1), T, HAS_BIAS,
+                                            SOFTPLUS, ACC)
+        an_cum, g_in = tl.associative_scan((a_n, dyr[:, None, :] * c_t[None, :, :]), 2,
+                                           _combine, reverse=True)
+        gs = g_in + an_cum * carry[:, :, None]  # [BD, BN, BT]
+        tl.store(dC_part + part_row[:, None] + t[None, :],
+                 tl.sum(dyr[:, None, :] * hs, axis=0), mask=n_ok[:, None] & (t < T)[None, :])
+        tl.store(dB_part + part_row[:, None] + t[None, :],
+                 tl.sum(gs * (dt * u_t)[:, None, :], axis=0),
+                 mask=n_ok[:, None] & (t < T)[None, :])
+        dD_acc += tl.sum(dyr * u_t, axis=1)
+        gb = tl.sum(gs * b_t[None, :, :], axis=1)  # [BD, BT]
+        du_t = dyr * d_vec[:, None] + dt * gb
+        da = gs * h_prev * a  # dL/d(dt A) elementwise
+        ddt = u_t * gb + tl.sum(da * a_mat[:, :, None], axis=1)
+        dA_acc += tl.sum(da * dt[:, None, :], axis=2)
+        if SOFTPLUS:
+            ddt = ddt * _sigmoid(raw)
+        ddt = tl.where(ok, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du + row[:, None] + t[None, :], du_t, mask=ok)
+        tl.store(ddelta + row[:, None] + t[None, :], ddt, mask=ok)
+        # dL/dh entering the chunk = a_first g_first
+        carry = tl.sum(tl.where((i == 0)[None, None, :], a * gs, 0.0), axis=2)
+    tl.store(dh0 + state, carry, mask=dn_ok)
     tl.store(dA_part + state, dA_acc, mask=dn_ok)  # [B, Dc, N]
     tl.store(dD_part + pid_b * Dc + d, dD_acc, mask=d < Dc)
     tl.store(dbias_part + pid_b * Dc + d, dbias_acc, mask=d < Dc)
@@ -316,12 +339,11 @@ class _SelectiveScan(torch.autograd.Function):
         dD_part = empty((Bt, Dc), acc, dev)
         dbias_part = empty((Bt, Dc), acc, dev)
         dh0 = empty((Bt, Dc, N), acc, dev)
-        scratch = empty((Bt, ndb, ctx.chunk + 1, bd, bn), acc, dev)
         dummy = u
         _scan_bwd_kernel[(Bt, ndb)](
             u, delta, A, Bg, Cg, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, dy,
-            dhT.contiguous() if dhT is not None else dummy, ckpt, scratch,
+            dhT.contiguous() if dhT is not None else dummy, ckpt,
             du, ddelta, dz if dz is not None else du, dA_part, dB_part, dC_part, dD_part,
             dbias_part, dh0, T, Dc, N, G, nchunk, ndb,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
@@ -359,7 +381,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     D, delta_bias: [Dc]; initial_state: [Bt, Dc, N] (zeros if None). Returns y [Bt, Dc, T] in
     u's dtype and, with ``return_final_state``, h_T [Bt, Dc, N] in float32 (float64 for float64
     input). Differentiable in every tensor argument, including through h_T.
-    ``chunk`` (a power of two) is the number of steps between saved states: the result does not
+    ``chunk`` (a power of two) is the tile length along time and the spacing of saved states: the
+    result does not
     depend on it; memory and the backward's recomputation do.
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)

@@ -139,3 +139,12 @@ def test_bad_input_names_the_argument():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_realistic(dtype):
     check(make(2, 256, 1000, 16, None, dtype, "cuda", seed=11), True, 32, dtype)
+
+
+def test_empty_sequence_passes_the_state_through(device):
+    args = make(1, 2, 0, 3, None, torch.float64, device, seed=12)
+    y, hT = selective_scan(**args, delta_softplus=True, return_final_state=True)
+    assert y.shape == (1, 2, 0)
+    assert_close("final_state", hT, args["initial_state"], torch.float64)
+    (dh0,) = torch.autograd.grad((hT * 2).sum(), [args["initial_state"]])
+    assert_close("dinitial_state", dh0, torch.full_like(dh0, 2.0), torch.float64)
