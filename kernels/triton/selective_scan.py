@@ -381,9 +381,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     D, delta_bias: [Dc]; initial_state: [Bt, Dc, N] (zeros if None). Returns y [Bt, Dc, T] in
     u's dtype and, with ``return_final_state``, h_T [Bt, Dc, N] in float32 (float64 for float64
     input). Differentiable in every tensor argument, including through h_T.
-    ``chunk`` (a power of two) is the tile length along time and the spacing of saved states: the
-    result does not
-    depend on it; memory and the backward's recomputation do.
+    ``chunk`` (a power of two) is the tile length along time and the spacing of saved states;
+    the result does not depend on it, memory and register use do.
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
