@@ -37,13 +37,15 @@ def _group(log_a, b, h0, L: int):
     bb = b.reshape(*b.shape[:-1], G, L)
     cum = la.cumsum(-1)  # [..., G, L]
     decay = _decay(cum)  # [..., G, L, L]
-    h_in = (decay @ bb[..., None])[..., 0]  # from a zero start, per chunk
+    # einsum, not matmul: a decay shared across batch/feature dims (the leaky average) is
+    # then not expanded to b's full shape.
+    h_in = torch.einsum("...ts,...s->...t", decay, bb)  # from a zero start, per chunk
     # Chunk level: H_g = exp(tot_g) H_{g-1} + end_g, with H_{-1} = h0.
     tot = cum[..., -1]
     ctot = tot.cumsum(-1)  # [..., G]
     end = h_in[..., -1]
     d2 = _decay(ctot)
-    H = (d2 @ end[..., None])[..., 0] + torch.exp(ctot) * h0[..., None]
+    H = torch.einsum("...ts,...s->...t", d2, end) + torch.exp(ctot) * h0[..., None]
     h_prev = torch.cat([h0[..., None], H[..., :-1]], dim=-1)  # state before each chunk
     h = h_in + torch.exp(cum) * h_prev[..., None]
     return h.reshape(*h.shape[:-2], G * L), H[..., -1]
