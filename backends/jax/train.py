@@ -45,7 +45,8 @@ def init_opt(model: JaxModel, optimizer: optax.GradientTransformation):
 @functools.partial(eqx.filter_jit, donate="none")
 def train_step(model: JaxModel, opt_state, tokens, optimizer: optax.GradientTransformation,
                aux_weight: float = 0.0):
-    """One optimizer step; returns (model, opt_state, loss, (cross_entropy, aux))."""
+    """One optimizer step; returns (model, opt_state, loss, (cross_entropy, aux)).
+    Pass ``aux_weight`` as a JAX scalar to change it without recompiling."""
     (loss, parts), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, tokens,
                                                                             aux_weight)
     params = eqx.filter(model, eqx.is_inexact_array)
@@ -57,6 +58,7 @@ def fit(model: JaxModel, batches, optimizer: optax.GradientTransformation,
         aux_weight: float = 0.0):
     """Run ``train_step`` over an iterable of token batches; returns (model, losses)."""
     opt_state = init_opt(model, optimizer)
+    aux_weight = jnp.asarray(aux_weight, model.dtype)
     losses = []
     for tokens in batches:
         model, opt_state, loss, _ = train_step(model, opt_state, jnp.asarray(tokens), optimizer,
