@@ -68,6 +68,7 @@ class TorchLayer(nn.Module):
         super().__init__()
         check_params(spec, params)
         self.spec = spec
+        self.spec_id = spec.spec_id  # hashed once: states carry it at every step
         self._kind = _kind(spec)
         register_params(self, params)
         self.aux_loss = None
@@ -96,7 +97,7 @@ class TorchLayer(nn.Module):
     def check_state(self, state, batch: int, dtype, device, name: str = "state") -> None:
         """Raise a ValueError naming what in ``state`` does not fit this layer and input."""
         acc = acc_dtype(dtype)
-        ok = (isinstance(state, dict) and state.get("spec_id") == self.spec.spec_id
+        ok = (isinstance(state, dict) and state.get("spec_id") == self.spec_id
               and type(state.get("pos")) is int and state["pos"] >= 0)
         if ok:
             want = self._expected(batch, acc)
@@ -159,7 +160,7 @@ class TorchLayer(nn.Module):
         acc, xa, pos, arrays = self._prepare(x, state, streaming)
         y, arrays, aux = self.run(param_dict(self, acc), xa, arrays, pos, streaming, inplace)
         self.aux_loss = aux
-        new = {"pos": pos + (1 if streaming else x.shape[1]), "spec_id": self.spec.spec_id}
+        new = {"pos": pos + (1 if streaming else x.shape[1]), "spec_id": self.spec_id}
         new.update(arrays)
         return y.to(x.dtype), new
 

@@ -26,6 +26,7 @@ class TorchModel(nn.Module):
         super().__init__()
         check_params(spec, params)
         self.spec = spec
+        self.spec_id = spec.spec_id
         self._persistent = spec.ffn is not None and spec.ffn != "mlp"
         layers = nn.Module()
         for i, layer in enumerate(spec.layers):
@@ -48,7 +49,7 @@ class TorchModel(nn.Module):
         """The state before any token; ``dtype`` is the compute dtype (default: the
         parameters'), the state's arrays use its accumulation dtype."""
         blocks = self._blocks()
-        state = {"pos": 0, "spec_id": self.spec.spec_id,
+        state = {"pos": 0, "spec_id": self.spec_id,
                  "layers": tuple(b.mixer.init_state(batch_size, device, dtype) for b in blocks)}
         if self._persistent:
             state["ffn"] = tuple(b.ffn.init_state(batch_size, device, dtype) for b in blocks)
@@ -56,7 +57,7 @@ class TorchModel(nn.Module):
 
     def _check_state(self, state, B, dtype, device):
         spec = self.spec
-        if not isinstance(state, dict) or state.get("spec_id") != spec.spec_id:
+        if not isinstance(state, dict) or state.get("spec_id") != self.spec_id:
             got = state.get("spec_id") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"state was made for another spec ({got!r}); this model has "
                              f"spec_id {spec.spec_id!r}")
@@ -121,7 +122,7 @@ class TorchModel(nn.Module):
         h = self._norm(h, p["norm_f.weight"])
         logits = linear(h, p["embed.weight"]) * self.spec.logit_scale
         n = 1 if streaming else tokens.shape[1]
-        new = {"pos": pos + n, "spec_id": self.spec.spec_id, "layers": tuple(new_layers)}
+        new = {"pos": pos + n, "spec_id": self.spec_id, "layers": tuple(new_layers)}
         if new_ffn:
             new["ffn"] = tuple(new_ffn)
         self.aux_loss = aux
@@ -178,6 +179,6 @@ def _arrays(state):
 
 
 def _state(layer, arrays, pos, h, streaming):
-    new = {"pos": pos + (1 if streaming else h.shape[1]), "spec_id": layer.spec.spec_id}
+    new = {"pos": pos + (1 if streaming else h.shape[1]), "spec_id": layer.spec_id}
     new.update(arrays)
     return new
