@@ -1,0 +1,267 @@
+"""The tasks' common training loop (torch): AdamW, cosine schedule, seeds, JSON-lines logs,
+progress lines on stderr, atomic safetensors checkpoints and exact resume.
+
+Exact resume rests on three things: every batch is a pure function of (seed, step), the learning
+rate is a pure function of the step, and a checkpoint holds the model, the optimizer's moments
+and step counts, and torch's RNG state. Continuing from a checkpoint therefore replays the same
+trajectory as an uninterrupted run.
+
+A checkpoint is one safetensors file: tensors ``model.<name>``, ``optim.<i>.<key>`` and
+``rng.torch``; the scalars (step, optimizer hyperparameters, the run's config) as JSON in the
+file's metadata. It is written to a temporary file, then moved into place (``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from memcore.tasks.mqar import IGNORE
+
+CHECKPOINT = "checkpoint.safetensors"
+BACKENDS = ("torch", "jax")
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    betas: tuple = (0.9, 0.999)
+    seed: int = 0
+    aux_weight: float = 0.1  # weight of the bmojo layers' innovation loss
+    grad_clip: float | None = 1.0
+    log_every: int = 50
+    eval_every: int = 0  # 0: evaluate only at the end
+    early_stop: float | None = None  # stop once the evaluation metric exceeds this
+    checkpoint_every: int = 0  # 0: no checkpoints
+    out_dir: str | None = None
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("steps", "warmup", "log_every", "eval_every", "checkpoint_every", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TrainConfig: {name} must be an int >= 0, got {v!r}")
+        if not self.steps:
+            raise ValueError("TrainConfig: steps must be >= 1, got 0")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"TrainConfig: lr must be a float > 0, got {self.lr!r}")
+        if self.checkpoint_every and not self.out_dir:
+            raise ValueError("TrainConfig: checkpoint_every needs out_dir (where to write)")
+
+
+def check_backend(backend: str) -> None:
+    """torch trains here; the JAX backend's loop cannot yet: ``memcore.backends.jax.train``
+    computes next-token cross-entropy on every position, without label masks, short
+    convolutions or exact resume."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "jax":
+        raise NotImplementedError(
+            "--backend jax is not yet supported by the tasks: memcore.backends.jax.train "
+            "trains next-token loss on every position and has no label masks; use --backend "
+            "torch")
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device must be a torch device such as 'cpu' or 'cuda', got "
+                         f"{device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
+    return dev
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio at ``cfg.steps``."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    frac = min(1.0, (step - cfg.warmup) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    # Weight decay on matrices only; norms, gains and 1-d parameters are left alone.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def masked_loss(model, inputs, labels, aux_weight: float):
+    """Cross-entropy at labelled positions only (logits computed only there), plus the
+    weighted aux loss. Returns (total, cross_entropy)."""
+    mask = labels != IGNORE
+    logits = model(inputs, mask)
+    ce = torch.nn.functional.cross_entropy(logits.float(), labels[mask])
+    aux = getattr(model, "aux_loss", None)
+    total = ce if aux is None or not aux_weight else ce + aux_weight * aux
+    return total, ce
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+def save_checkpoint(path: str, model, optimizer, step: int, cfg: TrainConfig,
+                    history: list) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in
+               model.state_dict().items()}
+    sd = optimizer.state_dict()
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            tensors[f"optim.{i}.{k}"] = t.detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+              for g in sd["param_groups"]]
+    meta = {"step": step, "param_groups": groups, "config": asdict(cfg), "history": history}
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".ckpt-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"train_state": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str, model, optimizer) -> dict:
+    """Restore model, optimizer and torch RNG from ``path``; returns the JSON scalars."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["train_state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    own = model.state_dict()
+    got = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    if set(got) != set(own):
+        raise ValueError(f"checkpoint {path} holds another model: parameters "
+                         f"{sorted(set(got) ^ set(own))[:5]} differ")
+    model.load_state_dict(got)
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, key = k.split(".", 2)
+            state.setdefault(int(i), {})[key] = v
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
+          eval_fn: Callable | None = None, resume: bool = False, name: str = "model",
+          quiet: bool = False) -> dict:
+    """Train ``model`` for ``cfg.steps`` AdamW steps on ``batch_fn(step) -> (inputs, labels)``
+    (numpy or torch int arrays, -100 where unlabelled). ``eval_fn(model) -> float`` is called
+    every ``eval_every`` steps and at the end; training stops early once it exceeds
+    ``early_stop``. Returns {"losses": [...], "evals": [(step, metric)], "steps": n,
+    "metric": last metric, "seconds": wall time}."""
+    dev = check_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model.to(dev)
+    opt = make_optimizer(model, cfg)
+    log_path = ckpt_path = None
+    if cfg.out_dir:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT)
+    start, losses, evals = 0, [], []
+    if resume:
+        if not ckpt_path:
+            raise ValueError("--resume needs --out (the folder holding the checkpoint)")
+        meta = load_checkpoint(ckpt_path, model, opt)
+        start = meta["step"]
+        losses = list(meta["history"]["losses"])
+        evals = [tuple(e) for e in meta["history"]["evals"]]
+        _say(f"[{name}] resumed from {ckpt_path} at step {start}", quiet)
+    elif log_path and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
+
+    def log(record: dict) -> None:
+        if log_path:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"model": name, **record}) + "\n")
+
+    t0 = time.time()
+    metric = evals[-1][1] if evals else None
+    step = start
+    model.train()
+    while step < cfg.steps:
+        inputs, labels = batch_fn(step)
+        inputs = torch.as_tensor(inputs, device=dev)
+        labels = torch.as_tensor(labels, device=dev)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        total, ce = masked_loss(model, inputs, labels, cfg.aux_weight)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        losses.append(float(ce.detach()))
+        if cfg.log_every and step % cfg.log_every == 0:
+            rate = (step - start) / max(1e-9, time.time() - t0)
+            _say(f"[{name}] step {step}/{cfg.steps} loss {losses[-1]:.4f} "
+                 f"lr {lr_at(step - 1, cfg):.2e} {rate:.2f} steps/s", quiet)
+            log({"step": step, "loss": losses[-1], "lr": lr_at(step - 1, cfg),
+                 "seconds": time.time() - t0})
+        stop = False
+        if eval_fn is not None and (step == cfg.steps or
+                                    (cfg.eval_every and step % cfg.eval_every == 0)):
+            model.eval()
+            metric = float(eval_fn(model))
+            model.train()
+            evals.append((step, metric))
+            _say(f"[{name}] step {step} eval {metric:.4f}", quiet)
+            log({"step": step, "eval": metric, "seconds": time.time() - t0})
+            stop = cfg.early_stop is not None and metric > cfg.early_stop
+        if ckpt_path and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stop):
+            save_checkpoint(ckpt_path, model, opt, step, cfg,
+                            {"losses": losses, "evals": evals})
+        if stop:
+            _say(f"[{name}] early stop at step {step}: {metric:.4f} > {cfg.early_stop}", quiet)
+            break
+    if eval_fn is not None and (not evals or evals[-1][0] != step):
+        model.eval()
+        metric = float(eval_fn(model))
+        evals.append((step, metric))
+        log({"step": step, "eval": metric, "seconds": time.time() - t0})
+    return {"losses": losses, "evals": evals, "steps": step, "metric": metric,
+            "seconds": time.time() - t0}

@@ -1,0 +1,133 @@
+"""The common training loop: schedule, masked loss, checkpoints in safetensors, exact resume."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import memcore
+from memcore import spec as S
+from memcore.tasks import mqar
+from memcore.tasks.stack import TaskLM
+from memcore.tasks.train import (
+    CHECKPOINT,
+    TrainConfig,
+    check_backend,
+    check_device,
+    lr_at,
+    masked_loss,
+    train,
+)
+
+V, L, KV = 64, 16, 2
+
+
+def _model(seed=0, conv=3):
+    spec = S.model([S.transformer(16, 2), S.transformer(16, 2, window=4)], V, ffn=None)
+    return TaskLM(spec, seed=seed, short_conv=conv)
+
+
+def _batches(step):
+    return mqar.generate(4, V, L, KV, np.random.default_rng([11, step]))
+
+
+def test_task_lm_without_conv_is_the_model_realization():
+    spec = S.model([S.bmojo(16, 2, window=4, chunk=4, select=2, capacity=4, d_state=4)] * 2,
+                   V, ffn=None)
+    params = memcore.init(spec, 5)
+    ours = TaskLM(spec, params=params)
+    ref = memcore.realize(spec, backend="torch", params=params)
+    tokens = torch.as_tensor(_batches(0)[0])
+    want, _ = ref(tokens)
+    got = ours(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.aux_loss, ref.aux_loss)
+    # logits at selected positions are those rows of the full logits
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[0, 3] = mask[2, 7] = True
+    torch.testing.assert_close(ours(tokens, mask), want[mask], rtol=1e-6, atol=1e-6)
+
+
+def test_masked_loss_uses_labelled_positions_only():
+    model = _model()
+    x, y = (torch.as_tensor(a) for a in _batches(0))
+    _, ce = masked_loss(model, x, y, 0.0)
+    logits = model(x)
+    m = y != mqar.IGNORE
+    want = torch.nn.functional.cross_entropy(logits[m], y[m])
+    torch.testing.assert_close(ce, want, rtol=1e-6, atol=1e-6)
+
+
+def test_cosine_schedule():
+    cfg = TrainConfig(steps=100, lr=1e-2, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-3)
+    assert lr_at(9, cfg) == pytest.approx(1e-2)
+    assert lr_at(10, cfg) == pytest.approx(1e-2)
+    assert lr_at(55, cfg) == pytest.approx(1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, cfg) == pytest.approx(1e-3)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tmp_path):
+    cfg = dict(steps=6, lr=3e-3, seed=0, checkpoint_every=3, log_every=0)
+    whole = train(_model(), _batches, TrainConfig(out_dir=str(tmp_path / "a"), **cfg),
+                  quiet=True)
+
+    def interrupted(step):
+        if step == 4:
+            raise _Stop  # after the checkpoint at step 3, inside step 4
+        return _batches(step)
+
+    out = str(tmp_path / "b")
+    with pytest.raises(_Stop):
+        train(_model(), interrupted, TrainConfig(out_dir=out, **cfg), quiet=True)
+    # a different initialisation proves that the checkpoint restores the parameters
+    resumed_model = _model(seed=9)
+    resumed = train(resumed_model, _batches, TrainConfig(out_dir=out, **cfg), resume=True,
+                    quiet=True)
+    assert len(whole["losses"]) == len(resumed["losses"]) == 6
+    np.testing.assert_array_equal(resumed["losses"], whole["losses"])
+    # the resumed run's last 2 steps really ran (not replayed from the file)
+    assert resumed["losses"][3:] == whole["losses"][3:]
+
+
+def test_checkpoint_is_safetensors_with_json_scalars(tmp_path):
+    from safetensors import safe_open
+
+    train(_model(), _batches, TrainConfig(steps=2, checkpoint_every=2, out_dir=str(tmp_path),
+                                          log_every=1), quiet=True)
+    with safe_open(str(tmp_path / CHECKPOINT), framework="pt") as f:
+        keys = set(f.keys())
+        meta = json.loads(f.metadata()["train_state"])
+    assert meta["step"] == 2 and len(meta["history"]["losses"]) == 2
+    assert "rng.torch" in keys and "model.embed" in keys
+    assert any(k.startswith("optim.") and k.endswith(".exp_avg") for k in keys)
+    assert not list(tmp_path.glob(".ckpt-*"))  # no temporary file left behind
+    lines = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2] and all("loss" in r for r in lines)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_model(), _batches, TrainConfig(steps=2, out_dir=str(tmp_path)), resume=True,
+              quiet=True)
+
+
+def test_bad_arguments():
+    with pytest.raises(NotImplementedError, match="jax is not yet supported"):
+        check_backend("jax")
+    with pytest.raises(ValueError, match="--backend must be one of"):
+        check_backend("numpy")
+    with pytest.raises(ValueError, match="--device must be a torch device"):
+        check_device("gpu0")
+    with pytest.raises(ValueError, match="steps must be"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="checkpoint_every needs out_dir"):
+        TrainConfig(steps=2, checkpoint_every=1)
+    with pytest.raises(ValueError, match="short_conv must be"):
+        TaskLM(S.model([S.mamba(8)], 16, ffn=None), short_conv=-1)
