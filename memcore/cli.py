@@ -2,6 +2,7 @@
 
     memcore verify [--targets T ...] [--cases C ...] [-v]     the contract's checks, as a table
     memcore info                                               version, backends, libraries
+    memcore mqar [--quick] [--out DIR] [--models M ...]        multi-query associative recall
 """
 
 from __future__ import annotations
@@ -96,6 +97,52 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_mqar(args) -> int:
+    from memcore.tasks import mqar_run
+
+    overrides = {"steps": args.steps, "seq_len": args.seq_len, "num_kv_pairs": args.kv,
+                 "vocab_size": args.vocab, "d_model": args.d_model, "batch_size": args.batch,
+                 "test_examples": args.test_examples, "lr": args.lr}
+    try:
+        mqar_run.check_models(args.models)
+        if args.dry_run:
+            plan = mqar_run.full_plan(args.models) if not args.quick else \
+                [(m, mqar_run.QUICK) for m in args.models]
+            print(f"memcore mqar: {len(plan)} training runs planned")
+            for name, cfg in plan:
+                print(f"  {name} L={cfg.seq_len} kv={cfg.num_kv_pairs} d={cfg.d_model} "
+                      f"lr={cfg.lr:.2e} steps={cfg.total_steps}")
+            return 0
+        results = mqar_run.run(args.models, quick=args.quick, seed=args.seed,
+                               device=args.device, out_dir=args.out, overrides=overrides,
+                               resume=args.resume, checkpoint_every=args.checkpoint_every,
+                               backend=args.backend, log_every=args.log_every)
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
+        print(f"memcore mqar: {err}", file=sys.stderr)
+        return 2
+    print(mqar_run.table(results))
+    print(f"wall time {results['seconds']:.0f} s")
+    if args.out:
+        print(f"results in {args.out}/results.json" +
+              (f", plot {results['plot']}" if results.get("plot") else ""))
+    return 0
+
+
+def _task_args(p, default_log_every: int = 50) -> None:
+    """Options every training task shares."""
+    p.add_argument("--out", metavar="DIR", help="write results, logs, checkpoints and plots here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--backend", default="torch", help="torch (jax: not yet supported)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints under --out")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="checkpoint every N steps (0: never)")
+    p.add_argument("--log-every", type=int, default=default_log_every, metavar="N",
+                   help="a progress line on stderr every N steps")
+    p.add_argument("--steps", type=int, help="training steps (overrides the configuration)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from memcore.testing.verification import CASES, TARGETS
 
@@ -109,6 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("info", help="version, registered backends, installed libraries")
     p.set_defaults(func=cmd_info)
+
+    from memcore.tasks.mqar_run import MODELS
+
+    p = sub.add_parser("mqar", help="multi-query associative recall (Zoology's protocol)")
+    p.add_argument("--quick", action="store_true",
+                   help="the reduced CPU configuration (default: Zoology's Figure-2 sweep)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), metavar="MODEL",
+                   help=f"default: all of {', '.join(MODELS)}")
+    _task_args(p)
+    p.add_argument("--seq-len", type=int, help="sequence length L")
+    p.add_argument("--kv", type=int, help="key-value pairs per sequence")
+    p.add_argument("--vocab", type=int, help="vocabulary size")
+    p.add_argument("--d-model", type=int, help="model width")
+    p.add_argument("--batch", type=int, help="batch size")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--test-examples", type=int, help="examples in the test set")
+    p.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
+    p.set_defaults(func=cmd_mqar)
     return parser
 
 

@@ -1,0 +1,44 @@
+"""Plots for the tasks. matplotlib is optional (the ``tasks`` extra): it is imported only when
+a plot is drawn, and a missing matplotlib skips the plot with a message instead of failing."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install 'memcore[tasks]'): no plot written",
+              file=sys.stderr)
+        return None
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def accuracy_vs_memory(results: dict, path: str) -> str | None:
+    """MQAR accuracy against the memory footprint at the evaluation length (state + store +
+    KV cache bytes), one point per model, log-scaled footprint. Returns the path or None."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results["models"].items():
+        ax.scatter(r["state_bytes"], r["accuracy"], s=40)
+        ax.annotate(name, (r["state_bytes"], r["accuracy"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("memory footprint at evaluation length (bytes: state + store + KV cache)")
+    ax.set_ylabel("MQAR accuracy")
+    cfg = results.get("config", {})
+    if "seq_len" in cfg:
+        ax.set_title(f"MQAR, L={cfg['seq_len']}, kv={cfg['num_kv_pairs']}, "
+                     f"V={cfg['vocab_size']}, d={cfg['d_model']}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
