@@ -117,6 +117,30 @@ def jamba_specs(draw):
                    ffn=draw(st.sampled_from(["mlp", None])))
 
 
+@st.composite
+def scan_cases(draw):
+    Bt = draw(st.integers(1, 2))
+    G = draw(st.sampled_from([None, 1, 2, 3]))
+    Dc = draw(st.integers(1, 3)) * (G or 1)
+    N = draw(st.integers(1, 4))
+    T = draw(st.integers(1, 20))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    u, delta, z = (rng.standard_normal((Bt, Dc, T)) for _ in range(3))
+    A = -np.exp(rng.standard_normal((Dc, N)))
+    bc_shape = (Bt, N, T) if G is None else (Bt, G, N, T)
+    Bm, Cm = rng.standard_normal(bc_shape), rng.standard_normal(bc_shape)
+    opt = dict(
+        D=rng.standard_normal(Dc) if draw(st.booleans()) else None,
+        z=z if draw(st.booleans()) else None,
+        delta_bias=rng.standard_normal(Dc) if draw(st.booleans()) else None,
+        delta_softplus=draw(st.booleans()),
+    )
+    if not opt["delta_softplus"]:
+        delta = np.abs(delta)  # a negative step would make exp(dt A) grow
+    h0 = rng.standard_normal((Bt, Dc, N)) if draw(st.booleans()) else None
+    return (u, delta, A, Bm, Cm), opt, h0
+
+
 # Every realization the acceptance list names, as (id, strategy).
 REALIZATIONS = [
     ("transformer_full", transformer_specs(window=None)),
