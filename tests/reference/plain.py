@@ -173,3 +173,47 @@ def persistent(spec, p, x):
                 w = softmax_readout(p["mem_k"][h] @ k, p["mem_v"][h])
                 y[b, t, sl] = w * math.exp(10.0 * p["out_scale"][h])
     return y @ p["o_proj.weight"].T
+
+
+def windowed_layer(spec, p, x, stores=None):
+    """DESIGN 2.3 for transformer, bmojo_f and bmojo, one query at a time. ``stores[c]`` lists
+    the positions in the store after chunk c (bmojo only). x [B, T, D] -> [B, T, D]."""
+    B, T, D = x.shape
+    H, E, W = spec.n_heads, spec.head_dim, spec.window
+    rope = spec.positions == "rope"
+    fading = getattr(spec, "fading", False)
+    C = spec.store.chunk if stores is not None else None
+    y = np.zeros((B, T, D))
+    for b in range(B):
+        q, k, v = (x[b] @ p[f"{n}_proj.weight"].T for n in "qkv")
+        if fading:
+            sub = {n[len("fading."):]: a for n, a in p.items() if n.startswith("fading.")}
+            s = mamba_block(spec.fading_block, sub, x[b:b + 1])[0]
+            kname = "k_proj.weight" if spec.tie_fading else "k_fading_proj.weight"
+            vname = "v_proj.weight" if spec.tie_fading else "v_fading_proj.weight"
+            fk, fv = s @ p[kname].T, s @ p[vname].T
+        for h in range(H):
+            sl = slice(h * E, (h + 1) * E)
+
+            def rot(vec, j):
+                return rope_vec(vec, j) if rope else vec
+
+            for t in range(T):
+                keys, vals = [], []
+                for j in range(t + 1):
+                    if W is None or j > t - W:
+                        keys.append(rot(k[j, sl], j))
+                        vals.append(v[j, sl])
+                if fading:
+                    for j in range(max(0, t - 2 * W + 1), t - W + 1):
+                        keys.append(rot(fk[j, sl], j))
+                        vals.append(fv[j, sl])
+                if stores is not None and t // C >= 1:
+                    for j in stores[b][t // C - 1]:
+                        if j <= t - W:
+                            keys.append(rot(k[j, sl], j))
+                            vals.append(v[j, sl])
+                qt = rot(q[t, sl], t)
+                y[b, t, sl] = softmax_readout([qt @ kk / math.sqrt(E) for kk in keys],
+                                              np.array(vals))
+    return y @ p["o_proj.weight"].T

@@ -263,3 +263,44 @@ def test_bmojo_without_fading_is_attention_over_window_and_visible_store(case):
     assert_close(y[0], want, "y (parallel vs plain window + store)")
     ys = np.stack(list(_stream(spec, p, x)), axis=1)
     assert_close(ys[0], want, "y (streaming vs plain window + store)")
+
+
+@st.composite
+def windowed_layer_cases(draw):
+    H, E = draw(st.tuples(st.integers(1, 2), st.integers(1, 3)))
+    kw = dict(d_model=H * E, n_heads=H, window=draw(st.integers(1, 4)), d_state=2,
+              fading=draw(st.booleans()), tie_fading=draw(st.booleans()),
+              positions=draw(st.sampled_from(["rope", "none"])))
+    if draw(st.booleans()):
+        spec = S.bmojo_f(**kw)
+    else:
+        chunk = draw(st.integers(1, 4))
+        spec = S.bmojo(chunk=chunk, select=draw(st.integers(0, chunk)),
+                       capacity=draw(st.integers(0, 4)), **kw)
+    T = draw(st.integers(1, 14))
+    x = np.random.default_rng(draw(st.integers(0, 999))).standard_normal((2, T, H * E))
+    return spec, x
+
+
+@given(case=windowed_layer_cases())
+def test_bmojo_layers_are_plain_window_fading_and_store(case):
+    """bmojo_f and bmojo written plainly from DESIGN 2.3 and 2.4: raw window from x, fading
+    window from the Mamba block's output (tied or own projections), store from the brute-force
+    selection; the innovation loss is the mean score."""
+    spec, x = case
+    p = params64(spec, 1)
+    stores = None
+    if isinstance(spec, S.BMojo):
+        st_ = spec.store
+        stores, all_scores = [], []
+        for b in range(x.shape[0]):
+            sc = layer_scores(spec, p, x[b:b + 1])
+            all_scores.append(sc)
+            stores.append([[q for _, q in kept] for kept in
+                           brute_force_stores(sc, st_.chunk, st_.select, st_.capacity)])
+    y, _, aux = L.forward_aux(spec, p, x)
+    assert_close(y, plain.windowed_layer(spec, p, x, stores), "y (layer vs plain)")
+    if stores is not None:
+        assert_close(aux, np.mean(all_scores), "aux loss (mean innovation score)")
+    else:
+        assert aux is None
