@@ -285,7 +285,11 @@ class _Cfg:
         self.C = chunk if chunk is not None else 1
         self.scale = 1.0 / math.sqrt(self.E)
         self.BE = max(triton.next_power_of_2(self.E), MIN_BLOCK)
+        # interpreted or tiny: the smallest legal tile; on a GPU the tile FlashAttention uses,
+        # halved where float64 or wide heads would overflow shared memory
         self.BM = self.BN = MIN_BLOCK
+        if q.is_cuda and not interpreted(_attn_fwd_kernel):
+            self.BM = self.BN = 32 if (q.dtype == torch.float64 or self.BE > 128) else 64
         self.ieee = 1 if q.dtype == torch.float32 else 0
         if q.dtype == torch.bfloat16 and interpreted(_attn_fwd_kernel):
             self.ieee = 2

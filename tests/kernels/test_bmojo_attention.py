@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
@@ -19,6 +21,8 @@ from memcore.kernels.triton.bmojo_attention import (  # noqa: E402
 from memcore.spec.reference import layers, mamba, ops, windowed  # noqa: E402
 from memcore.spec.reference._xp import params_as  # noqa: E402
 from memcore.spec.reference.attention import positions  # noqa: E402
+
+F64 = torch.float64
 
 import memcore  # noqa: E402
 
@@ -215,3 +219,20 @@ def test_gpu_realistic(dtype):
     got = bmojo_attention(window=W, store_pos=spos, chunk=C, **inp)
     want = bmojo_attention_ref(window=W, store_pos=spos, chunk=C, **inp)
     compare(got, want, inp, dtype)
+
+
+@settings(max_examples=8, deadline=None)
+@given(T=st.integers(1, 40), W=st.integers(1, 12), E=st.integers(1, 9), C=st.integers(1, 12),
+       M=st.integers(0, 5), split=st.integers(0, 40), seed=st.integers(0, 2**16))
+def test_drawn_shapes_vs_plain_loop(T, W, E, C, M, split, seed):
+    """Drawn sizes, including an empty store (M = 0) and queries after a key cache."""
+    a = min(split, T - 1)
+    inp = qkv(1, T, 1, E, F64, "cpu", True, seed=seed)
+    inp, spos = snapshots_for(inp, 1, T, 1, E, C, M, F64, "cpu", seed=seed + 1)
+    S_tail = (T - 1) // C - a // C + 1
+    tail = dict(inp, q=inp["q"][:, a:], store_k=inp["store_k"][:, :, a // C:][:, :, :S_tail],
+                store_v=inp["store_v"][:, :, a // C:][:, :, :S_tail])
+    sp = spos[:, a // C:][:, :S_tail]
+    got = bmojo_attention(window=W, store_pos=sp, chunk=C, pos=a, **tail)
+    want = bmojo_attention_ref(window=W, store_pos=sp, chunk=C, pos=a, **tail)
+    compare(got, want, tail, F64)
