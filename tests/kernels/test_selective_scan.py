@@ -148,3 +148,34 @@ def test_empty_sequence_passes_the_state_through(device):
     assert_close("final_state", hT, args["initial_state"], torch.float64)
     (dh0,) = torch.autograd.grad((hT * 2).sum(), [args["initial_state"]])
     assert_close("dinitial_state", dh0, torch.full_like(dh0, 2.0), torch.float64)
+
+
+def _mamba_cuda_scan():
+    """mamba-ssm's CUDA selective_scan_fn, or None where it cannot run (no CUDA, no build)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # mamba-ssm absent, or installed without its CUDA extension
+        return None
+    return selective_scan_fn
+
+
+@gpu
+@pytest.mark.skipif(_mamba_cuda_scan() is None,
+                    reason="needs mamba-ssm's CUDA selective_scan_fn (mamba-ssm built with CUDA)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_agrees_with_mamba_ssm(dtype):
+    """Without an initial state (mamba-ssm has none) the two scans agree, forward and backward;
+    mamba-ssm ignores the final state's gradient, so only y carries one."""
+    args = make(2, 512, 1000, 16, None, dtype, "cuda", seed=13)
+    args.pop("initial_state")
+    y, hT = selective_scan(**args, delta_softplus=True, return_final_state=True)
+    ym, hm = _mamba_cuda_scan()(*args.values(), delta_softplus=True, return_last_state=True)
+    assert_close("y", y, ym, dtype)
+    assert_close("final_state", hT, hm, dtype)
+    dy = torch.randn_like(y)
+    got = grads((y,), list(args.values()), (dy,))
+    want = grads((ym,), list(args.values()), (dy,))
+    for name, a, b in zip(args, got, want, strict=True):
+        assert_close(f"d{name}", a, b, dtype)
