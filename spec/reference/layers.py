@@ -72,8 +72,9 @@ def check_state(spec, state, batch: int, xp, dtype, name: str = "state") -> None
         shape, ref_shape = tuple(got.shape), tuple(ref.shape)
         grows = (key in ("k", "v") and getattr(spec, "window", 0) is None) or (
             key in ("mem_k", "mem_v") and getattr(spec, "capacity", 0) is None)
-        if grows:  # a KV cache: its length is the number of tokens (or pairs) held
-            ref_shape = ref_shape[:2] + (shape[2] if len(shape) == 4 else -1,) + ref_shape[3:]
+        if grows:  # a KV cache holds every token seen (k, v) or every completed pair (mem_*)
+            held = pos if key in ("k", "v") else max(pos - 1, 0)
+            ref_shape = ref_shape[:2] + (held,) + ref_shape[3:]
         if shape != ref_shape:
             raise ValueError(f"{name}[{key!r}] has shape {shape}, expected {ref_shape} "
                              f"(batch {batch})")

@@ -280,3 +280,21 @@ def test_readout_argument_errors():
     with pytest.raises(ValueError, match=r"persistent_readout: mem_k and mem_v must be "
                                          r"\[H=2, P, E=4\]"):
         R.persistent_readout(np.zeros((1, 2, 4)), np.zeros((2, 5, 3)), np.zeros((2, 5, 3)))
+
+
+@pytest.mark.parametrize("spec,keys,held", [
+    (S.transformer(4, 2), ("k", "v"), 5),  # a KV cache holds every token seen
+    (S.mosaic(4, 2), ("mem_k", "mem_v"), 4),  # every completed (key, value) pair
+])
+def test_growing_cache_length_must_match_pos(spec, keys, held):
+    p = params64(spec)
+    x = np.zeros((1, 5, 4))
+    _, state = L.forward(spec, p, x)
+    assert state[keys[0]].shape[2] == held
+    bad = dict(state, **{k: state[k][:, :, :held - 1] for k in keys})
+    pattern = rf"state\['{keys[0]}'\] has shape \(1, 2, {held - 1}, 2\), expected " \
+              rf"\(1, 2, {held}, 2\)"
+    with pytest.raises(ValueError, match=pattern):
+        L.forward(spec, p, x, bad)
+    with pytest.raises(ValueError, match=pattern):
+        L.step(spec, p, x[:, 0], bad)
