@@ -3,6 +3,7 @@
     memcore verify [--targets T ...] [--cases C ...] [-v]     the contract's checks, as a table
     memcore info                                               version, backends, libraries
     memcore mqar [--quick] [--out DIR] [--models M ...]        multi-query associative recall
+    memcore lm --text FILE [--out DIR] [--models M ...]        byte-level LM, loss up to 4L
 """
 
 from __future__ import annotations
@@ -128,6 +129,29 @@ def cmd_mqar(args) -> int:
     return 0
 
 
+def cmd_lm(args) -> int:
+    from dataclasses import replace
+
+    from memcore.tasks import lm
+
+    fields = {"seq_len": args.seq_len, "d_model": args.d_model, "batch_size": args.batch,
+              "steps": args.steps, "lr": args.lr, "eval_windows": args.eval_windows}
+    try:
+        cfg = replace(lm.LMConfig(), **{k: v for k, v in fields.items() if v is not None})
+        results = lm.run(args.text, args.models, cfg, seed=args.seed, device=args.device,
+                         out_dir=args.out, backend=args.backend, log_every=args.log_every,
+                         resume=args.resume, checkpoint_every=args.checkpoint_every)
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
+        print(f"memcore lm: {err}", file=sys.stderr)
+        return 2
+    print(lm.table(results))
+    print(f"wall time {results['seconds']:.0f} s")
+    if args.out:
+        print(f"results in {args.out}/results.json" +
+              (f", plot {results['plot']}" if results.get("plot") else ""))
+    return 0
+
+
 def _task_args(p, default_log_every: int = 50) -> None:
     """Options every training task shares."""
     p.add_argument("--out", metavar="DIR", help="write results, logs, checkpoints and plots here")
@@ -174,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-examples", type=int, help="examples in the test set")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
     p.set_defaults(func=cmd_mqar)
+
+    from memcore.tasks.lm import MODELS as LM_MODELS
+
+    p = sub.add_parser("lm", help="byte-level language model on a text file; loss up to 4L")
+    p.add_argument("--text", required=True, metavar="FILE", help="any text file")
+    p.add_argument("--models", nargs="+", default=list(LM_MODELS), metavar="MODEL",
+                   help=f"default: all of {', '.join(LM_MODELS)}")
+    _task_args(p)
+    p.add_argument("--seq-len", type=int, help="training length L (evaluation: 4L)")
+    p.add_argument("--d-model", type=int, help="model width")
+    p.add_argument("--batch", type=int, help="batch size")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--eval-windows", type=int, help="held-out windows of 4L bytes")
+    p.set_defaults(func=cmd_lm)
     return parser
 
 

@@ -42,3 +42,28 @@ def accuracy_vs_memory(results: dict, path: str) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def loss_by_position(results: dict, path: str, bucket: int = 8) -> str | None:
+    """Held-out next-byte loss against position (averaged over buckets of positions), one
+    line per model, the training length marked."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results["models"].items():
+        per = r["loss_by_position"]
+        n = len(per) // bucket
+        xs = [bucket * i + bucket / 2 for i in range(n)]
+        ys = [sum(per[bucket * i:bucket * (i + 1)]) / bucket for i in range(n)]
+        ax.plot(xs, ys, label=name)
+    L = results["config"]["seq_len"]
+    ax.axvline(L, color="k", ls="--", lw=0.8, label="training length")
+    ax.set_xlabel("position")
+    ax.set_ylabel("held-out loss (nats/byte)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
