@@ -66,15 +66,15 @@ class MQARConfig:
 # needs the store or the fading memory). The store's first chunk is exactly the 8 context tokens.
 QUICK = MQARConfig(vocab_size=512, seq_len=64, num_kv_pairs=4, d_model=64, n_heads=1,
                    d_state=4, window=4, chunk=8, select=8, capacity=16, short_conv=3,
-                   batch_size=32, steps=600, train_examples=0, test_examples=256, lr=3e-3,
-                   eval_every=100, early_stop=0.99)
+                   batch_size=32, steps=300, train_examples=0, test_examples=256, lr=3e-3,
+                   eval_every=50, early_stop=0.99)
 
 QUICK_DEVIATIONS = [
     "vocab 512 instead of 8192 (keys [1,256), values [256,512))",
     "one point of the sweep, (L, kv) = (64, 4) with d_model 64, one learning rate 3e-3 "
     "(no sweep)",
-    "fresh samples every step instead of a fixed 100k training set; batch 32; at most 600 "
-    "steps with cosine decay instead of 64 epochs (early stop above 0.99 checked every 100 "
+    "fresh samples every step instead of a fixed 100k training set; batch 32; at most 300 "
+    "steps with cosine decay instead of 64 epochs (early stop above 0.99 checked every 50 "
     "steps); 256 test examples",
     "a causal depthwise convolution of width 3 before each mixer (as the Based paper's "
     "short-conv hybrids), for every model",
