@@ -2,11 +2,12 @@
 
     kbar_t = k_t + exp(log_decay_h) * kbar_{t-1}        k, kbar: [B, T, H, E]; state [B, H, E]
 
-One program owns a block of the head width of one (batch, head) and walks the sequence with a
-float32 state (float64 for float64 input). As in the selective scan, the forward saves the
-state entering every chunk; the backward walks chunks in reverse, recomputes the chunk's states
-into a scratch buffer and runs the adjoint ``g_{t-1} = lambda g_t + dkbar_{t-1}``, which gives
-dk, d(initial state) and d(log_decay) = lambda * sum_t g_t . kbar_{t-1}.
+One program owns a block of the head width of one (batch, head) and walks the sequence chunk by
+chunk: a chunk is a [time, width] tile scanned with ``tl.associative_scan``, the state carried
+between chunks in float32 (float64 for float64 input). The forward saves the state entering
+every chunk; the backward walks chunks in reverse, rebuilds kbar_{t-1} from the saved state with
+a shifted scan, and runs the adjoint ``g_t = dkbar_t + lambda g_{t+1}`` as a reverse scan,
+which gives dk, d(initial state) and d(log_decay) = lambda * sum_t g_t . kbar_{t-1}.
 """
 
 from __future__ import annotations
@@ -18,7 +19,22 @@ import triton.language as tl
 from .buffers import acc_dtype, check_device, check_float, empty
 
 CHUNK = 32
-MAX_BLOCK_E = 64
+MAX_BLOCK_E = 32  # a program holds [chunk, BLOCK_E] tiles
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2) as one step of h = a h + b
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _tile(k, b, h, t, e, T, H, E, lam, ACC: tl.constexpr):
+    """Rows t of k as a [BT, BE] tile, with the decay of each step (1 outside [0, T))."""
+    ok = ((t >= 0) & (t < T))[:, None] & (e < E)[None, :]
+    kt = tl.load(k + ((b * T + t[:, None]) * H + h) * E + e[None, :], mask=ok,
+                 other=0.0).to(ACC)
+    return kt, tl.where(ok, lam, 1.0).to(ACC), ok
 
 
 @triton.jit
@@ -29,6 +45,7 @@ def _leaky_fwd_kernel(k, log_decay, h0, y, hT, ckpt, T, H, E, NCHUNK,
     pid_h = tl.program_id(1).to(tl.int64)
     e = tl.program_id(2).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
+    i = tl.arange(0, CHUNK)
     lam = tl.exp(tl.load(log_decay + pid_h).to(ACC))
     state = (pid_b * H + pid_h) * E + e  # [B, H, E]
     h = tl.zeros([BLOCK_E], dtype=ACC)
@@ -36,62 +53,53 @@ def _leaky_fwd_kernel(k, log_decay, h0, y, hT, ckpt, T, H, E, NCHUNK,
         h = tl.load(h0 + state, mask=e_ok, other=0.0).to(ACC)
     for c in range(0, NCHUNK):
         tl.store(ckpt + ((pid_b * H + pid_h) * NCHUNK + c) * E + e, h, mask=e_ok)  # [B,H,NC,E]
-        for i in range(0, CHUNK):
-            t = c * CHUNK + i
-            # vector form: a scalar & vector mask fails in the interpreter
-            valid = e_ok & ((e * 0 + t) < T)
-            off = ((pid_b * T + t) * H + pid_h) * E + e
-            k_t = tl.load(k + off, mask=valid, other=0.0).to(ACC)
-            h = tl.where(valid, lam * h + k_t, h)
-            tl.store(y + off, h.to(y.dtype.element_ty), mask=valid)
+        t = c * CHUNK + i
+        kt, a, ok = _tile(k, pid_b, pid_h, t, e, T, H, E, lam, ACC)
+        a_cum, b_cum = tl.associative_scan((a, kt), 0, _combine)
+        hs = a_cum * h[None, :] + b_cum  # [BT, BE]
+        tl.store(y + ((pid_b * T + t[:, None]) * H + pid_h) * E + e[None, :],
+                 hs.to(y.dtype.element_ty), mask=ok)
+        # padding steps are the identity, so the last row is the state after the chunk
+        h = tl.sum(tl.where((i == CHUNK - 1)[:, None], hs, 0.0), axis=0)
     tl.store(hT + state, h, mask=e_ok)
 
 
 @triton.jit
-def _leaky_bwd_kernel(k, log_decay, dy, dhT, ckpt, scratch, dk, dlog_part, dh0, T, H, E,
+def _leaky_bwd_kernel(k, log_decay, dy, dhT, ckpt, dk, dlog_part, dh0, T, H, E,
                       NCHUNK, HAS_DHT: tl.constexpr, BLOCK_E: tl.constexpr,
                       CHUNK: tl.constexpr, ACC: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1).to(tl.int64)
-    pid_e = tl.program_id(2).to(tl.int64)
-    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    e = tl.program_id(2).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
+    i = tl.arange(0, CHUNK)
     lam = tl.exp(tl.load(log_decay + pid_h).to(ACC))
     state = (pid_b * H + pid_h) * E + e
-    # [B, H, n_eblocks, CHUNK + 1, BLOCK_E]: row 0 holds the chunk's entering state
-    scr = ((pid_b * H + pid_h) * tl.num_programs(2) + pid_e) * (CHUNK + 1) * BLOCK_E \
-        + tl.arange(0, BLOCK_E)
-    g = tl.zeros([BLOCK_E], dtype=ACC)  # dL/dkbar_t from the steps after t
+    carry = tl.zeros([BLOCK_E], dtype=ACC)  # dL/dkbar at the chunk's last step, from later
     if HAS_DHT:
-        g = tl.load(dhT + state, mask=e_ok, other=0.0).to(ACC)
+        carry = tl.load(dhT + state, mask=e_ok, other=0.0).to(ACC)
     dl = tl.zeros([BLOCK_E], dtype=ACC)
     for cc in range(0, NCHUNK):
         c = NCHUNK - 1 - cc
-        h = tl.load(ckpt + ((pid_b * H + pid_h) * NCHUNK + c) * E + e, mask=e_ok,
-                    other=0.0).to(ACC)
-        tl.store(scratch + scr, h)
-        for i in range(0, CHUNK):
-            t = c * CHUNK + i
-            valid = e_ok & ((e * 0 + t) < T)
-            k_t = tl.load(k + ((pid_b * T + t) * H + pid_h) * E + e, mask=valid,
-                          other=0.0).to(ACC)
-            h = tl.where(valid, lam * h + k_t, h)
-            tl.store(scratch + scr + (i + 1) * BLOCK_E, h)
-        # the reverse walk reads states written by other threads of this program
-        tl.debug_barrier()
-        for ii in range(0, CHUNK):
-            i = CHUNK - 1 - ii
-            t = c * CHUNK + i
-            valid = e_ok & ((e * 0 + t) < T)
-            off = ((pid_b * T + t) * H + pid_h) * E + e
-            g = g + tl.load(dy + off, mask=valid, other=0.0).to(ACC)
-            tl.store(dk + off, g, mask=valid)
-            h_prev = tl.load(scratch + scr + i * BLOCK_E)
-            # padding steps past T are not steps at all: g passes through them unchanged
-            dl += tl.where(valid, g * h_prev, 0.0)
-            g = tl.where(valid, lam * g, g)
-        tl.debug_barrier()
-    tl.store(dh0 + state, g, mask=e_ok)
+        h_in = tl.load(ckpt + ((pid_b * H + pid_h) * NCHUNK + c) * E + e, mask=e_ok,
+                       other=0.0).to(ACC)
+        t = c * CHUNK + i
+        _, a, ok = _tile(k, pid_b, pid_h, t, e, T, H, E, lam, ACC)
+        # kbar_{t-1}: a scan of the steps shifted by one, the chunk's first row the identity
+        kp, ap, _ = _tile(k, pid_b, pid_h, tl.where(i == 0, -1, t - 1), e, T, H, E, lam, ACC)
+        ap_cum, bp_cum = tl.associative_scan((ap, kp), 0, _combine)
+        h_prev = ap_cum * h_in[None, :] + bp_cum
+        # g_t = dy_t + lambda_{t+1} g_{t+1}: a reverse scan with the next steps' decays
+        _, an, _ = _tile(k, pid_b, pid_h, tl.where(i == CHUNK - 1, -1, t + 1), e, T, H, E, lam,
+                         ACC)
+        off = ((pid_b * T + t[:, None]) * H + pid_h) * E + e[None, :]
+        dy_t = tl.load(dy + off, mask=ok, other=0.0).to(ACC)
+        an_cum, g_in = tl.associative_scan((an, dy_t), 0, _combine, reverse=True)
+        gs = g_in + an_cum * carry[None, :]
+        tl.store(dk + off, gs, mask=ok)
+        dl += tl.sum(tl.where(ok, gs * h_prev, 0.0), axis=0)
+        carry = tl.sum(tl.where((i == 0)[:, None], a * gs, 0.0), axis=0)
+    tl.store(dh0 + state, carry, mask=e_ok)
     tl.store(dlog_part + state, lam * dl, mask=e_ok)
 
 
@@ -135,9 +143,8 @@ class _LeakyAverage(torch.autograd.Function):
         dk = empty((Bt, T, H, E), acc, dev)
         dlog_part = empty((Bt, H, E), acc, dev)
         dh0 = empty((Bt, H, E), acc, dev)
-        scratch = empty((Bt, H, neb, ctx.chunk + 1, be), acc, dev)
         _leaky_bwd_kernel[(Bt, H, neb)](
-            k, log_decay, dy, dhT.contiguous() if dhT is not None else k, ckpt, scratch, dk,
+            k, log_decay, dy, dhT.contiguous() if dhT is not None else k, ckpt, dk,
             dlog_part, dh0, T, H, E, ckpt.shape[2], HAS_DHT=dhT is not None, BLOCK_E=be,
             CHUNK=ctx.chunk, ACC=_tl_acc(k.dtype))
         need = ctx.needs_input_grad
