@@ -15,6 +15,7 @@ from refcheck import (
     fold,
     forward,
     inputs,
+    is_model,
     params64,
 )
 
@@ -78,3 +79,42 @@ def test_three_way_mix_of_forms(spec_st, data):
     got = np.concatenate([y1, np.stack(ys, axis=1), y3], axis=1)
     assert_close(got, y, f"y (forward {a}, step to {b}, forward)")
     assert_states_equal(s, state, "final state")
+
+
+@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@given(data=st.data())
+def test_float32_follows_float64(spec_st, data):
+    """float32 inputs and parameters accumulate in float32 and return float32; the result stays
+    within DESIGN's float32 bound (relative RMSE <= 1e-5) of the float64 one, in both forms.
+    A float16 input returns float16 with a float32 state."""
+    spec = data.draw(spec_st, label="spec")
+    T = data.draw(st.integers(1, 12), label="T")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    params = params64(spec, seed)
+    x = inputs(spec, 2, T, seed)
+    y64, _ = forward(spec, params, x)
+    p32 = {k: v.astype(np.float32) for k, v in params.items()}
+    x32 = x if is_model(spec) else x.astype(np.float32)
+    y32, s32 = forward(spec, p32, x32)
+    ys, _ = fold(spec, p32, x32)
+    assert y32.dtype == np.float32
+    for got, what in ((y32, "parallel"), (np.stack(ys, axis=1), "streaming")):
+        if not np.any(y64):  # mosaic at T = 1 reads nothing: both must be exactly 0
+            assert not np.any(got), f"float32 {what}: nonzero where float64 is 0"
+            continue
+        rmse = np.sqrt(np.mean((got - y64) ** 2)) / np.sqrt(np.mean(y64 ** 2))
+        assert rmse <= 1e-5, f"float32 {what} vs float64: relative RMSE {rmse:.2e}"
+    floats = [v for v in _arrays(s32) if v.dtype.kind == "f"]
+    assert all(v.dtype == np.float32 for v in floats)
+    if not is_model(spec):
+        y16, s16 = forward(spec, params, x.astype(np.float16))
+        assert y16.dtype == np.float16
+        assert all(v.dtype == np.float32 for v in _arrays(s16) if v.dtype.kind == "f")
+
+
+def _arrays(state):
+    if isinstance(state, dict):
+        return [a for v in state.values() for a in _arrays(v)]
+    if isinstance(state, tuple):
+        return [a for v in state for a in _arrays(v)]
+    return [] if isinstance(state, (int, str)) else [state]
