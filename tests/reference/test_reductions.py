@@ -16,6 +16,7 @@ from refcheck import (
     bmojo_f_specs,
     inputs,
     mamba_specs,
+    model_specs,
     mosaic_specs,
     params64,
     persistent_specs,
@@ -216,3 +217,43 @@ def test_associative_readout_op_matches_the_mosaic_layer_core(spec, T, seed):
             want[0, t, h] = plain.softmax_readout([k[0, t, h] @ k[0, j, h] for j in js],
                                                   v[0, js, h])
     assert_close(got, want, "associative_readout vs plain")
+
+
+def _rms(h, w):
+    return h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + 1e-5) * w
+
+
+def _layer_norm(h, w):
+    mu = h.mean(-1, keepdims=True)
+    return (h - mu) / np.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * w
+
+
+def _gelu_tanh(a):
+    return 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3)))
+
+
+@given(spec=model_specs(), T=st.integers(1, 8), seed=seeds)
+def test_model_is_embedding_pre_norm_blocks_and_tied_head(spec, T, seed):
+    """The model written as its docstring says, from the layer reference: embedding, blocks
+    h += mixer(norm1(h)); h += ffn(norm2(h)), then logits = logit_scale norm_f(h) embed^T."""
+    from memcore.spec.reference import model as M
+
+    p = params64(spec, seed)
+    tokens = inputs(spec, 2, T, seed)
+    norm = _rms if spec.norm == "rms" else _layer_norm
+    h = p["embed.weight"][tokens]
+    for i, layer in enumerate(spec.layers):
+        pre = f"layers.{i}."
+        sub = {k[len(pre + "mixer."):]: v for k, v in p.items() if k.startswith(pre + "mixer.")}
+        h = h + L.forward(layer, sub, norm(h, p[pre + "norm1.weight"]))[0]
+        if spec.ffn is None:
+            continue
+        g = norm(h, p[pre + "norm2.weight"])
+        if spec.ffn == "mlp":
+            h = h + _gelu_tanh(g @ p[pre + "ffn.fc1.weight"].T) @ p[pre + "ffn.fc2.weight"].T
+        else:
+            fsub = {k[len(pre + "ffn."):]: v for k, v in p.items() if k.startswith(pre + "ffn.")}
+            h = h + plain.persistent(spec.ffn, fsub, g)
+    want = norm(h, p["norm_f.weight"]) @ p["embed.weight"].T * spec.logit_scale
+    logits, _ = M.forward(spec, p, tokens)
+    assert_close(logits, want, "logits (model vs its blocks written out)")
