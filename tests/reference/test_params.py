@@ -120,3 +120,26 @@ def test_mosaic_initial_values_follow_memory_mosaics():
     assert np.allclose(np.exp(-10 * np.abs(p["leak"])), np.exp(-np.linspace(0.5, 5, 4)))
     assert np.allclose(p["k_scale"], 0.1) and np.allclose(p["v_scale"], -0.05)
     assert np.all((p["v_mix"] >= 0) & (p["v_mix"] <= 1))
+
+
+@given(spec=any_spec, seed=st.integers(0, 100))
+def test_reference_backend_realizes_with_init_params(spec, seed):
+    """memcore.realize(spec, "reference") uses init(spec, seed) by default and runs both forms
+    through the functional reference; its init_state is float32 numpy."""
+    from refcheck import fold, forward, inputs, is_model
+
+    layer = memcore.realize(spec, backend="reference", seed=seed)
+    assert layer.spec == spec
+    p = memcore.init(spec, seed)
+    x = inputs(spec, 1, 3, seed)
+    x = x if is_model(spec) else x.astype(np.float32)
+    state0 = layer.init_state(1)
+    y, state = layer(x, state0)
+    want, want_state = forward(spec, p, x)
+    assert np.array_equal(y, want)
+    assert state["pos"] == 3 and state["spec_id"] == spec.spec_id
+    ys, _ = fold(spec, p, x)
+    y_t, _ = layer.step(x[:, 0], state0)
+    assert np.array_equal(y_t, ys[0])
+    again = memcore.realize(spec, backend="reference", params=p)
+    assert np.array_equal(again(x)[0], y)
