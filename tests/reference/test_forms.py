@@ -118,3 +118,27 @@ def _arrays(state):
     if isinstance(state, tuple):
         return [a for v in state for a in _arrays(v)]
     return [] if isinstance(state, (int, str)) else [state]
+
+
+def _grows(spec) -> bool:
+    """Only an unbounded window or an unbounded associative memory may grow the state."""
+    layers = list(spec.layers) if is_model(spec) else [spec]
+    return any((hasattr(s, "window") and s.window is None)
+               or (hasattr(s, "capacity") and s.capacity is None) for s in layers)
+
+
+@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@given(data=st.data())
+def test_streaming_state_size_is_constant_unless_unbounded(spec_st, data):
+    spec = data.draw(spec_st, label="spec")
+    T = data.draw(st.integers(2, MAX_T), label="T")
+    params = params64(spec, 0)
+    x = inputs(spec, 1, T, 0)
+    _, s1 = forward(spec, params, x[:, :1])
+    _, sT = forward(spec, params, x)
+    shapes1 = [a.shape for a in _arrays(s1)]
+    shapesT = [a.shape for a in _arrays(sT)]
+    if not _grows(spec):
+        assert shapes1 == shapesT, f"bounded state changed size: {shapes1} -> {shapesT}"
+    else:
+        assert sum(np.prod(s) for s in shapesT) > sum(np.prod(s) for s in shapes1)
