@@ -38,7 +38,10 @@ def grads(out, inputs, cotangents):
     return torch.autograd.grad(loss, live)
 
 
+# where kernels run in this session (conftest set TRITON_INTERPRET before this import)
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "") == "1" else "cuda"
+
 gpu = pytest.mark.skipif(
-    os.environ.get("MEMCORE_KERNELS_GPU", "") != "1" or not torch.cuda.is_available(),
-    reason="realistic sizes need a CUDA device and compiled kernels (MEMCORE_KERNELS_GPU=1)",
+    os.environ.get("TRITON_INTERPRET", "") == "1" or not torch.cuda.is_available(),
+    reason="realistic sizes need a CUDA device and compiled (not interpreted) kernels",
 )

@@ -49,23 +49,24 @@ def spy(monkeypatch, module, name):
     return calls
 
 
-def scan_args(seed=0):
+def scan_args(device, seed=0):
     g = torch.Generator().manual_seed(seed)
     Bt, Dc, T, N = 2, 4, 9, 3
-    return dict(u=torch.randn(Bt, Dc, T, generator=g, dtype=F64),
+    args = dict(u=torch.randn(Bt, Dc, T, generator=g, dtype=F64),
                 delta=torch.randn(Bt, Dc, T, generator=g, dtype=F64),
                 A=-torch.rand(Dc, N, generator=g, dtype=F64),
                 B=torch.randn(Bt, N, T, generator=g, dtype=F64),
                 C=torch.randn(Bt, N, T, generator=g, dtype=F64),
                 D=torch.randn(Dc, generator=g, dtype=F64),
                 initial_state=torch.randn(Bt, Dc, N, generator=g, dtype=F64))
+    return {k: v.to(device) for k, v in args.items()}
 
 
 @pytest.mark.parametrize("mode", ["triton", "torch"])
-def test_selective_scan_both_paths(mode, monkeypatch):
+def test_selective_scan_both_paths(mode, monkeypatch, device):
     monkeypatch.setenv(api.ENV, mode)
     calls = spy(monkeypatch, scan_mod, "selective_scan")
-    args = scan_args()
+    args = scan_args(device)
     y, h = api.selective_scan(**args, delta_softplus=True, return_final_state=True)
     yr, hr = ops.selective_scan(**args, delta_softplus=True, return_final_state=True)
     assert calls == (["selective_scan"] if mode == "triton" else [])
@@ -74,13 +75,14 @@ def test_selective_scan_both_paths(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["triton", "torch"])
-def test_leaky_average_both_paths(mode, monkeypatch):
+def test_leaky_average_both_paths(mode, monkeypatch, device):
     monkeypatch.setenv(api.ENV, mode)
     calls = spy(monkeypatch, leaky_mod, "leaky_average")
     g = torch.Generator().manual_seed(1)
     k = torch.randn(2, 7, 3, 5, generator=g, dtype=F64)
     ld = -torch.rand(3, generator=g, dtype=F64)
     h0 = torch.randn(2, 3, 5, generator=g, dtype=F64)
+    k, ld, h0 = k.to(device), ld.to(device), h0.to(device)
     y, h = api.leaky_average(k, ld, h0, return_final_state=True)
     yr, hr = ops.leaky_average(k, ld, h0, return_final_state=True)
     assert calls == (["leaky_average"] if mode == "triton" else [])
@@ -90,14 +92,14 @@ def test_leaky_average_both_paths(mode, monkeypatch):
 
 @pytest.mark.parametrize("window,fading,split", [(4, True, 7), (4, True, 2), (3, False, 5),
                                                  (None, False, 6)])
-def test_windowed_attention_split_through_state(window, fading, split, monkeypatch):
+def test_windowed_attention_split_through_state(window, fading, split, monkeypatch, device):
     """Kernels on both halves, the state passed between them in the reference's ring layout:
     same outputs and final state as one reference pass."""
     monkeypatch.setenv(api.ENV, "triton")
     calls = spy(monkeypatch, attn_mod, "bmojo_attention")
     g = torch.Generator().manual_seed(2)
     B, T, H, E = 2, 15, 2, 3
-    t = {n: torch.randn(B, T, H, E, generator=g, dtype=F64)
+    t = {n: torch.randn(B, T, H, E, generator=g, dtype=F64).to(device)
          for n in ("q", "k", "v", "fk", "fv")}
 
     def part(sl):

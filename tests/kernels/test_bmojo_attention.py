@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 import array_api_compat  # noqa: E402
-from kcheck import assert_close, gpu, grads  # noqa: E402
+from kcheck import DEVICE, assert_close, gpu, grads  # noqa: E402
 from memcore.kernels.triton.bmojo_attention import (  # noqa: E402
     bmojo_attention,
     bmojo_attention_ref,
@@ -227,8 +227,8 @@ def test_gpu_realistic(dtype):
 def test_drawn_shapes_vs_plain_loop(T, W, E, C, M, split, seed):
     """Drawn sizes, including an empty store (M = 0) and queries after a key cache."""
     a = min(split, T - 1)
-    inp = qkv(1, T, 1, E, F64, "cpu", True, seed=seed)
-    inp, spos = snapshots_for(inp, 1, T, 1, E, C, M, F64, "cpu", seed=seed + 1)
+    inp = qkv(1, T, 1, E, F64, DEVICE, True, seed=seed)
+    inp, spos = snapshots_for(inp, 1, T, 1, E, C, M, F64, DEVICE, seed=seed + 1)
     S_tail = (T - 1) // C - a // C + 1
     tail = dict(inp, q=inp["q"][:, a:], store_k=inp["store_k"][:, :, a // C:][:, :, :S_tail],
                 store_v=inp["store_v"][:, :, a // C:][:, :, :S_tail])
