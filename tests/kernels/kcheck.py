@@ -1,4 +1,4 @@
-"""Comparison helpers for the kernel tests (tolerances from DESIGN section 6)."""
+"""Comparisons for the kernel tests (tolerances from DESIGN section 6)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def grads(out, inputs, cotangents):
     return torch.autograd.grad(loss, live)
 
 
-# where kernels run in this session (conftest set TRITON_INTERPRET before this import)
+# where the kernels run in this test run (conftest set TRITON_INTERPRET before this import)
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "") == "1" else "cuda"
 
 gpu = pytest.mark.skipif(
