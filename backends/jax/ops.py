@@ -5,16 +5,24 @@ dicts as the reference, so ``memcore.ops`` routes JAX arrays here and states int
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 from memcore.spec.reference.ops import _check_attention
 from memcore.spec.reference.scan import _check_leaky, _check_scan_args
 
 from . import store as _store
-from ._base import acc_dtype, combine, is_traced
+from ._base import acc_dtype, combine
 from .banded import banded_partial, dense_partial, refill_ring, ring_positions, unroll_ring
 from .scan import as_acc, leaky_core, leaky_step_core, selective_scan_core, selective_step_core
+
+# Each op runs as one compiled computation (cached per shape) rather than op by op.
+_scan_jit = jax.jit(selective_scan_core, static_argnums=(8,))
+_step_jit = jax.jit(selective_step_core, static_argnums=(9,))
+_leaky_jit = jax.jit(leaky_core)
+_leaky_step_jit = jax.jit(leaky_step_core)
 
 __all__ = [
     "selective_scan", "selective_state_update", "leaky_average", "leaky_average_step",
@@ -32,7 +40,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     acc = acc_dtype(u.dtype)
     h0 = jnp.zeros((Bt, Dc, A.shape[1]), acc) if initial_state is None else initial_state
     args = as_acc(u.dtype, u, delta, A, B, C, D, z, delta_bias, h0)
-    y, hT = selective_scan_core(*args[:8], bool(delta_softplus), args[8])
+    y, hT = _scan_jit(*args[:8], bool(delta_softplus), args[8])
     y = y.astype(u.dtype)
     return (y, hT) if return_final_state else y
 
@@ -41,7 +49,7 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
                            delta_softplus=False):
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, state, streaming=True)
     h, *args = as_acc(u.dtype, state, u, delta, A, B, C, D, z, delta_bias)
-    y, h = selective_step_core(h, *args, bool(delta_softplus))
+    y, h = _step_jit(h, *args, bool(delta_softplus))
     return y.astype(u.dtype), h
 
 
@@ -51,7 +59,7 @@ def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
     B, _, H, E = k.shape
     h0 = jnp.zeros((B, H, E), acc_dtype(k.dtype)) if initial_state is None else initial_state
     kk, ld, h0 = as_acc(k.dtype, k, log_decay, h0)
-    y, hT = leaky_core(kk, ld, h0)
+    y, hT = _leaky_jit(kk, ld, h0)
     y = y.astype(k.dtype)
     return (y, hT) if return_final_state else y
 
@@ -59,7 +67,7 @@ def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
 def leaky_average_step(k_t, log_decay, state):
     _check_leaky(k_t, log_decay, state, streaming=True)
     kk, ld, h = as_acc(k_t.dtype, k_t, log_decay, state)
-    y, h = leaky_step_core(kk, ld, h)
+    y, h = _leaky_step_jit(kk, ld, h)
     return y.astype(k_t.dtype), h
 
 
@@ -85,19 +93,25 @@ def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initi
     _check_attention(q, k, v, fading_k, fading_v, window, initial_state, False)
     fading = fading_k is not None
     state = initial_state or windowed_attention_state(q, window, fading)
+    rings = {key: a for key, a in state.items() if key != "pos"}
+    o, rings = _windowed(q, k, v, fading_k, fading_v, rings, jnp.asarray(state["pos"]), window)
+    new = {"pos": state["pos"] + q.shape[1], **rings}
+    return (o, new) if return_final_state else o
+
+
+@functools.partial(jax.jit, static_argnums=(7,))
+def _windowed(q, k, v, fading_k, fading_v, state, pos, window):
     acc = acc_dtype(q.dtype)
     B, T, H, E = q.shape
     scale = 1.0 / math.sqrt(E)
-    pos = state["pos"]
     qq, kk, vv = (_bhte(a, acc) for a in (q, k, v))
-    new = {"pos": pos + T}
+    new = {}
     if window is None:
-        if is_traced(pos):
-            raise ValueError("windowed_attention: window=None grows the cache, so "
-                             "initial_state['pos'] must be a Python int")
+        # The reference's cache holds every earlier token: its length is the position.
         kc = jnp.concatenate([state["k"].astype(acc), kk], axis=2)
         vc = jnp.concatenate([state["v"].astype(acc), vv], axis=2)
-        mask = jnp.arange(pos + T)[None, :] <= pos + jnp.arange(T)[:, None]
+        start = state["k"].shape[2]
+        mask = jnp.arange(start + T)[None, :] <= start + jnp.arange(T)[:, None]
         parts = [dense_partial(qq, kc, vc, mask[None, None], scale)]
         new.update(k=kc, v=vc)
     else:
@@ -107,7 +121,7 @@ def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initi
         valid = jnp.broadcast_to((pos - W + jnp.arange(W + T)) >= 0, (B, W + T))
         parts = [banded_partial(qq, kx, vx, valid, W, scale)]
         new.update(k=refill_ring(kx, pos - W, pos + T, W), v=refill_ring(vx, pos - W, pos + T, W))
-    if fading:
+    if fading_k is not None:
         W = window
         fk, fv = _bhte(fading_k, acc), _bhte(fading_v, acc)
         fkx = jnp.concatenate([unroll_ring(state["fk"].astype(acc), pos, 2 * W), fk], axis=2)
@@ -116,18 +130,24 @@ def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initi
         parts.append(banded_partial(qq, fkx, fvx, valid, W, scale))
         new.update(fk=refill_ring(fkx, pos - 2 * W, pos + T, 2 * W),
                    fv=refill_ring(fvx, pos - 2 * W, pos + T, 2 * W))
-    o = jnp.swapaxes(combine(parts), 1, 2).astype(q.dtype)
-    return (o, new) if return_final_state else o
+    return jnp.swapaxes(combine(parts), 1, 2).astype(q.dtype), new
 
 
 def windowed_attention_step(q_t, k_t, v_t, state, window=None, fading_k_t=None, fading_v_t=None):
     """Streaming form: [B, H, E] inputs -> (o_t [B, H, E], state)."""
     _check_attention(q_t, k_t, v_t, fading_k_t, fading_v_t, window, state, True)
+    rings = {key: a for key, a in state.items() if key != "pos"}
+    o, rings = _windowed_step(q_t, k_t, v_t, fading_k_t, fading_v_t, rings,
+                              jnp.asarray(state["pos"]), window)
+    return o, {"pos": state["pos"] + 1, **rings}
+
+
+@functools.partial(jax.jit, static_argnums=(7,))
+def _windowed_step(q_t, k_t, v_t, fading_k_t, fading_v_t, state, pos, window):
     acc = acc_dtype(q_t.dtype)
     scale = 1.0 / math.sqrt(q_t.shape[-1])
-    pos = state["pos"]
     q, k, v = (a.astype(acc)[:, :, None] for a in (q_t, k_t, v_t))
-    new = {"pos": pos + 1}
+    new = {}
     if window is None:
         rk = jnp.concatenate([state["k"].astype(acc), k], axis=2)
         rv = jnp.concatenate([state["v"].astype(acc), v], axis=2)
@@ -157,6 +177,11 @@ def associative_readout(k, v, capacity=None):
     if k.ndim != 4 or tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"associative_readout: k and v must be [B, T, H, E] of one shape, got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
+    return _associative(k, v, capacity)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _associative(k, v, capacity):
     acc = acc_dtype(k.dtype)
     B, T, H, E = k.shape
     kk, vv = _bhte(k, acc), _bhte(v, acc)

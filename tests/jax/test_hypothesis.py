@@ -39,7 +39,7 @@ def layer_specs(draw):
     return S.bmojo(chunk=chunk, select=select, capacity=draw(st.integers(0, 3)), **kw)
 
 
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(spec=layer_specs(), B=st.integers(1, 2), T=st.integers(2, 9), data=st.data())
 def test_split_jax_calls_equal_reference(spec, B, T, data):
     a = data.draw(st.integers(1, T - 1), label="split")
