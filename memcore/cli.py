@@ -4,6 +4,7 @@
     memcore info                                               version, backends, libraries
     memcore mqar [--quick] [--out DIR] [--models M ...]        multi-query associative recall
     memcore lm --text FILE [--out DIR] [--models M ...]        byte-level LM, loss up to 4L
+    memcore moons [--out DIR]                                  Memory Mosaics' three moons
 """
 
 from __future__ import annotations
@@ -152,6 +153,29 @@ def cmd_lm(args) -> int:
     return 0
 
 
+def cmd_moons(args) -> int:
+    from dataclasses import replace
+
+    from memcore.tasks import moons
+
+    fields = {"steps": args.steps, "batch_size": args.batch, "length": args.length,
+              "eval_sequences": args.eval_sequences, "context_step": args.context_step}
+    try:
+        cfg = replace(moons.MoonsConfig(), **{k: v for k, v in fields.items() if v is not None})
+        results = moons.run(cfg, heads=tuple(args.heads), seed=args.seed, device=args.device,
+                            out_dir=args.out, backend=args.backend, log_every=args.log_every)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        print(f"memcore moons: {err}", file=sys.stderr)
+        return 2
+    print(f"held out: {results['held_out']}; trained on {', '.join(results['train_sets'])}")
+    print(moons.table(results))
+    print(f"wall time {results['seconds']:.0f} s")
+    if args.out:
+        print(f"results in {args.out}/results.json" +
+              (f", plot {results['plot']}" if results.get("plot") else ""))
+    return 0
+
+
 def _task_args(p, default_log_every: int = 50) -> None:
     """Options every training task shares."""
     p.add_argument("--out", metavar="DIR", help="write results, logs, checkpoints and plots here")
@@ -212,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--eval-windows", type=int, help="held-out windows of 4L bytes")
     p.set_defaults(func=cmd_lm)
+
+    p = sub.add_parser("moons", help="Memory Mosaics' three moons: 1 head vs 3 heads")
+    p.add_argument("--heads", nargs="+", type=int, default=[1, 3], help="default: 1 3")
+    p.add_argument("--out", metavar="DIR", help="write results and the plot here")
+    p.add_argument("--seed", type=int, default=100, help="default: 100 (the paper's)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--backend", default="torch", help="torch (jax: not yet supported)")
+    p.add_argument("--log-every", type=int, default=50, metavar="N")
+    p.add_argument("--steps", type=int, help="training steps (default 500)")
+    p.add_argument("--batch", type=int, help="batch size (default 64)")
+    p.add_argument("--length", type=int, help="sequence length (default 800)")
+    p.add_argument("--eval-sequences", type=int, help="sequences per evaluated set")
+    p.add_argument("--context-step", type=int, help="spacing of evaluated context lengths")
+    p.set_defaults(func=cmd_moons)
     return parser
 
 

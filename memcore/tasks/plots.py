@@ -67,3 +67,29 @@ def loss_by_position(results: dict, path: str, bucket: int = 8) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def moons_error(results: dict, path: str) -> str | None:
+    """25-step prediction error against context length, 1 head vs 3 heads, one panel per
+    period set, with its single periods (dotted) and LCM (dashed) marked."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    sets = list(results["marks"])
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], sets, strict=True):
+        for name, r in results["models"].items():
+            ax.plot(results["contexts"], r["error"][key], label=name)
+        marks = results["marks"][key]
+        for p in marks["periods"]:
+            ax.axvline(p, color="gray", ls=":", lw=0.8)
+        ax.axvline(marks["lcm"], color="k", ls="--", lw=0.8, label="LCM")
+        ax.set_title(f"periods {key}")
+        ax.set_xlabel("context length (steps)")
+        ax.set_ylabel("25-step mean |error|")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -36,7 +36,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 0
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    schedule: str = "cosine"  # or "linear"
     betas: tuple = (0.9, 0.999)
     seed: int = 0
     aux_weight: float = 0.1  # weight of the bmojo layers' innovation loss
@@ -58,6 +59,9 @@ class TrainConfig:
             raise ValueError("TrainConfig: steps must be >= 1, got 0")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"TrainConfig: lr must be a float > 0, got {self.lr!r}")
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"TrainConfig: schedule must be 'cosine' or 'linear', got "
+                             f"{self.schedule!r}")
         if self.checkpoint_every and not self.out_dir:
             raise ValueError("TrainConfig: checkpoint_every needs out_dir (where to write)")
 
@@ -87,12 +91,15 @@ def check_device(device: str) -> torch.device:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine from lr to lr * min_lr_ratio at ``cfg.steps``."""
+    """Linear warmup, then cosine (or linear) decay from lr to lr * min_lr_ratio at
+    ``cfg.steps``."""
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     span = max(1, cfg.steps - cfg.warmup)
     frac = min(1.0, (step - cfg.warmup) / span)
     floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return cfg.lr + (floor - cfg.lr) * frac
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
@@ -186,12 +193,14 @@ def _say(msg: str, quiet: bool) -> None:
 
 def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
           eval_fn: Callable | None = None, resume: bool = False, name: str = "model",
-          quiet: bool = False) -> dict:
+          quiet: bool = False, loss_fn: Callable | None = None) -> dict:
     """Train ``model`` for ``cfg.steps`` AdamW steps on ``batch_fn(step) -> (inputs, labels)``
     (numpy or torch int arrays, -100 where unlabelled). ``eval_fn(model) -> float`` is called
     every ``eval_every`` steps and at the end; training stops early once it exceeds
-    ``early_stop``. Returns {"losses": [...], "evals": [(step, metric)], "steps": n,
-    "metric": last metric, "seconds": wall time}."""
+    ``early_stop``. ``loss_fn(model, *batch) -> (total, reported)`` replaces the masked
+    cross-entropy (e.g. a regression loss; the batch then holds float arrays).
+    Returns {"losses": [...], "evals": [(step, metric)], "steps": n, "metric": last metric,
+    "seconds": wall time}."""
     dev = check_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(dev)
@@ -223,12 +232,13 @@ def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
     step = start
     model.train()
     while step < cfg.steps:
-        inputs, labels = batch_fn(step)
-        inputs = torch.as_tensor(inputs, device=dev)
-        labels = torch.as_tensor(labels, device=dev)
+        batch = [torch.as_tensor(a, device=dev) for a in batch_fn(step)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        total, ce = masked_loss(model, inputs, labels, cfg.aux_weight)
+        if loss_fn is None:
+            total, ce = masked_loss(model, *batch, cfg.aux_weight)
+        else:
+            total, ce = loss_fn(model, *batch)
         opt.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip:
