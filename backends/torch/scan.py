@@ -13,6 +13,7 @@ import torch
 from memcore.spec.reference.scan import _check_leaky, _check_scan_args
 
 from ._util import NEG_INF, acc_dtype, softplus
+from .ssm_scan import selective_scan_core
 
 CHUNK = 16  # steps per chunk: the intra-chunk decay matrix is L x L per (batch, channel, state)
 GROUP_ELEMENTS = 1 << 24  # decay-matrix elements per group of chunks (memory bound)
@@ -103,6 +104,28 @@ def _expand_streaming(M, Dc: int):
     return M[:, :, None].expand(Bt, G, Dc // G, N).reshape(Bt, Dc, N)
 
 
+def _time_first(M):
+    """[Bt, N, T] or [Bt, G, N, T] -> [T, Bt, G, N], contiguous rows per position."""
+    M = M[:, None] if M.ndim == 3 else M
+    return M.permute(3, 0, 1, 2).contiguous()
+
+
+def _scan(dt, w, A, B, C, h0):
+    """The O(T Dc N) scan of ``ssm_scan`` from the reference's layout: dt, w [Bt, Dc, T];
+    B, C [Bt, (G,) N, T]; A [Dc, N]; h0 [Bt, Dc, N] -> (y [Bt, Dc, T], h_T)."""
+    Bt, Dc, T = dt.shape
+    N = A.shape[1]
+    Bm, Cm = _time_first(B), _time_first(C)
+    G = Bm.shape[2]
+
+    def chan(a):  # [Bt, Dc, T] -> [T, Bt, G, Dc/G]
+        return a.permute(2, 0, 1).reshape(T, Bt, G, Dc // G).contiguous()
+
+    y, hT = selective_scan_core(chan(dt), chan(w), A.reshape(G, Dc // G, N), Bm, Cm,
+                                h0.reshape(Bt, G, Dc // G, N))
+    return y.reshape(T, Bt, Dc).permute(1, 2, 0), hT.reshape(Bt, Dc, N)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_final_state=False):
     """mamba-ssm's ``selective_scan_fn`` plus ``initial_state`` / ``return_final_state``.
@@ -120,17 +143,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         dt = dt + db[None, :, None]
     if delta_softplus:
         dt = softplus(dt)
-    B_ = B_[:, None] if B_.ndim == 3 else _expand_groups(B_, Dc)  # [Bt, Dc|1, N, T]
-    C_ = C_[:, None] if C_.ndim == 3 else _expand_groups(C_, Dc)
-    log_a = dt[:, :, None, :] * A_[None, :, :, None]  # [Bt, Dc, N, T]
-    b = (dt * u_)[:, :, None, :] * B_
     h0 = (torch.zeros(Bt, Dc, N, dtype=acc, device=u.device) if initial_state is None
           else initial_state.to(acc))
-
-    def readout(h, t0, t1):  # y_t = C_t . h_t, without keeping every h
-        return (h * C_[..., t0:t1]).sum(2)
-
-    y, hT = linear_recurrence(log_a, b, h0, readout)
+    if T == 0:
+        y = torch.zeros(Bt, Dc, 0, dtype=acc, device=u.device)
+        hT = h0
+    else:
+        y, hT = _scan(dt, dt * u_, A_, B_, C_, h0)
     if D_ is not None:
         y = y + D_[None, :, None] * u_
     if z_ is not None:
