@@ -75,6 +75,14 @@ def state_arrays(state, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
+def layer_state_arrays(layer, state) -> dict[str, np.ndarray]:
+    """``state_arrays`` of a state in the reference's format: a backend whose native state
+    differs (fixed-shape JAX caches) converts it with ``layer.to_reference_state(state)``."""
+    if hasattr(layer, "to_reference_state") and state is not None:
+        state = layer.to_reference_state(state)
+    return {"state." + k: v for k, v in state_arrays(state).items()}
+
+
 def relative_error(actual, expected) -> float:
     """max |actual - expected| / max |expected| (absolute where expected is all zero).
 
@@ -148,9 +156,8 @@ def check_forms_agree(layer, x, state=None, tolerance: float = TOLERANCE["refere
     """Contract 1: folding ``step`` over x gives the parallel form's outputs and final state."""
     y_par, s_par = layer(x, state)
     y_seq, s_seq = fold_steps(layer, x, state)
-    actual = {"y": y_seq, **{"state." + k: v for k, v in state_arrays(s_seq).items()}}
-    expected = {"y": to_numpy(y_par),
-                **{"state." + k: v for k, v in state_arrays(s_par).items()}}
+    actual = {"y": y_seq, **layer_state_arrays(layer, s_seq)}
+    expected = {"y": to_numpy(y_par), **layer_state_arrays(layer, s_par)}
     return compare("forms", actual, expected, tolerance, measure)
 
 
@@ -162,16 +169,14 @@ def check_split_agrees(layer, x, splits=None, state=None,
     T = x.shape[1]
     splits = range(1, T) if splits is None else splits
     y_full, s_full = layer(x, state)
-    expected = {"y": to_numpy(y_full),
-                **{"state." + k: v for k, v in state_arrays(s_full).items()}}
+    expected = {"y": to_numpy(y_full), **layer_state_arrays(layer, s_full)}
     worst = CheckResult("split", 0.0, tolerance)
     for a in splits:
         if not 0 < a < T:
             raise ValueError(f"check_split_agrees: splits must lie in 1..{T - 1}, got {a}")
         y1, s1 = layer(x[:, :a], state)
         y2, s2 = layer(x[:, a:], s1)
-        actual = {"y": _concat_time([y1, y2]),
-                  **{"state." + k: v for k, v in state_arrays(s2).items()}}
+        actual = {"y": _concat_time([y1, y2]), **layer_state_arrays(layer, s2)}
         res = compare("split", actual, expected, tolerance, measure)
         if not res.error <= worst.error:
             worst = res
@@ -188,13 +193,13 @@ def check_outputs_agree(layer, reference, x, state=None, ref_state=None,
     same input (``ref_x``: the input in the reference's array library, default ``x``)."""
     y, s = layer(x, state)
     y_ref, s_ref = reference(x if ref_x is None else ref_x, ref_state)
-    actual = {"y": to_numpy(y), **{"state." + k: v for k, v in state_arrays(s).items()}}
-    expected = {"y": to_numpy(y_ref),
-                **{"state." + k: v for k, v in state_arrays(s_ref).items()}}
+    actual = {"y": to_numpy(y), **layer_state_arrays(layer, s)}
+    expected = {"y": to_numpy(y_ref), **layer_state_arrays(reference, s_ref)}
     return compare("vs reference", actual, expected, tolerance, measure)
 
 
 __all__ = [
-    "TOLERANCE", "CheckResult", "to_numpy", "state_arrays", "relative_error", "relative_rmse",
+    "TOLERANCE", "CheckResult", "to_numpy", "state_arrays", "layer_state_arrays",
+    "relative_error", "relative_rmse",
     "compare", "fold_steps", "check_forms_agree", "check_split_agrees", "check_outputs_agree",
 ]
