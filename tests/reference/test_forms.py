@@ -90,7 +90,9 @@ def test_float32_follows_float64(spec_st, data):
     spec = data.draw(spec_st, label="spec")
     T = data.draw(st.integers(1, 12), label="T")
     seed = data.draw(st.integers(0, 2 ** 16), label="seed")
-    params = params64(spec, seed)
+    # memcore.init's values as they are: perturbed mosaic key scales sharpen the softmax to
+    # logits of ~1e3, where float32 rounding alone moves y by more than 1e-5.
+    params = params64(spec, seed, jitter=0.0)
     x = inputs(spec, 2, T, seed)
     y64, _ = forward(spec, params, x)
     p32 = {k: v.astype(np.float32) for k, v in params.items()}
