@@ -5,6 +5,7 @@
     memcore mqar [--quick] [--out DIR] [--models M ...]        multi-query associative recall
     memcore lm --text FILE [--out DIR] [--models M ...]        byte-level LM, loss up to 4L
     memcore moons [--out DIR]                                  Memory Mosaics' three moons
+    memcore regbench [--out DIR] [--models M ...]              in-context language learning
 """
 
 from __future__ import annotations
@@ -176,6 +177,31 @@ def cmd_moons(args) -> int:
     return 0
 
 
+def cmd_regbench(args) -> int:
+    from dataclasses import replace
+
+    from memcore.tasks import regbench
+
+    fields = {"steps": args.steps, "batch_size": args.batch, "train_dfas": args.train_dfas,
+              "test_dfas": args.test_dfas, "max_string_len": args.max_string_len,
+              "d_model": args.d_model}
+    try:
+        cfg = replace(regbench.RegBenchConfig(),
+                      **{k: v for k, v in fields.items() if v is not None})
+        results = regbench.run(args.models, cfg, seed=args.seed, device=args.device,
+                               out_dir=args.out, backend=args.backend,
+                               log_every=args.log_every)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        print(f"memcore regbench: {err}", file=sys.stderr)
+        return 2
+    print(regbench.table(results))
+    print(f"wall time {results['seconds']:.0f} s")
+    if args.out:
+        print(f"results in {args.out}/results.json" +
+              (f", plot {results['plot']}" if results.get("plot") else ""))
+    return 0
+
+
 def _task_args(p, default_log_every: int = 50) -> None:
     """Options every training task shares."""
     p.add_argument("--out", metavar="DIR", help="write results, logs, checkpoints and plots here")
@@ -250,6 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-sequences", type=int, help="sequences per evaluated set")
     p.add_argument("--context-step", type=int, help="spacing of evaluated context lengths")
     p.set_defaults(func=cmd_moons)
+
+    from memcore.tasks.regbench import MODELS as RB_MODELS
+
+    p = sub.add_parser("regbench", help="in-context language learning on random automata")
+    p.add_argument("--models", nargs="+", default=list(RB_MODELS), metavar="MODEL",
+                   help=f"default: all of {', '.join(RB_MODELS)}")
+    p.add_argument("--out", metavar="DIR", help="write results and the plot here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--backend", default="torch", help="torch (jax: not yet supported)")
+    p.add_argument("--log-every", type=int, default=50, metavar="N")
+    p.add_argument("--steps", type=int, help="training steps (default 400)")
+    p.add_argument("--batch", type=int, help="batch size (default 16)")
+    p.add_argument("--train-dfas", type=int, help="training automata (default 1000)")
+    p.add_argument("--test-dfas", type=int, help="test automata (default 100)")
+    p.add_argument("--max-string-len", type=int, help="longest string (default 49)")
+    p.add_argument("--d-model", type=int, help="model width (default 64)")
+    p.set_defaults(func=cmd_regbench)
     return parser
 
 

@@ -93,3 +93,22 @@ def moons_error(results: dict, path: str) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def regbench_bars(results: dict, path: str) -> str | None:
+    """Accuracy and TVD per model, side by side."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    names = list(results["models"])
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    for ax, key in zip(axes, ("accuracy", "tvd"), strict=True):
+        ax.bar(names, [results["models"][n][key] for n in names])
+        ax.set_ylabel(key if key == "accuracy" else "TVD (sum |p - q|)")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"RegBench, {results['config']['train_dfas']} training automata")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
