@@ -136,7 +136,10 @@ def scan_cases(draw):
         delta_softplus=draw(st.booleans()),
     )
     if not opt["delta_softplus"]:
-        delta = np.abs(delta)  # a negative step would make exp(dt A) grow
+        # a negative step dt = delta + delta_bias would make exp(dt A) grow
+        delta = np.abs(delta)
+        if opt["delta_bias"] is not None:
+            opt["delta_bias"] = np.abs(opt["delta_bias"])
     h0 = rng.standard_normal((Bt, Dc, N)) if draw(st.booleans()) else None
     return (u, delta, A, Bm, Cm), opt, h0
 
