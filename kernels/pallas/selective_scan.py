@@ -1,0 +1,256 @@
+"""Chunked selective scan (DESIGN 2.1) for JAX: forward in Pallas, backward through custom_vjp.
+
+    dt_t = delta_t + delta_bias (softplus if asked);  h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t
+    y_t  = h_t . C_t + D u_t, times silu(z_t) if z is given
+
+Forward: one program per (batch, group, tile of BD channels) holds h [BD, N] in registers (float32,
+or float64 for float64 inputs) and walks time in chunks of L steps: each chunk's inputs are loaded
+as [BD, L] / [N, L] tiles, stepped through in order, and its outputs stored as one [BD, L] tile.
+Grouped B and C ([B, G, N, T]) are read per group, never expanded to every channel. Shapes are
+padded to powers of two (the GPU lowering's tile rule); padded time steps get dt = 0, so they leave
+the state unchanged and the final state is exact.
+
+Backward: not a Pallas kernel. The gradient is the VJP of ``selective_scan_ref`` (a jitted
+``lax.scan`` in plain JAX), recomputed from the saved inputs; gradients reach every input,
+including ``initial_state``, and flow back from the final state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+CHUNK = 16  # time steps per loaded tile
+BLOCK_D = 32  # channels per program (at most)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _acc(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _softplus(x):
+    e = jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return jnp.where(x > 0, x + e, e)
+
+
+def _silu(x):
+    e = jnp.exp(-jnp.abs(x))
+    return x * jnp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _scan_kernel(*refs, T, L, n_chunks, softplus, has_z, acc):
+    if has_z:
+        u_ref, dt_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref = refs[:9]
+    else:
+        u_ref, dt_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref = refs[:8]
+        z_ref = None
+    y_ref, ht_ref = refs[-2:]
+    A = a_ref[...].astype(acc)  # [BD, N]
+    Dv = d_ref[...].astype(acc)  # [BD]
+    bias = bias_ref[...].astype(acc)
+    lane = lax.broadcasted_iota(jnp.int32, (1, L), 1)  # [1, L]
+
+    def chunk(c, h):
+        t0 = c * L
+        sl = pl.ds(t0, L)
+        u = u_ref[:, sl].astype(acc)  # [BD, L]
+        dt = dt_ref[:, sl].astype(acc) + bias[:, None]
+        if softplus:
+            dt = _softplus(dt)
+        dt = jnp.where(lane + t0 < T, dt, 0.0)  # padding leaves h alone
+        Bc = b_ref[:, sl].astype(acc)  # [N, L]
+        Cc = c_ref[:, sl].astype(acc)
+        du = dt * u
+
+        def step(i, carry):
+            h, ycols = carry
+            col = lane == i  # [1, L]
+            dt_i = jnp.sum(jnp.where(col, dt, 0.0), axis=1)  # [BD]
+            du_i = jnp.sum(jnp.where(col, du, 0.0), axis=1)
+            b_i = jnp.sum(jnp.where(col, Bc, 0.0), axis=1)  # [N]
+            c_i = jnp.sum(jnp.where(col, Cc, 0.0), axis=1)
+            h = jnp.exp(dt_i[:, None] * A) * h + du_i[:, None] * b_i[None, :]
+            y_i = jnp.sum(h * c_i[None, :], axis=1)  # [BD]
+            return h, jnp.where(col, y_i[:, None], ycols)
+
+        h, y = lax.fori_loop(0, L, step, (h, jnp.zeros_like(u)))
+        y = y + Dv[:, None] * u
+        if has_z:
+            y = y * _silu(z_ref[:, sl].astype(acc))
+        y_ref[:, sl] = y.astype(y_ref.dtype)
+        return h
+
+    h = lax.fori_loop(0, n_chunks, chunk, h0_ref[...].astype(acc))
+    ht_ref[...] = h.astype(ht_ref.dtype)
+
+
+def _pad(x, shape):
+    return jnp.pad(x, [(0, s - d) for s, d in zip(shape, x.shape, strict=True)])
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, interpret, poison):
+    """Runs the kernel. Returns y [Bt, Dc, T] in u's dtype and h_T [Bt, Dc, N] (accumulation)."""
+    Bt, Dc, T = u.shape
+    N = A.shape[1]
+    acc = _acc(u.dtype)
+    G = 1 if B.ndim == 3 else B.shape[1]
+    Dg = Dc // G
+    BD = min(BLOCK_D, _pow2(Dg))
+    Dgp = -(-Dg // BD) * BD
+    L = min(CHUNK, _pow2(T))
+    Tp = -(-T // L) * L
+    Np = _pow2(N)
+
+    def chan(x):  # [Bt, Dc, T] -> [Bt, G, Dgp, Tp]
+        return _pad(x.reshape(Bt, G, Dg, T), (Bt, G, Dgp, Tp))
+
+    def state(x):  # [Bt, N, T] or [Bt, G, N, T] -> [Bt, G, Np, Tp]
+        x = x if x.ndim == 4 else x[:, None]
+        return _pad(x, (Bt, G, Np, Tp))
+
+    has_z = z is not None
+    D = jnp.zeros((Dc,), acc) if D is None else D
+    delta_bias = jnp.zeros((Dc,), acc) if delta_bias is None else delta_bias
+    h0 = jnp.zeros((Bt, Dc, N), acc) if initial_state is None else initial_state
+    args = [chan(u), chan(delta)] + ([chan(z)] if has_z else []) + [
+        state(B), state(C),
+        _pad(A.reshape(G, Dg, N), (G, Dgp, Np)),
+        _pad(D.reshape(G, Dg), (G, Dgp)),
+        _pad(delta_bias.reshape(G, Dg), (G, Dgp)),
+        _pad(h0.reshape(Bt, G, Dg, N), (Bt, G, Dgp, Np)),
+    ]
+    sq = pl.squeezed
+    seq = pl.BlockSpec((sq, sq, BD, Tp), lambda b, g, d: (b, g, d, 0))
+    st = pl.BlockSpec((sq, sq, Np, Tp), lambda b, g, d: (b, g, 0, 0))
+    in_specs = [seq, seq] + ([seq] if has_z else []) + [
+        st, st,
+        pl.BlockSpec((sq, BD, Np), lambda b, g, d: (g, d, 0)),
+        pl.BlockSpec((sq, BD), lambda b, g, d: (g, d)),
+        pl.BlockSpec((sq, BD), lambda b, g, d: (g, d)),
+        pl.BlockSpec((sq, sq, BD, Np), lambda b, g, d: (b, g, d, 0)),
+    ]
+    out_shape = (jax.ShapeDtypeStruct((Bt, G, Dgp, Tp), u.dtype),
+                 jax.ShapeDtypeStruct((Bt, G, Dgp, Np), acc))
+    out_specs = (seq, pl.BlockSpec((sq, sq, BD, Np), lambda b, g, d: (b, g, d, 0)))
+    aliases = {}
+    if poison:
+        # NaN-filled output buffers: any element the kernel fails to write stays NaN.
+        n_in = len(args)
+        args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
+        in_specs += list(out_specs)
+        aliases = {n_in: 0, n_in + 1: 1}
+    kernel = functools.partial(_scan_kernel_poison if poison else _scan_kernel, T=T, L=L,
+                               n_chunks=Tp // L, softplus=softplus, has_z=has_z, acc=acc)
+    y, hT = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(Bt, G, Dgp // BD), in_specs=in_specs,
+        out_specs=out_specs, input_output_aliases=aliases, interpret=interpret,
+    )(*args)
+    y = y[:, :, :Dg, :T].reshape(Bt, Dc, T)
+    hT = hT[:, :, :Dg, :N].reshape(Bt, Dc, N)
+    return y, hT
+
+
+def _scan_kernel_poison(*refs, **kw):
+    # the two aliased NaN inputs sit before the outputs; the kernel never reads them
+    _scan_kernel(*(refs[:-4] + refs[-2:]), **kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _scan(u, delta, A, B, C, D, z, delta_bias, softplus, interpret, poison, initial_state):
+    return _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, interpret,
+                    poison)
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, interpret, poison, initial_state):
+    out = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, interpret,
+                   poison)
+    return out, (u, delta, A, B, C, D, z, delta_bias, initial_state)
+
+
+def _scan_bwd(softplus, interpret, poison, res, g):
+    u, delta, A, B, C, D, z, delta_bias, h0 = res
+
+    def f(u, delta, A, B, C, D, z, delta_bias, h0):
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, h0, True)
+
+    _, vjp = jax.vjp(f, u, delta, A, B, C, D, z, delta_bias, h0)
+    gy, gh = g
+    return vjp((gy, gh.astype(_acc(u.dtype))))
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_final_state=False, *, interpret=False,
+                   poison=False):
+    """mamba-ssm's ``selective_scan_fn`` plus an initial state, as a Pallas kernel.
+
+    u, delta, z: [Bt, Dc, T]; A: [Dc, N]; B, C: [Bt, N, T] or [Bt, G, N, T]; D, delta_bias: [Dc];
+    initial_state: [Bt, Dc, N]. Returns y [Bt, Dc, T] in u's dtype, and with
+    ``return_final_state`` also h_T [Bt, Dc, N] in the accumulation dtype (float32, or float64
+    for float64 inputs). ``interpret`` runs the kernel in the Pallas interpreter (any device);
+    ``poison`` hands the kernel NaN-filled output buffers (tests).
+    """
+    from memcore.spec.reference.scan import _check_scan_args
+
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
+    if u.shape[-1] == 0:
+        raise ValueError(f"selective_scan: u must have at least one time step, got shape "
+                         f"{tuple(u.shape)}")
+    acc = _acc(u.dtype)
+    h0 = (jnp.zeros((u.shape[0], u.shape[1], A.shape[1]), acc) if initial_state is None
+          else initial_state)
+    y, hT = _scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(interpret),
+                  bool(poison), h0)
+    return (y, hT) if return_final_state else y
+
+
+@functools.partial(jax.jit, static_argnums=(8, 10))
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False,
+                       initial_state=None, return_final_state=False):
+    """The same scan in plain JAX: a ``lax.scan`` over time, accumulating like the kernel."""
+    Bt, Dc, T = u.shape
+    N = A.shape[1]
+    acc = _acc(u.dtype)
+    dt = delta.astype(acc)
+    if delta_bias is not None:
+        dt = dt + delta_bias.astype(acc)[None, :, None]
+    if softplus:
+        dt = _softplus(dt)
+
+    def per_channel(M):  # [Bt, N, T] | [Bt, G, N, T] -> [T, Bt, Dc|1, N]
+        M = M.astype(acc)
+        if M.ndim == 3:
+            M = M[:, None]
+        else:
+            M = jnp.repeat(M, Dc // M.shape[1], axis=1)
+        return jnp.moveaxis(M, -1, 0)
+
+    uu = u.astype(acc)
+    h0 = (jnp.zeros((Bt, Dc, N), acc) if initial_state is None
+          else initial_state.astype(acc))
+    Af = A.astype(acc)
+
+    def step(h, xs):
+        dt_t, du_t, b_t, c_t = xs
+        h = jnp.exp(dt_t[..., None] * Af) * h + du_t[..., None] * b_t
+        return h, jnp.sum(h * c_t, axis=-1)
+
+    hT, ys = lax.scan(step, h0, (jnp.moveaxis(dt, -1, 0), jnp.moveaxis(dt * uu, -1, 0),
+                                 per_channel(B), per_channel(C)))
+    y = jnp.moveaxis(ys, 0, -1)
+    if D is not None:
+        y = y + D.astype(acc)[None, :, None] * uu
+    if z is not None:
+        y = y * _silu(z.astype(acc))
+    y = y.astype(u.dtype)
+    return (y, hT) if return_final_state else y

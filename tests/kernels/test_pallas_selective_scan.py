@@ -1,0 +1,129 @@
+"""Pallas selective scan against the reference (DESIGN 2.1) on JAX arrays: forward, final state
+and gradients, interpreted on the CPU on small awkward shapes, compiled on a GPU at a realistic
+size. Every kernel call gets NaN-filled output buffers (``poison=True``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+pytest.importorskip("jax.experimental.pallas")
+import jax.numpy as jnp  # noqa: E402
+
+from memcore.kernels.pallas.selective_scan import selective_scan  # noqa: E402
+from memcore.spec.reference.scan import selective_scan as reference  # noqa: E402
+
+TOL = {jnp.float64: 1e-9, jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
+ON_GPU = any(d.platform == "gpu" for d in jax.devices())
+gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Pallas needs a GPU; the interpreted "
+                                            "tests in this file are the CPU twins")
+
+
+def rel_rmse(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
+    if not np.isfinite(got).all():
+        return float("inf")  # NaN never passes
+    err = np.sqrt(np.mean((got - want) ** 2))
+    scale = np.sqrt(np.mean(want ** 2))
+    return float(err / scale) if scale > 0 else float(err)
+
+
+def check(name, got, want, dtype):
+    e = rel_rmse(got, want)
+    assert e <= TOL[dtype], f"{name}: relative RMSE {e:.3e} > {TOL[dtype]:.0e}"
+
+
+def inputs(Bt, Dc, T, N, G, dtype, seed=0, with_z=True):
+    r = np.random.default_rng(seed)
+
+    def f(*s, scale=1.0):
+        return jnp.asarray(scale * r.standard_normal(s), dtype)
+
+    bc = (Bt, N, T) if G is None else (Bt, G, N, T)
+    return dict(
+        u=f(Bt, Dc, T), delta=f(Bt, Dc, T, scale=0.5),
+        A=jnp.asarray(-np.exp(r.standard_normal((Dc, N))), jnp.float32 if dtype != jnp.float64
+                      else dtype),
+        B=f(*bc), C=f(*bc), D=f(Dc), z=f(Bt, Dc, T) if with_z else None, delta_bias=f(Dc),
+        initial_state=jnp.asarray(r.standard_normal((Bt, Dc, N)),
+                                  jnp.float64 if dtype == jnp.float64 else jnp.float32),
+    )
+
+
+# T = 1; T not a multiple of the chunk; odd channel and state widths; grouped B/C; more
+# channels than one program holds
+SHAPES = [(1, 3, 1, 1, None), (2, 5, 37, 3, None), (1, 6, 20, 5, 3), (1, 40, 9, 2, None)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_float64(shape):
+    x = inputs(*shape, jnp.float64)
+    y, h = selective_scan(**x, delta_softplus=True, return_final_state=True, interpret=True,
+                          poison=True)
+    y0, h0 = reference(**x, delta_softplus=True, return_final_state=True)
+    assert y.dtype == jnp.float64 and h.dtype == jnp.float64
+    check("y", y, y0, jnp.float64)
+    check("final state", h, h0, jnp.float64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_forward_low_precision(dtype):
+    x = inputs(2, 7, 19, 4, None, dtype, seed=1)
+    y, h = selective_scan(**x, delta_softplus=True, return_final_state=True, interpret=True,
+                          poison=True)
+    y0, h0 = reference(**x, delta_softplus=True, return_final_state=True)
+    assert y.dtype == dtype and h.dtype == jnp.float32
+    check("y", y, y0, dtype)
+    check("final state", h, h0, dtype)
+
+
+def test_optional_inputs_absent():
+    x = inputs(1, 4, 11, 3, None, jnp.float64, seed=2, with_z=False)
+    # without softplus a negative step would grow the state exponentially
+    x.update(D=None, delta_bias=None, initial_state=None, delta=jnp.abs(x["delta"]))
+    check("y", selective_scan(**x, interpret=True, poison=True), reference(**x), jnp.float64)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 2, None), (2, 5, 21, 3, None), (1, 4, 18, 3, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gradients(shape):
+    x = inputs(*shape, jnp.float64, seed=3)
+    r = np.random.default_rng(4)
+    gy = jnp.asarray(r.standard_normal(x["u"].shape))
+    gh = jnp.asarray(r.standard_normal(x["initial_state"].shape))
+    names = list(x)
+
+    def loss(fn, **kw):
+        def f(*args):
+            y, h = fn(**dict(zip(names, args, strict=True)), delta_softplus=True,
+                      return_final_state=True, **kw)
+            return jnp.sum(y * gy) + jnp.sum(h * gh)
+        return f
+
+    argnums = tuple(range(len(names)))
+    got = jax.grad(loss(selective_scan, interpret=True, poison=True), argnums)(*x.values())
+    want = jax.grad(loss(reference), argnums)(*x.values())
+    for name, g, w in zip(names, got, want, strict=True):
+        check(f"d{name}", g, w, jnp.float64)
+
+
+def test_bad_input_names_argument():
+    x = inputs(1, 4, 5, 3, None, jnp.float32)
+    x["A"] = x["A"][:3]
+    with pytest.raises(ValueError, match="A must be"):
+        selective_scan(**x, interpret=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_realistic(dtype):
+    x = inputs(2, 256, 1000, 16, None, dtype, seed=5)
+    y, h = selective_scan(**x, delta_softplus=True, return_final_state=True, poison=True)
+    y0, h0 = reference(**x, delta_softplus=True, return_final_state=True)
+    check("y", y, y0, dtype)
+    check("final state", h, h0, dtype)
+    g = jax.grad(lambda u: jnp.sum(selective_scan(**{**x, "u": u}).astype(jnp.float32)))(x["u"])
+    g0 = jax.grad(lambda u: jnp.sum(reference(**{**x, "u": u}).astype(jnp.float32)))(x["u"])
+    check("du", g, g0, dtype)
