@@ -1,8 +1,9 @@
 """Buffer allocation shared by the Triton kernels.
 
 Tests set ``MEMCORE_KERNELS_POISON=1`` so that every floating-point buffer a kernel writes
-starts as NaN: an element the kernel forgets to write then fails the comparison instead of
-passing by luck with whatever the allocator left there.
+starts as NaN, and every integer buffer at the type's most negative value: an element the kernel
+forgets to write then fails the comparison instead of passing by luck with whatever the
+allocator left there.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ def poisoned() -> bool:
 
 
 def empty(shape, dtype, device) -> torch.Tensor:
-    """An uninitialised buffer, or a NaN-filled one when poisoning is on."""
+    """An uninitialised buffer, or a poisoned one when poisoning is on."""
     if poisoned() and dtype.is_floating_point:
         return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    if poisoned() and dtype != torch.bool:
+        return torch.full(tuple(shape), torch.iinfo(dtype).min, dtype=dtype, device=device)
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
