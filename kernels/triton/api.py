@@ -6,9 +6,12 @@ the device (tests force the kernels on the CPU under ``TRITON_INTERPRET=1``). Th
 made per call from the tensor, never from what happened to import.
 
 The functions keep the signatures of ``memcore.spec.reference.ops`` (``selective_scan``,
-``leaky_average``, ``windowed_attention``), so a caller can swap them in; ``bmojo_attention``
+``leaky_average``, ``windowed_attention``, ``associative_readout``, ``store_top``,
+``store_merge``, ``innovation_scores``), so a caller can swap them in; ``bmojo_attention``
 adds the store source and has no torch-backend twin, so off the kernels it runs the plain
-reference loop of ``memcore.kernels.triton.bmojo_attention``.
+reference loop of ``memcore.kernels.triton.bmojo_attention``. ``innovation_select`` (the
+per-chunk selection and store merge of the bmojo layer) likewise runs the chunk loop of
+``memcore.kernels.triton.innovation_select`` over the torch store merge off the kernels.
 """
 
 from __future__ import annotations
@@ -153,3 +156,48 @@ def bmojo_attention(q, k, v, window, fading_k=None, fading_v=None, store_k=None,
     else:
         from .bmojo_attention import bmojo_attention_ref as kernel
     return kernel(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos)
+
+
+def associative_readout(k, v, capacity=None):
+    """DESIGN 2.5; see ``memcore.spec.reference.ops.associative_readout``."""
+    if kernels_enabled(k):
+        from .associative_readout import associative_readout as kernel
+    else:
+        kernel = _torch_ops().associative_readout
+    return kernel(k, v, capacity)
+
+
+def store_top(entries: dict, n: int) -> dict:
+    """DESIGN 2.4; see ``memcore.spec.reference.ops.store_top``."""
+    if kernels_enabled(entries["k"]):
+        from .innovation_select import store_top as kernel
+    else:
+        kernel = _torch_ops().store_top
+    return kernel(entries, n)
+
+
+def store_merge(a: dict, b: dict, n: int) -> dict:
+    """DESIGN 2.4; see ``memcore.spec.reference.ops.store_merge``."""
+    if kernels_enabled(a["k"]):
+        from .innovation_select import store_merge as kernel
+    else:
+        kernel = _torch_ops().store_merge
+    return kernel(a, b, n)
+
+
+def innovation_scores(x, s_prev, pred_weight):
+    """DESIGN 2.4; see ``memcore.spec.reference.ops.innovation_scores`` (a matmul: torch on
+    every device)."""
+    return _torch_ops().innovation_scores(x, s_prev, pred_weight)
+
+
+def innovation_select(tokens: dict, pos: int, chunk: int, select: int, store: dict,
+                      cand: dict):
+    """The per-chunk top-``select`` and the store merge over a call's tokens; see
+    ``memcore.kernels.triton.innovation_select.innovation_select``."""
+    from . import innovation_select as mod
+
+    if kernels_enabled(tokens["k"]):
+        return mod.innovation_select(tokens, pos, chunk, select, store, cand)
+    return mod.innovation_select_ref(tokens, pos, chunk, select, store, cand,
+                                     _torch_ops().store_merge)

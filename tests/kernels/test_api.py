@@ -8,7 +8,9 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
+import memcore.kernels.triton.associative_readout as readout_mod  # noqa: E402
 import memcore.kernels.triton.bmojo_attention as attn_mod  # noqa: E402
+import memcore.kernels.triton.innovation_select as select_mod  # noqa: E402
 import memcore.kernels.triton.leaky_average as leaky_mod  # noqa: E402
 import memcore.kernels.triton.selective_scan as scan_mod  # noqa: E402
 from kcheck import assert_close  # noqa: E402
@@ -128,3 +130,60 @@ def test_bmojo_attention_torch_path_is_the_plain_loop(monkeypatch):
     o = api.bmojo_attention(q, k, v, 2)
     assert calls == []
     assert_close("o", o, ops.windowed_attention(q, k, v, 2), F64)
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch"])
+def test_associative_readout_both_paths(mode, monkeypatch, device):
+    monkeypatch.setenv(api.ENV, mode)
+    calls = spy(monkeypatch, readout_mod, "associative_readout")
+    g = torch.Generator().manual_seed(4)
+    k, v = (torch.randn(2, 9, 2, 5, generator=g, dtype=F64).to(device) for _ in range(2))
+    for cap in (None, 3):
+        assert_close("y", api.associative_readout(k, v, cap), ops.associative_readout(k, v, cap),
+                     F64)
+    assert calls == (["associative_readout"] * 2 if mode == "triton" else [])
+
+
+def entry_set(B, H, S, E, device, g, pos):
+    """Entries with scores from {0, 1, 2} (ties); empty slots hold zeros, as a fresh store
+    does (which empty slot fills a gap is not part of the contract of the torch path)."""
+    filled = (pos >= 0).to(F64)
+    return {"k": torch.randn(B, H, S, E, generator=g, dtype=F64).mul(
+                filled[:, None, :, None]).to(device),
+            "v": torch.randn(B, H, S, E, generator=g, dtype=F64).mul(
+                filled[:, None, :, None]).to(device),
+            "score": torch.randint(0, 3, (B, S), generator=g).to(F64).mul(filled).to(device),
+            "pos": pos.to(device)}
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch"])
+def test_store_ops_both_paths(mode, monkeypatch, device):
+    monkeypatch.setenv(api.ENV, mode)
+    calls = spy(monkeypatch, select_mod, "top_indices")
+    g = torch.Generator().manual_seed(5)
+    a = entry_set(2, 2, 5, 3, device, g, torch.tensor([[4, -1, 9, 2, -1], [0, 1, 2, 3, 5]]))
+    b = entry_set(2, 2, 3, 3, device, g, torch.tensor([[11, 10, -1], [7, 6, 8]]))
+    for got, want in ((api.store_top(a, 4), ops.store_top(a, 4)),
+                      (api.store_merge(a, b, 6), ops.store_merge(a, b, 6))):
+        for f in want:
+            assert torch.equal(got[f], want[f]), f
+    assert len(calls) == (2 if mode == "triton" else 0)
+    x, s = (torch.randn(2, 4, 3, generator=g, dtype=F64).to(device) for _ in range(2))
+    w = torch.randn(3, 3, generator=g, dtype=F64).to(device)
+    assert_close("r", api.innovation_scores(x, s, w), ops.innovation_scores(x, s, w), F64)
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch"])
+def test_innovation_select_both_paths(mode, monkeypatch, device):
+    monkeypatch.setenv(api.ENV, mode)
+    calls = spy(monkeypatch, select_mod, "select_indices")
+    g = torch.Generator().manual_seed(6)
+    toks = entry_set(1, 2, 11, 3, device, g, torch.arange(11)[None])
+    store = entry_set(1, 2, 3, 3, device, g, torch.tensor([[-1, -1, -1]]))
+    cand = entry_set(1, 2, 2, 3, device, g, torch.tensor([[-1, -1]]))
+    got = api.innovation_select(toks, 0, 4, 2, store, cand)
+    want = select_mod.innovation_select_ref(toks, 0, 4, 2, store, cand, ops.store_merge)
+    for a, b in zip(got, want, strict=True):
+        for f in b:
+            assert torch.equal(a[f], b[f]), f
+    assert len(calls) == (1 if mode == "triton" else 0)
