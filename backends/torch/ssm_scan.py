@@ -27,36 +27,41 @@ GROUP_ELEMENTS = 1 << 23  # states kept at once by the backward (per group of ch
 
 
 def _chunk_len(T: int) -> int:
-    return max(1, math.isqrt(T - 1) + 1) if T > 1 else 1
+    return math.isqrt(T - 1) + 1 if T > 1 else 1
 
 
-def _pad(x, n: int):
-    if n == 0:
-        return x
-    return torch.cat([x, x.new_zeros(n, *x.shape[1:])], dim=0)
+def _by_position(x, L: int, nC: int):
+    """[T, ...] -> [L, nC, ...] (zero padded): row l holds position l of every chunk, one
+    contiguous block, so the loops below touch contiguous memory."""
+    pad = nC * L - x.shape[0]
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])], dim=0)
+    return x.reshape(nC, L, *x.shape[1:]).transpose(0, 1).contiguous()
 
 
-def _decay(dt_l, A):
-    return torch.exp(dt_l[..., None] * A)  # [..., G, Dg, N]
+def _from_position(x, T: int):
+    L, nC = x.shape[:2]
+    return x.transpose(0, 1).reshape(nC * L, *x.shape[2:])[:T]
 
 
-def _run(dt, w, A, Bm, Cm, h, y=None):
-    """Advance states h [nC, Bt, G, Dg, N] over the L positions of each chunk.
-    dt, w [nC, L, Bt, G, Dg]; Bm, Cm [nC, L, Bt, G, N]. Writes y [nC, L, Bt, G, Dg] when
-    given. Returns the end states."""
-    for l in range(dt.shape[1]):
-        h = torch.addcmul(w[:, l, ..., None] * Bm[:, l, :, :, None, :], _decay(dt[:, l], A), h)
-        if y is not None:
-            y[:, l] = (h @ Cm[:, l, :, :, :, None])[..., 0]
-    return h
+def _decay(dt_l, A, out):
+    """exp(dt_l A) [..., G, Dg, N] into ``out``. Buffers are reused row by row: fresh large
+    tensors cost page faults on CPU, which dominate these memory-bound loops."""
+    return torch.mul(dt_l[..., None], A, out=out).exp_()
+
+
+def _advance(h, a, w, Bm):
+    """h <- a h + w B, in place. h, a [..., Dg, N]; w [..., Dg]; Bm [..., N]."""
+    return h.mul_(a).addcmul_(w[..., None], Bm[..., None, :])
 
 
 def _carry(tot, ends, h0):
     """States entering each chunk: H_0 = h0, H_{c+1} = tot_c H_c + ends_c."""
-    H = [h0]
+    H = torch.empty_like(ends)
+    H[0] = h0
     for c in range(tot.shape[0] - 1):
-        H.append(torch.addcmul(ends[c], tot[c], H[-1]))
-    return torch.stack(H)
+        torch.addcmul(ends[c], tot[c], H[c], out=H[c + 1])
+    return H
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -65,82 +70,83 @@ class _SelectiveScan(torch.autograd.Function):
         T = dt.shape[0]
         L = _chunk_len(T)
         nC = -(-T // L)
-        pad = nC * L - T
         # dt = 0 (decay 1) and w = 0 leave the state unchanged over the padding.
-        dtc, wc, Bc, Cc = (_pad(a, pad).reshape(nC, L, *a.shape[1:]) for a in (dt, w, Bm, Cm))
-        tot = _decay(dtc.sum(1), A)  # decay over each whole chunk
+        dtc, wc, Bc, Cc = (_by_position(x, L, nC) for x in (dt, w, Bm, Cm))
         with torch.no_grad():
-            ends = _run(dtc, wc, A, Bc, Cc, torch.zeros_like(h0).expand(nC, *h0.shape))
-            H = _carry(tot, ends, h0)
-            y = dt.new_empty(nC, L, *dt.shape[1:])
-            _run(dtc, wc, A, Bc, Cc, H, y)
-            hT = torch.addcmul(ends[-1], tot[-1], H[-1])
+            tot = torch.exp(dtc.sum(0)[..., None] * A)  # decay over each whole chunk
+            # Level 1: every chunk from a zero start, all chunks at once.
+            h = torch.zeros(nC, *h0.shape, dtype=h0.dtype, device=h0.device)
+            a = torch.empty_like(h)
+            for l in range(L):
+                _advance(h, _decay(dtc[l], A, a), wc[l], Bc[l])
+            H = _carry(tot, h, h0)
+            hT = torch.addcmul(h[-1], tot[-1], H[-1])
+            # Level 3: again from the true entering states, reading y_t = C_t . h_t out.
+            h.copy_(H)
+            y = dt.new_empty(L, nC, *dt.shape[1:])
+            for l in range(L):
+                _advance(h, _decay(dtc[l], A, a), wc[l], Bc[l])
+                y[l] = torch.einsum("cbgdn,cbgn->cbgd", h, Cc[l])
         ctx.save_for_backward(dtc, wc, A, Bc, Cc, H, tot)
         ctx.T = T
-        return y.reshape(nC * L, *dt.shape[1:])[:T], hT
+        return _from_position(y, T), hT
 
     @staticmethod
     def backward(ctx, gy, ghT):
         dtc, wc, A, Bc, Cc, H, tot = ctx.saved_tensors
-        nC, L = dtc.shape[:2]
-        T = ctx.T
+        L, nC = dtc.shape[:2]
         if gy is None:
-            gy = dtc.new_zeros(T, *dtc.shape[2:])
+            gy = dtc.new_zeros(ctx.T, *dtc.shape[2:])
         if ghT is None:
             ghT = torch.zeros_like(H[0])
-        gyc = _pad(gy, nC * L - T).reshape(nC, L, *gy.shape[1:])
-        # Level 1, reversed: e after position 0 of a chunk is a_0 g_0 from a zero end.
+        gyc = _by_position(gy, L, nC)
         with torch.no_grad():
+            # Level 1, reversed: e after position 0 of a chunk is a_0 g_0 from a zero end.
             e = torch.zeros_like(H)
+            a = torch.empty_like(H)
             for l in range(L - 1, -1, -1):
-                g = torch.addcmul(e, gyc[:, l, ..., None], Cc[:, l, :, :, None, :])
-                e = _decay(dtc[:, l], A) * g
+                e.addcmul_(gyc[l][..., None], Cc[l][..., None, :]).mul_(_decay(dtc[l], A, a))
             # Level 2: E_c, the adjoint arriving at the end of chunk c from later chunks.
-            E = [ghT]
+            E = torch.empty_like(H)
+            E[-1] = ghT
             for c in range(nC - 1, 0, -1):
-                E.append(torch.addcmul(e[c], tot[c], E[-1]))
-            E = torch.stack(E[::-1])
+                torch.addcmul(e[c], tot[c], E[c], out=E[c - 1])
             gh0 = torch.addcmul(e[0], tot[0], E[0])
             grads = _backward_groups(dtc, wc, A, Bc, Cc, H, E, gyc)
-        gdt, gw, gA, gB, gC = grads
-        flat = (nC * L, *dtc.shape[2:])
-        flatn = (nC * L, *Bc.shape[2:])
-        return (gdt.reshape(flat)[:T], gw.reshape(flat)[:T], gA, gB.reshape(flatn)[:T],
-                gC.reshape(flatn)[:T], gh0)
+        T = ctx.T
+        return (*(_from_position(g, T) for g in grads[:2]), grads[2],
+                *(_from_position(g, T) for g in grads[3:]), gh0)
 
 
 def _backward_groups(dtc, wc, A, Bc, Cc, H, E, gyc):
     """Gradients from the entering states H and arriving adjoints E, per group of chunks:
-    states recomputed forward (kept for the group), then the adjoint run in reverse."""
-    nC, L = dtc.shape[:2]
+    states and decays recomputed forward (kept for the group, row by row), then the adjoint
+    run in reverse."""
+    L, nC = dtc.shape[:2]
     per_chunk = L * H[0].numel()
     step = max(1, min(nC, GROUP_ELEMENTS // max(1, per_chunk)))
     gdt, gw = torch.empty_like(dtc), torch.empty_like(wc)
     gB, gC = torch.empty_like(Bc), torch.empty_like(Cc)
-    gA = torch.zeros_like(A)
+    dlog_dt = torch.zeros_like(H[0])  # sum over positions and chunks of d(log a) * dt
     for c0 in range(0, nC, step):
         sl = slice(c0, min(nC, c0 + step))
-        dt, w, Bm, Cm, gy = dtc[sl], wc[sl], Bc[sl], Cc[sl], gyc[sl]
-        hs = [H[sl]]  # hs[l] is the state before position l
+        hs, decays = [H[sl]], []  # hs[l] is the state before position l
         for l in range(L):
-            hs.append(torch.addcmul(w[:, l, ..., None] * Bm[:, l, :, :, None, :],
-                                    _decay(dt[:, l], A), hs[-1]))
-        e = E[sl]
-        dlog_dt = torch.zeros_like(hs[0])  # sum over positions of d(log a) * dt
+            decays.append(_decay(dtc[l, sl], A, torch.empty_like(hs[0])))
+            hs.append(_advance(hs[-1].clone(), decays[-1], wc[l, sl], Bc[l, sl]))
+        e = E[sl].clone()
+        dlog = torch.empty_like(e)
         for l in range(L - 1, -1, -1):
-            h = hs[l + 1]
-            gy_l = gy[:, l]
-            gC[sl, l] = torch.einsum("cbgd,cbgdn->cbgn", gy_l, h)
-            g = torch.addcmul(e, gy_l[..., None], Cm[:, l, :, :, None, :])
-            gw[sl, l] = (g @ Bm[:, l, :, :, :, None])[..., 0]
-            gB[sl, l] = torch.einsum("cbgdn,cbgd->cbgn", g, w[:, l])
-            a = _decay(dt[:, l], A)
-            e = a * g
-            dlog = e * hs[l]  # d/d(log a_l) = g_l a_l h_{l-1}
-            gdt[sl, l] = (dlog * A).sum(-1)
-            dlog_dt.addcmul_(dlog, dt[:, l, ..., None])
-        gA += dlog_dt.sum((0, 1))
-    return gdt, gw, gA, gB, gC
+            gy_l = gyc[l, sl]
+            gC[l, sl] = torch.einsum("cbgd,cbgdn->cbgn", gy_l, hs[l + 1])
+            g = e.addcmul_(gy_l[..., None], Cc[l, sl][..., None, :])  # g_l, in e's memory
+            gw[l, sl] = torch.einsum("cbgdn,cbgn->cbgd", g, Bc[l, sl])
+            gB[l, sl] = torch.einsum("cbgdn,cbgd->cbgn", g, wc[l, sl])
+            e = g.mul_(decays[l])  # a_l g_l
+            torch.mul(e, hs[l], out=dlog)  # d/d(log a_l) = g_l a_l h_{l-1}
+            gdt[l, sl] = torch.einsum("cbgdn,gdn->cbgd", dlog, A)
+            dlog_dt += torch.einsum("cbgdn,cbgd->bgdn", dlog, dtc[l, sl])
+    return gdt, gw, dlog_dt.sum(0), gB, gC
 
 
 def selective_scan_core(dt, w, A, Bm, Cm, h0):
