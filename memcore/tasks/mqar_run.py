@@ -180,7 +180,7 @@ def run_one(name: str, cfg: MQARConfig, seed: int = 0, device: str = "cpu",
             "params": sum(p.numel() for p in model.parameters()),
             "steps": res["steps"], "seconds": round(res["seconds"], 1),
             "final_loss": res["losses"][-1] if res["losses"] else None,
-            "spec": spec.to_json() if hasattr(spec, "to_json") else repr(spec)}
+            "spec": json.loads(spec.to_json())}
 
 
 def full_plan(models) -> list:

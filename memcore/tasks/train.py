@@ -6,6 +6,10 @@ rate is a pure function of the step, and a checkpoint holds the model, the optim
 and step counts, and torch's RNG state. Continuing from a checkpoint therefore replays the same
 trajectory as an uninterrupted run.
 
+Under ``torchrun`` (WORLD_SIZE > 1) the loop runs data parallel: each rank trains on every
+world-th example of the step's batch, DistributedDataParallel averages the gradients, and rank 0
+alone writes logs and checkpoints.
+
 A checkpoint is one safetensors file: tensors ``model.<name>``, ``optim.<i>.<key>`` and
 ``rng.torch``; the scalars (step, optimizer hyperparameters, the run's config) as JSON in the
 file's metadata. It is written to a temporary file, then moved into place (``os.replace``).
@@ -114,13 +118,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-def masked_loss(model, inputs, labels, aux_weight: float):
+def masked_loss(model, inputs, labels, aux_weight: float, aux_source=None):
     """Cross-entropy at labelled positions only (logits computed only there), plus the
-    weighted aux loss. Returns (total, cross_entropy)."""
+    weighted aux loss (read from ``aux_source``, default ``model``). Returns
+    (total, cross_entropy)."""
     mask = labels != IGNORE
     logits = model(inputs, mask)
     ce = torch.nn.functional.cross_entropy(logits.float(), labels[mask])
-    aux = getattr(model, "aux_loss", None)
+    aux = getattr(model if aux_source is None else aux_source, "aux_loss", None)
     total = ce if aux is None or not aux_weight else ce + aux_weight * aux
     return total, ce
 
@@ -186,6 +191,18 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
 
 # -- the loop ------------------------------------------------------------------------------------
 
+def distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Under ``torchrun`` (WORLD_SIZE > 1) the process group is started
+    here: gloo on CPU, nccl on CUDA."""
+    dist = torch.distributed
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def _say(msg: str, quiet: bool) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -202,13 +219,19 @@ def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
     Returns {"losses": [...], "evals": [(step, metric)], "steps": n, "metric": last metric,
     "seconds": wall time}."""
     dev = check_device(cfg.device)
+    rank, world = distributed(dev)
+    quiet = quiet or rank != 0
     torch.manual_seed(cfg.seed)
     model.to(dev)
+    net = model
+    if world > 1:
+        # Each rank takes every world-th example of the step's batch; gradients are averaged.
+        net = torch.nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(model, cfg)
     log_path = ckpt_path = None
     if cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        log_path = os.path.join(cfg.out_dir, "log.jsonl") if rank == 0 else None
         ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT)
     start, losses, evals = 0, [], []
     if resume:
@@ -220,7 +243,7 @@ def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
         evals = [tuple(e) for e in meta["history"]["evals"]]
         _say(f"[{name}] resumed from {ckpt_path} at step {start}", quiet)
     elif log_path and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
+        os.remove(log_path)  # a fresh run starts a fresh log (only rank 0 writes it)
 
     def log(record: dict) -> None:
         if log_path:
@@ -232,13 +255,13 @@ def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
     step = start
     model.train()
     while step < cfg.steps:
-        batch = [torch.as_tensor(a, device=dev) for a in batch_fn(step)]
+        batch = [torch.as_tensor(a, device=dev)[rank::world] for a in batch_fn(step)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         if loss_fn is None:
-            total, ce = masked_loss(model, *batch, cfg.aux_weight)
+            total, ce = masked_loss(net, *batch, cfg.aux_weight, aux_source=model)
         else:
-            total, ce = loss_fn(model, *batch)
+            total, ce = loss_fn(net, *batch)
         opt.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip:
@@ -262,7 +285,8 @@ def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
             _say(f"[{name}] step {step} eval {metric:.4f}", quiet)
             log({"step": step, "eval": metric, "seconds": time.time() - t0})
             stop = cfg.early_stop is not None and metric > cfg.early_stop
-        if ckpt_path and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stop):
+        if ckpt_path and rank == 0 and cfg.checkpoint_every and (
+                step % cfg.checkpoint_every == 0 or stop):
             save_checkpoint(ckpt_path, model, opt, step, cfg,
                             {"losses": losses, "evals": evals})
         if stop:
