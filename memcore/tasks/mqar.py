@@ -17,6 +17,7 @@ import numpy as np
 
 IGNORE = -100
 POWER_A = 0.01
+BLOCK = 2048  # examples generated at a time
 
 
 def _int(name: str, value, minimum: int = 1) -> int:
@@ -51,9 +52,15 @@ def gap_probabilities(space: int, power_a: float = POWER_A) -> np.ndarray:
 
 
 def _distinct(rng: np.random.Generator, n: int, k: int, lo: int, hi: int) -> np.ndarray:
-    """n rows of k distinct ints from [lo, hi), each row a uniform draw without replacement."""
-    # Random keys then argsort = a uniform random permutation per row; its first k entries.
-    return lo + np.argsort(rng.random((n, hi - lo)), axis=1)[:, :k]
+    """n rows of k distinct ints from [lo, hi), each row a uniform draw without replacement,
+    in random order."""
+    # The k smallest of iid uniform keys form a uniform k-subset, and sorting them by key
+    # orders it uniformly at random; argpartition keeps this linear in hi - lo.
+    r = rng.random((n, hi - lo))
+    idx = np.argpartition(r, k - 1, axis=1)[:, :k] if k < hi - lo else \
+        np.broadcast_to(np.arange(hi - lo), (n, hi - lo))
+    order = np.argsort(np.take_along_axis(r, idx, axis=1), axis=1)
+    return lo + np.take_along_axis(idx, order, axis=1)
 
 
 def sample_gaps(rng: np.random.Generator, n: int, kv: int, space: int,
@@ -80,6 +87,10 @@ def generate(n: int, vocab_size: int, seq_len: int, num_kv_pairs: int, seed=0,
     if not isinstance(power_a, (int, float)) or not power_a > 0:
         raise ValueError(f"mqar: power_a must be a float > 0, got {power_a!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if n > BLOCK:  # bounded memory for large sets (100k examples x 4096 candidate keys)
+        parts = [generate(min(BLOCK, n - s), vocab_size, seq_len, num_kv_pairs, rng, power_a,
+                          random_non_queries) for s in range(0, n, BLOCK)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     V, L, kv = vocab_size, seq_len, num_kv_pairs
     half = V // 2
     keys = _distinct(rng, n, kv, 1, half)

@@ -115,3 +115,20 @@ def test_accuracy_per_example_then_mean():
     assert mqar.accuracy(pred, labels) == pytest.approx(0.75)  # not 5/6 (pooled)
     with pytest.raises(ValueError, match="must both be"):
         mqar.accuracy(pred[:, :5], labels)
+
+
+def test_distinct_draws_are_uniform_ordered_subsets():
+    n = 60_000
+    r = mqar._distinct(np.random.default_rng(0), n, 2, 3, 7)  # ordered pairs from {3..6}
+    assert r.min() >= 3 and r.max() < 7 and np.all(r[:, 0] != r[:, 1])
+    pairs, counts = np.unique(r, axis=0, return_counts=True)
+    assert len(pairs) == 12  # every ordered pair occurs
+    p = 1 / 12
+    assert np.all(np.abs(counts / n - p) < 5 * np.sqrt(p * (1 - p) / n))
+
+
+def test_blocks_give_the_same_law_and_layout():
+    x, y = mqar.generate(mqar.BLOCK + 5, 512, 32, 4, seed=0)
+    assert x.shape == (mqar.BLOCK + 5, 32)
+    assert np.all((y != mqar.IGNORE).sum(1) == 4)
+    assert not np.array_equal(x[:5], x[mqar.BLOCK:])  # blocks continue one random stream
