@@ -127,7 +127,7 @@ def _backward_groups(dtc, wc, A, Bc, Cc, H, E, gyc):
     step = max(1, min(nC, GROUP_ELEMENTS // max(1, per_chunk)))
     gdt, gw = torch.empty_like(dtc), torch.empty_like(wc)
     gB, gC = torch.empty_like(Bc), torch.empty_like(Cc)
-    dlog_dt = torch.zeros_like(H[0])  # sum over positions and chunks of d(log a) * dt
+    gA = torch.zeros_like(A)
     for c0 in range(0, nC, step):
         sl = slice(c0, min(nC, c0 + step))
         hs, decays = [H[sl]], []  # hs[l] is the state before position l
@@ -136,6 +136,8 @@ def _backward_groups(dtc, wc, A, Bc, Cc, H, E, gyc):
             hs.append(_advance(hs[-1].clone(), decays[-1], wc[l, sl], Bc[l, sl]))
         e = E[sl].clone()
         dlog = torch.empty_like(e)
+        # sum over positions of d(log a) * dt, per chunk: summed over chunks once at the end
+        dlog_dt = torch.zeros_like(e)
         for l in range(L - 1, -1, -1):
             gy_l = gyc[l, sl]
             gC[l, sl] = torch.einsum("cbgd,cbgdn->cbgn", gy_l, hs[l + 1])
@@ -144,9 +146,10 @@ def _backward_groups(dtc, wc, A, Bc, Cc, H, E, gyc):
             gB[l, sl] = torch.einsum("cbgdn,cbgd->cbgn", g, wc[l, sl])
             e = g.mul_(decays[l])  # a_l g_l
             torch.mul(e, hs[l], out=dlog)  # d/d(log a_l) = g_l a_l h_{l-1}
-            gdt[l, sl] = torch.einsum("cbgdn,gdn->cbgd", dlog, A)
-            dlog_dt += torch.einsum("cbgdn,cbgd->bgdn", dlog, dtc[l, sl])
-    return gdt, gw, dlog_dt.sum(0), gB, gC
+            dlog_dt.addcmul_(dlog, dtc[l, sl][..., None])
+            gdt[l, sl] = dlog.mul_(A).sum(-1)
+        gA += dlog_dt.sum((0, 1))
+    return gdt, gw, gA, gB, gC
 
 
 def selective_scan_core(dt, w, A, Bm, Cm, h0):
