@@ -1,0 +1,228 @@
+"""B'MOJO windowed attention (DESIGN 2.3, raw and fading sources) for JAX, forward in Pallas.
+
+One online softmax (scale 1/sqrt(E)) per query over
+
+    raw     keys at positions (t - W, t]          (k, v)
+    fading  keys at positions (t - 2W, t - W]     (fading_k, fading_v)
+
+Forward: one program per (batch, head, tile of BLOCK queries). It walks only the key tiles that
+can hold a visible key (two loops with bounds computed from the tile's first and last query),
+so the work is O(T W) and no T x T matrix is formed; with ``window=None`` (full causal attention)
+it walks every tile up to the diagonal. Accumulation is float32 (float64 for float64 inputs).
+
+Backward: not a Pallas kernel. The gradient is the VJP of ``bmojo_attention_ref``, a plain-JAX
+recomputation that is banded too: each query tile meets a gathered band of BLOCK + span keys
+(span = W, or 2W with the fading source), so memory stays O(T (BLOCK + 2W)) for a bounded window.
+
+Layouts: q [B, Tq, H, E]; k, v, fading_k, fading_v [B, Tk, H, E] with Tk >= Tq, key j at
+position pos - (Tk - Tq) + j, so a cache of earlier keys can precede the queries' own.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+BLOCK = 16  # queries per program and keys per tile
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _acc(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _attn_kernel(*refs, W, off, Tk, scale, fading, block, acc, precision):
+    if fading:
+        q_ref, k_ref, v_ref, fk_ref, fv_ref = refs[:5]
+    else:
+        (q_ref, k_ref, v_ref), fk_ref, fv_ref = refs[:3], None, None
+    o_ref = refs[-1]
+    i0 = pl.program_id(2) * block
+    q = q_ref[...].astype(acc)  # [BQ, E]
+    i = i0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)  # query rows [BQ, 1]
+    jj = lax.broadcasted_iota(jnp.int32, (1, block), 1)  # key columns [1, BK]
+
+    def visit(kr, vr, lo_off, hi_off):
+        """Keys j with i + off - hi_off < j <= i + off - lo_off (hi_off None: no lower bound)."""
+        first = 0 if hi_off is None else jnp.maximum(i0 + off - hi_off + 1, 0) // block
+        last = jnp.minimum(i0 + block - 1 + off - lo_off, Tk - 1) // block  # may be < first
+
+        def tile(t, carry):
+            m, l, o = carry
+            j = t * block + jj
+            kt = kr[pl.ds(t * block, block), :].astype(acc)
+            vt = vr[pl.ds(t * block, block), :].astype(acc)
+            s = jnp.dot(q, kt.T, precision=precision, preferred_element_type=acc) * scale
+            vis = (j <= i + off - lo_off) & (j < Tk)
+            if hi_off is not None:
+                vis = vis & (j > i + off - hi_off)
+            s = jnp.where(vis, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+            # a row with nothing visible yet keeps m = -inf: shift by 0 so exp gives 0, not NaN
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp(s - m_safe)
+            alpha = jnp.exp(m - m_safe)
+            l = l * alpha + jnp.sum(p, axis=1, keepdims=True)
+            o = o * alpha + jnp.dot(p, vt, precision=precision, preferred_element_type=acc)
+            return m_new, l, o
+
+        return lambda carry: lax.fori_loop(first, last + 1, tile, carry)
+
+    carry = (jnp.full((block, 1), -jnp.inf, acc), jnp.zeros((block, 1), acc),
+             jnp.zeros(q.shape, acc))
+    carry = visit(k_ref, v_ref, 0, W)(carry)
+    if fading:
+        carry = visit(fk_ref, fv_ref, W, 2 * W)(carry)
+    _, l, o = carry
+    o_ref[...] = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+
+
+def _pad_bhte(x, T, E):
+    """[B, T0, H, E0] -> [B, H, T, E] zero-padded."""
+    x = jnp.swapaxes(x, 1, 2)
+    return jnp.pad(x, [(0, 0), (0, 0), (0, T - x.shape[2]), (0, E - x.shape[3])])
+
+
+def _forward(q, k, v, fk, fv, window, interpret, poison, block):
+    B, Tq, H, E = q.shape
+    Tk = k.shape[1]
+    fading = fk is not None
+    Ep = _pow2(E)
+    Tqp = -(-Tq // block) * block
+    Tkp = -(-Tk // block) * block
+    acc = _acc(q.dtype)
+    sq = pl.squeezed
+    qspec = pl.BlockSpec((sq, sq, block, Ep), lambda b, h, t: (b, h, t, 0))
+    kspec = pl.BlockSpec((sq, sq, Tkp, Ep), lambda b, h, t: (b, h, 0, 0))
+    args = [_pad_bhte(q, Tqp, Ep)] + [_pad_bhte(a, Tkp, Ep)
+                                      for a in ((k, v, fk, fv) if fading else (k, v))]
+    in_specs = [qspec] + [kspec] * (len(args) - 1)
+    out_shape = jax.ShapeDtypeStruct((B, H, Tqp, Ep), q.dtype)
+    aliases = {}
+    if poison:
+        # a NaN-filled output buffer: any element the kernel fails to write stays NaN
+        aliases = {len(args): 0}
+        args.append(jnp.full(out_shape.shape, jnp.nan, q.dtype))
+        in_specs.append(qspec)
+    precision = lax.Precision.HIGHEST if acc == jnp.float32 else None
+    kernel = functools.partial(
+        _attn_kernel, W=window, off=Tk - Tq, Tk=Tk, scale=1.0 / math.sqrt(E), fading=fading,
+        block=block, acc=acc, precision=precision)
+    if poison:
+        kernel = functools.partial(_skip_alias, kernel)
+    o = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(B, H, Tqp // block), in_specs=in_specs,
+        out_specs=qspec, input_output_aliases=aliases, interpret=interpret,
+    )(*args)
+    return jnp.swapaxes(o[:, :, :Tq, :E], 1, 2)
+
+
+def _skip_alias(kernel, *refs):
+    # the aliased NaN buffer sits just before the output; the kernel never reads it
+    kernel(*(refs[:-2] + refs[-1:]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attention(q, k, v, fk, fv, window, interpret, poison, block):
+    return _forward(q, k, v, fk, fv, window, interpret, poison, block)
+
+
+def _attention_fwd(q, k, v, fk, fv, window, interpret, poison, block):
+    return _forward(q, k, v, fk, fv, window, interpret, poison, block), (q, k, v, fk, fv)
+
+
+def _attention_bwd(window, interpret, poison, block, res, g):
+    _, vjp = jax.vjp(lambda *a: bmojo_attention_ref(*a[:3], window, *a[3:], block=block), *res)
+    return vjp(g)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _check(q, k, v, window, fading_k, fading_v):
+    if q.ndim != 4:
+        raise ValueError(f"bmojo_attention: q must be [B, Tq, H, E], got shape {tuple(q.shape)}")
+    B, Tq, H, E = q.shape
+    if k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (B, H, E) or k.shape[1] < Tq:
+        raise ValueError(f"bmojo_attention: k must be [B={B}, Tk >= {Tq}, H={H}, E={E}], got "
+                         f"{tuple(k.shape)}")
+    for name, a in (("v", v), ("fading_k", fading_k), ("fading_v", fading_v)):
+        if a is not None and tuple(a.shape) != tuple(k.shape):
+            raise ValueError(f"bmojo_attention: {name} must have k's shape {tuple(k.shape)}, "
+                             f"got {tuple(a.shape)}")
+    if (fading_k is None) != (fading_v is None):
+        raise ValueError("bmojo_attention: give both fading_k and fading_v, or neither")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"bmojo_attention: window must be a positive int or None, got {window!r}")
+    if fading_k is not None and window is None:
+        raise ValueError("bmojo_attention: window must be an int when fading keys are given, "
+                         "got None")
+    if Tq == 0:
+        raise ValueError(f"bmojo_attention: q must hold at least one query, got {tuple(q.shape)}")
+
+
+def bmojo_attention(q, k, v, window, fading_k=None, fading_v=None, *, interpret=False,
+                    poison=False, block=BLOCK):
+    """One softmax over the raw window and, if given, the fading window (see module docstring).
+
+    Returns o [B, Tq, H, E] in q's dtype. ``interpret`` runs the Pallas interpreter (any device);
+    ``poison`` hands the kernel a NaN-filled output buffer (tests); ``block`` is the tile size, a
+    power of two (at least 16 when compiled for a GPU).
+    """
+    _check(q, k, v, window, fading_k, fading_v)
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"bmojo_attention: block must be a power of two, got {block}")
+    return _attention(q, k, v, fading_k, fading_v, window, bool(interpret), bool(poison),
+                      int(block))
+
+
+@functools.partial(jax.jit, static_argnums=(3,), static_argnames=("block",))
+def bmojo_attention_ref(q, k, v, window, fading_k=None, fading_v=None, *, block=BLOCK):
+    """The same function in plain JAX, banded: each tile of ``block`` queries gathers the
+    BLOCK + span keys it can see and runs one masked softmax over them."""
+    B, Tq, H, E = q.shape
+    Tk = k.shape[1]
+    off = Tk - Tq
+    acc = _acc(q.dtype)
+    span = Tk if window is None else (2 * window if fading_k is not None else window)
+    n = -(-Tq // block)
+    band = block + span - 1
+    # key index of band slot s for query tile t; slots before key 0 or past Tk are masked
+    t0 = jnp.arange(n)[:, None] * block
+    kidx = t0 + off - span + 1 + jnp.arange(band)[None, :]  # [n, band]
+    kok = (kidx >= 0) & (kidx < Tk)
+    kclip = jnp.clip(kidx, 0, Tk - 1)
+    qi = t0 + jnp.arange(block)[None, :]  # [n, block]
+    qok = qi < Tq
+    qp = jnp.pad(q.astype(acc), [(0, 0), (0, n * block - Tq), (0, 0), (0, 0)])
+    qt = qp.reshape(B, n, block, H, E)
+    rel = (qi[:, :, None] + off) - kidx[:, None, :]  # [n, block, band]: distance back in time
+    live = kok[:, None, :] & qok[:, :, None]
+    W = Tk if window is None else window
+    sources = [(k, v, (rel >= 0) & (rel < W) & live)]
+    if fading_k is not None:
+        sources.append((fading_k, fading_v, (rel >= W) & (rel < 2 * W) & live))
+    scale = 1.0 / math.sqrt(E)
+    scores, values = [], []
+    for kk, vv, mask in sources:
+        kb = jnp.take(kk.astype(acc), kclip, axis=1)  # [B, n, band, H, E]
+        vb = jnp.take(vv.astype(acc), kclip, axis=1)
+        s = jnp.einsum("bnqhe,bnkhe->bnhqk", qt, kb) * scale
+        scores.append(jnp.where(mask[None, :, None], s, -jnp.inf))
+        values.append(vb)
+    s = jnp.concatenate(scores, axis=-1)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - lax.stop_gradient(m))
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(den > 0, den, 1.0)
+    o = jnp.einsum("bnhqk,bnkhe->bnqhe", p, jnp.concatenate(values, axis=2))
+    return o.reshape(B, n * block, H, E)[:, :Tq].astype(q.dtype)

@@ -1,0 +1,119 @@
+"""Pallas B'MOJO attention (raw + fading windows) against
+``memcore.spec.reference.ops.windowed_attention`` on JAX arrays: forward and gradients,
+interpreted on the CPU on small awkward shapes, compiled on a GPU at a realistic size. Every
+kernel call gets a NaN-filled output buffer (``poison=True``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+pytest.importorskip("jax.experimental.pallas")
+import jax.numpy as jnp  # noqa: E402
+
+from memcore.kernels.pallas.bmojo_attention import bmojo_attention  # noqa: E402
+from memcore.spec.reference.ops import windowed_attention as reference  # noqa: E402
+
+TOL = {jnp.float64: 1e-9, jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
+ON_GPU = any(d.platform == "gpu" for d in jax.devices())
+gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Pallas needs a GPU; the interpreted "
+                                            "tests in this file are the CPU twins")
+
+
+def rel_rmse(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
+    if not np.isfinite(got).all():
+        return float("inf")  # NaN never passes
+    err = np.sqrt(np.mean((got - want) ** 2))
+    scale = np.sqrt(np.mean(want ** 2))
+    return float(err / scale) if scale > 0 else float(err)
+
+
+def check(name, got, want, dtype):
+    e = rel_rmse(got, want)
+    assert e <= TOL[dtype], f"{name}: relative RMSE {e:.3e} > {TOL[dtype]:.0e}"
+
+
+def qkv(B, T, H, E, fading, dtype, seed=0):
+    r = np.random.default_rng(seed)
+    arrs = [jnp.asarray(r.standard_normal((B, T, H, E)), dtype) for _ in range(5)]
+    return arrs if fading else arrs[:3] + [None, None]
+
+
+# (B, T, H, E, window, fading): T not a multiple of the tile; T = 1; T < W; odd head width;
+# full causal attention (window None); window of one token
+CASES = [(2, 37, 2, 5, 6, True), (1, 1, 1, 4, 3, True), (1, 9, 2, 3, 20, True),
+         (1, 20, 1, 3, None, False), (1, 23, 1, 4, 1, False)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_forward_float64(case):
+    *shape, window, fading = case
+    q, k, v, fk, fv = qkv(*shape, fading, jnp.float64)
+    o = bmojo_attention(q, k, v, window, fk, fv, interpret=True, poison=True)
+    assert o.dtype == jnp.float64
+    check("o", o, reference(q, k, v, window, fk, fv), jnp.float64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_forward_low_precision(dtype):
+    q, k, v, fk, fv = qkv(1, 26, 2, 6, True, dtype, seed=1)
+    o = bmojo_attention(q, k, v, 5, fk, fv, interpret=True, poison=True)
+    assert o.dtype == dtype
+    check("o", o, reference(q, k, v, 5, fk, fv), dtype)
+
+
+def test_key_tiles_outside_the_window_are_never_read():
+    # 16 queries after a cache of 48 keys, window 4: they see keys 45..63 (tiles 2 and 3 of 16),
+    # so NaN in tiles 0 and 1 must not reach the output
+    r = np.random.default_rng(2)
+    q = jnp.asarray(r.standard_normal((1, 16, 1, 4)))
+    k, v = (jnp.asarray(r.standard_normal((1, 64, 1, 4))) for _ in range(2))
+    o = bmojo_attention(q, k.at[:, :32].set(jnp.nan), v.at[:, :32].set(jnp.nan), 4,
+                        interpret=True, poison=True, block=16)
+    # the reference over the whole sequence, read at the last 16 positions
+    q_all = jnp.concatenate([jnp.zeros((1, 48, 1, 4)), q], axis=1)
+    want = reference(q_all, k, v, 4)[:, 48:]
+    check("o", o, want, jnp.float64)
+
+
+@pytest.mark.parametrize("case", [(1, 21, 2, 3, 4, True), (1, 12, 1, 5, None, False)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_gradients(case):
+    *shape, window, fading = case
+    q, k, v, fk, fv = qkv(*shape, fading, jnp.float64, seed=3)
+    g = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape))
+    args = (q, k, v, fk, fv) if fading else (q, k, v)
+    names = ("q", "k", "v", "fading_k", "fading_v")[:len(args)]
+
+    def loss(fn, **kw):
+        return lambda *a: jnp.sum(fn(*a[:3], window, *a[3:], **kw) * g)
+
+    argnums = tuple(range(len(args)))
+    got = jax.grad(loss(bmojo_attention, interpret=True, poison=True), argnums)(*args)
+    want = jax.grad(loss(reference), argnums)(*args)
+    for name, a, b in zip(names, got, want, strict=True):
+        check(f"d{name}", a, b, jnp.float64)
+
+
+def test_bad_input_names_argument():
+    q, k, v, _, _ = qkv(1, 4, 1, 4, False, jnp.float32)
+    with pytest.raises(ValueError, match="v must have"):
+        bmojo_attention(q, k, v[..., :3], 2, interpret=True)
+    with pytest.raises(ValueError, match="window must be"):
+        bmojo_attention(q, k, v, None, k, v, interpret=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_realistic(dtype):
+    q, k, v, fk, fv = qkv(2, 1000, 4, 64, True, dtype, seed=5)
+    o = bmojo_attention(q, k, v, 128, fk, fv, poison=True, block=64)
+    check("o", o, reference(q, k, v, 128, fk, fv), dtype)
+
+    def loss(fn, **kw):
+        return lambda q: jnp.sum(fn(q, k, v, 128, fk, fv, **kw).astype(jnp.float32))
+
+    check("dq", jax.grad(loss(bmojo_attention, block=64))(q), jax.grad(loss(reference))(q), dtype)
