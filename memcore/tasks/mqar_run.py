@@ -19,7 +19,7 @@ import torch
 from memcore import spec as S
 from memcore.tasks import mqar
 from memcore.tasks.stack import TaskLM
-from memcore.tasks.train import TrainConfig, check_backend, train
+from memcore.tasks.train import CHECKPOINT, TrainConfig, check_backend, train
 
 MODELS = ("bmojo", "mamba", "transformer", "transformer_window", "bmojo_f", "mosaic", "jamba")
 
@@ -172,6 +172,10 @@ def run_one(name: str, cfg: MQARConfig, seed: int = 0, device: str = "cpu",
                        eval_every=cfg.eval_every, early_stop=cfg.early_stop,
                        checkpoint_every=checkpoint_every, out_dir=out_dir, device=device)
     evaluate, x_test = evaluator(cfg, seed)
+    if resume and not (out_dir and os.path.exists(os.path.join(out_dir, CHECKPOINT))):
+        if not out_dir:
+            raise ValueError("--resume needs --out (the folder holding the checkpoints)")
+        resume = False  # this model had not written a checkpoint yet: it starts afresh
     res = train(model, _batches(cfg, seed), tcfg, eval_fn=evaluate, resume=resume, name=name,
                 quiet=quiet)
     model.to("cpu")

@@ -78,3 +78,14 @@ def test_full_mode_is_zoology_figure2():
     c = plan[0][1]
     assert (c.vocab_size, c.train_examples, c.test_examples, c.epochs, c.weight_decay,
             c.early_stop, c.short_conv) == (8192, 100_000, 3_000, 64, 0.1, 0.99, 0)
+
+
+def test_mqar_resume_continues_from_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    base = [*TINY, "--out", str(out), "--models", "transformer", "--checkpoint-every", "1"]
+    assert cli.main(["mqar", *base]) == 0
+    first = json.loads((out / "results.json").read_text())["models"]["transformer"]
+    assert cli.main(["mqar", *base, "--resume"]) == 0  # nothing left to train: same result
+    again = json.loads((out / "results.json").read_text())["models"]["transformer"]
+    assert again["accuracy"] == first["accuracy"] and again["final_loss"] == first["final_loss"]
+    assert cli.main(["mqar", *TINY, "--resume"]) == 2  # no --out: a clear error
