@@ -4,11 +4,11 @@ An entry set is a dict: ``k``, ``v`` [B, H, S, E]; ``score`` [B, S]; ``pos`` [B,
 < 0 marks an empty slot). Total order: filled before empty; higher score first; on equal score
 the later position first; empty slots by index.
 
-Why ``lax.sort`` rather than ``lax.top_k``: top_k breaks ties by lower index, and after a merge
-equal scores do not sit in position order, so top_k would need one packed key holding the score
-and the position, which does not fit in 64 bits for float64 scores. A lexicographic sort on
-(empty, -score, -position, index) is the exact order, and S is small (chunk + select, or
-capacity + select).
+Selection uses ``lax.top_k`` on an exact key: top_k breaks ties by lower index, and after a
+merge equal scores do not sit in position order, while a single packed (score, position) key
+would not fit in 64 bits for float64 scores. So the key is each entry's rank in the total
+order, counted by pairwise comparison (S is small: chunk + select, or capacity + select);
+ranks are distinct, so top_k sees no tie.
 """
 
 from __future__ import annotations
@@ -34,18 +34,26 @@ def concat(a: dict, b: dict) -> dict:
     return {f: jnp.concatenate([a[f], b[f]], axis=2 if f in ("k", "v") else 1) for f in FIELDS}
 
 
-def order(score, pos):
-    """Indices [B, S] of the entries in the total order."""
-    B, S = score.shape
-    filled = pos >= 0
+def ranks(score, pos):
+    """rank[b, i]: how many entries come before entry i in the total order, [B, S] int32.
+    Positions of filled entries are distinct, so ranks are a permutation of 0 .. S - 1."""
+    S = score.shape[1]
     sc = jax.lax.stop_gradient(score)
-    keys = (
-        (~filled).astype(jnp.int32),
-        jnp.where(filled, -sc, jnp.zeros((), sc.dtype)),
-        jnp.where(filled, -pos, 0).astype(POS_DTYPE),
-        jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
-    )
-    return jax.lax.sort(keys, dimension=1, num_keys=4)[3]
+    filled = pos >= 0
+    si, sj = sc[:, :, None], sc[:, None, :]  # i: the entry ranked, j: a competitor
+    pi, pj = pos[:, :, None], pos[:, None, :]
+    fi, fj = filled[:, :, None], filled[:, None, :]
+    idx = jnp.arange(S)
+    beats = ((fj & ~fi) | (fi & fj & ((sj > si) | ((sj == si) & (pj > pi))))
+             | (~fi & ~fj & (idx[None, :] < idx[:, None])[None]))
+    return jnp.sum(beats, axis=2, dtype=jnp.int32)
+
+
+def order(score, pos):
+    """Indices [B, S] of the entries in the total order. The key is the exact rank, so
+    ``lax.top_k`` (whose tie rule differs from the store's) never sees a tie."""
+    r = ranks(score, pos)
+    return jax.lax.top_k(-r, r.shape[1])[1]
 
 
 def top(entries: dict, n: int) -> dict:
