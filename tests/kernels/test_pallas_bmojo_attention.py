@@ -11,7 +11,6 @@ import pytest
 jax = pytest.importorskip("jax")
 pytest.importorskip("jax.experimental.pallas")
 import jax.numpy as jnp  # noqa: E402
-
 from memcore.kernels.pallas.bmojo_attention import bmojo_attention  # noqa: E402
 from memcore.spec.reference.ops import windowed_attention as reference  # noqa: E402
 

@@ -10,7 +10,6 @@ import pytest
 jax = pytest.importorskip("jax")
 pytest.importorskip("jax.experimental.pallas")
 import jax.numpy as jnp  # noqa: E402
-
 from memcore.kernels.pallas.selective_scan import selective_scan  # noqa: E402
 from memcore.spec.reference.scan import selective_scan as reference  # noqa: E402
 
