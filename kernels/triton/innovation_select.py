@@ -156,6 +156,12 @@ def _store_scan_kernel(store_score, store_pos, score, cand_score, pick_idx, pick
     tl.store(out_pos + b * M + im, p_st, mask=ok_m)
 
 
+def _cmp_dtype(*scores) -> torch.dtype:
+    """Scores are compared as float64 if any is, else as float32 (exact for every narrower
+    float, so the order and the ties are the same as in the input dtype)."""
+    return torch.float64 if any(s.dtype == torch.float64 for s in scores) else torch.float32
+
+
 def _block(n: int) -> int:
     return max(triton.next_power_of_2(max(n, 1)), MIN_BLOCK)
 
@@ -188,7 +194,7 @@ def top_indices(score_a, pos_a, score_b, pos_b, n):
         raise ValueError(f"{where}: n must be a non-negative int, got {n!r}")
     Bt, NA = score_a.shape
     NB = score_b.shape[1]
-    dt = torch.promote_types(score_a.dtype, score_b.dtype)
+    dt = _cmp_dtype(score_a, score_b)
     idx = empty((Bt, n), torch.int64, score_a.device)
     pos = empty((Bt, n), torch.int64, score_a.device)
     if Bt == 0 or n == 0:
@@ -281,7 +287,7 @@ def select_indices(score, pos, chunk, select, store_score, store_pos, cand_score
     first = min(chunk - pos % chunk, T)
     nch = 1 + triton.cdiv(T - first, chunk)
     nfull = nch if (pos + T) % chunk == 0 else nch - 1
-    dt = torch.promote_types(score.dtype, cand_score.dtype)
+    dt = _cmp_dtype(score, cand_score, store_score)
     score_c, cand_s = score.to(dt).contiguous(), cand_score.to(dt).contiguous()
     pick_idx = empty((Bt, nch, K), torch.int64, dev)
     pick_pos = empty((Bt, nch, K), torch.int64, dev)

@@ -61,6 +61,22 @@ def test_store_merge_matches_reference(Sa, fa, Sb, fb, n, device):
     same("merge", sel.store_merge(a, b, n), ops.store_merge(a, b, n))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_entries(dtype, device):
+    """Scores in a narrow float type: the same ties, so the same picks, as the reference."""
+    g = torch.Generator().manual_seed(11)
+    a = entries(2, 2, 6, 3, device, g, 4, dtype=dtype)
+    b = entries(2, 2, 5, 3, device, g, 5, pos_base=50, dtype=dtype)
+    same("merge", sel.store_merge(a, b, 7), ops.store_merge(a, b, 7))
+    toks, store, cand = (entries(2, 1, 13, 2, device, g, dtype=dtype),
+                         entries(2, 1, 3, 2, device, g, 2, pos_base=100, dtype=dtype),
+                         entries(2, 1, 2, 2, device, g, 0, dtype=dtype))
+    got = sel.innovation_select(toks, 0, 4, 2, store, cand)
+    want = sel.innovation_select_ref(toks, 0, 4, 2, store, cand, ops.store_merge)
+    for name, x, y in zip(("snapshots", "store", "candidates"), got, want, strict=True):
+        same(name, x, y)
+
+
 def pipeline_inputs(B, H, E, T, K, M, store_filled, cand_filled, pos, chunk, device, seed):
     g = torch.Generator().manual_seed(seed)
     toks = entries(B, H, T, E, device, g)
