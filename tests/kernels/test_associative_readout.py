@@ -43,9 +43,10 @@ def check(inp, capacity, dtype, seed=1):
 
 # (B, T, H, E, capacity): T = 1, T off the 16-row tile and over several tiles, odd head widths,
 # capacity 1, capacity 0 (reads nothing), capacity > T, a band narrower than a tile that
-# crosses tile edges, and no capacity.
+# crosses tile edges, and no capacity. Capacity 2 makes the last query a key tile reaches
+# (j + M) start a query tile of its own, so a short loop bound there shows.
 SHAPES = [(1, 1, 2, 4, None), (2, 21, 2, 5, None), (1, 37, 1, 3, 1), (1, 9, 2, 7, 0),
-          (1, 19, 1, 6, 50), (2, 40, 1, 17, 5)]
+          (1, 19, 1, 6, 50), (2, 40, 1, 17, 5), (1, 40, 1, 3, 2)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}E{}M{}".format(*s))
