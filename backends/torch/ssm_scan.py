@@ -44,10 +44,15 @@ def _from_position(x, T: int):
     return x.transpose(0, 1).reshape(nC * L, *x.shape[2:])[:T]
 
 
-def _decay(dt_l, A, out):
-    """exp(dt_l A) [..., G, Dg, N] into ``out``. Buffers are reused row by row: fresh large
-    tensors cost page faults on CPU, which dominate these memory-bound loops."""
-    return torch.mul(dt_l[..., None], A, out=out).exp_()
+LOG2E = 1.0 / math.log(2.0)
+SAVE_ELEMENTS = 1 << 27  # decays kept from the forward for the backward, at most
+
+
+def _decay(dt_l, A2, out=None):
+    """exp(dt_l A) [..., G, Dg, N] as exp2(dt_l A log2 e): exp2 is several times cheaper than
+    exp on CPU, and the decay dominates these loops. In ``out`` when given (buffers are
+    reused: fresh large tensors cost page faults on CPU)."""
+    return torch.mul(dt_l[..., None], A2, out=out).exp2_()
 
 
 def _advance(h, a, w, Bm):
@@ -73,27 +78,32 @@ class _SelectiveScan(torch.autograd.Function):
         # dt = 0 (decay 1) and w = 0 leave the state unchanged over the padding.
         dtc, wc, Bc, Cc = (_by_position(x, L, nC) for x in (dt, w, Bm, Cm))
         with torch.no_grad():
-            tot = torch.exp(dtc.sum(0)[..., None] * A)  # decay over each whole chunk
-            # Level 1: every chunk from a zero start, all chunks at once.
+            A2 = A * LOG2E
+            tot = _decay(dtc.sum(0), A2)  # decay over each whole chunk
+            # Level 1: every chunk from a zero start, all chunks at once. One decay row per
+            # in-chunk position, kept for level 3 (and the backward, within SAVE_ELEMENTS).
             h = torch.zeros(nC, *h0.shape, dtype=h0.dtype, device=h0.device)
-            a = torch.empty_like(h)
+            decays = []
             for l in range(L):
-                _advance(h, _decay(dtc[l], A, a), wc[l], Bc[l])
+                decays.append(_decay(dtc[l], A2))
+                _advance(h, decays[l], wc[l], Bc[l])
             H = _carry(tot, h, h0)
             hT = torch.addcmul(h[-1], tot[-1], H[-1])
             # Level 3: again from the true entering states, reading y_t = C_t . h_t out.
             h.copy_(H)
             y = dt.new_empty(L, nC, *dt.shape[1:])
             for l in range(L):
-                _advance(h, _decay(dtc[l], A, a), wc[l], Bc[l])
-                y[l] = torch.einsum("cbgdn,cbgn->cbgd", h, Cc[l])
+                _advance(h, decays[l], wc[l], Bc[l])
+                y[l] = (Cc[l][..., None, :] @ h.transpose(-1, -2))[..., 0, :]
         ctx.save_for_backward(dtc, wc, A, Bc, Cc, H, tot)
+        ctx.decays = decays if L * h.numel() <= SAVE_ELEMENTS else None
         ctx.T = T
         return _from_position(y, T), hT
 
     @staticmethod
     def backward(ctx, gy, ghT):
         dtc, wc, A, Bc, Cc, H, tot = ctx.saved_tensors
+        decays, ctx.decays = ctx.decays, None
         L, nC = dtc.shape[:2]
         if gy is None:
             gy = dtc.new_zeros(ctx.T, *dtc.shape[2:])
@@ -101,27 +111,29 @@ class _SelectiveScan(torch.autograd.Function):
             ghT = torch.zeros_like(H[0])
         gyc = _by_position(gy, L, nC)
         with torch.no_grad():
+            if decays is None:
+                A2 = A * LOG2E
+                decays = [_decay(dtc[l], A2) for l in range(L)]
             # Level 1, reversed: e after position 0 of a chunk is a_0 g_0 from a zero end.
             e = torch.zeros_like(H)
-            a = torch.empty_like(H)
             for l in range(L - 1, -1, -1):
-                e.addcmul_(gyc[l][..., None], Cc[l][..., None, :]).mul_(_decay(dtc[l], A, a))
+                e.addcmul_(gyc[l][..., None], Cc[l][..., None, :]).mul_(decays[l])
             # Level 2: E_c, the adjoint arriving at the end of chunk c from later chunks.
             E = torch.empty_like(H)
             E[-1] = ghT
             for c in range(nC - 1, 0, -1):
                 torch.addcmul(e[c], tot[c], E[c], out=E[c - 1])
             gh0 = torch.addcmul(e[0], tot[0], E[0])
-            grads = _backward_groups(dtc, wc, A, Bc, Cc, H, E, gyc)
+            grads = _backward_groups(decays, dtc, wc, A, Bc, Cc, H, E, gyc)
         T = ctx.T
         return (*(_from_position(g, T) for g in grads[:2]), grads[2],
                 *(_from_position(g, T) for g in grads[3:]), gh0)
 
 
-def _backward_groups(dtc, wc, A, Bc, Cc, H, E, gyc):
+def _backward_groups(decays, dtc, wc, A, Bc, Cc, H, E, gyc):
     """Gradients from the entering states H and arriving adjoints E, per group of chunks:
-    states and decays recomputed forward (kept for the group, row by row), then the adjoint
-    run in reverse."""
+    states recomputed forward (kept for the group, row by row), then the adjoint run in
+    reverse."""
     L, nC = dtc.shape[:2]
     per_chunk = L * H[0].numel()
     step = max(1, min(nC, GROUP_ELEMENTS // max(1, per_chunk)))
@@ -130,24 +142,23 @@ def _backward_groups(dtc, wc, A, Bc, Cc, H, E, gyc):
     gA = torch.zeros_like(A)
     for c0 in range(0, nC, step):
         sl = slice(c0, min(nC, c0 + step))
-        hs, decays = [H[sl]], []  # hs[l] is the state before position l
+        hs = [H[sl]]  # hs[l] is the state before position l
         for l in range(L):
-            decays.append(_decay(dtc[l, sl], A, torch.empty_like(hs[0])))
-            hs.append(_advance(hs[-1].clone(), decays[-1], wc[l, sl], Bc[l, sl]))
+            hs.append(_advance(hs[-1].clone(), decays[l][sl], wc[l, sl], Bc[l, sl]))
         e = E[sl].clone()
         dlog = torch.empty_like(e)
         # sum over positions of d(log a) * dt, per chunk: summed over chunks once at the end
         dlog_dt = torch.zeros_like(e)
         for l in range(L - 1, -1, -1):
             gy_l = gyc[l, sl]
-            gC[l, sl] = torch.einsum("cbgd,cbgdn->cbgn", gy_l, hs[l + 1])
+            gC[l, sl] = (gy_l[..., None, :] @ hs[l + 1])[..., 0, :]
             g = e.addcmul_(gy_l[..., None], Cc[l, sl][..., None, :])  # g_l, in e's memory
             gw[l, sl] = torch.einsum("cbgdn,cbgn->cbgd", g, Bc[l, sl])
-            gB[l, sl] = torch.einsum("cbgdn,cbgd->cbgn", g, wc[l, sl])
-            e = g.mul_(decays[l])  # a_l g_l
+            gB[l, sl] = (wc[l, sl][..., None, :] @ g)[..., 0, :]
+            e = g.mul_(decays[l][sl])  # a_l g_l
             torch.mul(e, hs[l], out=dlog)  # d/d(log a_l) = g_l a_l h_{l-1}
             dlog_dt.addcmul_(dlog, dtc[l, sl][..., None])
-            gdt[l, sl] = dlog.mul_(A).sum(-1)
+            gdt[l, sl] = torch.einsum("cbgdn,gdn->cbgd", dlog, A)
         gA += dlog_dt.sum((0, 1))
     return gdt, gw, gA, gB, gC
 

@@ -35,11 +35,14 @@ def _value_and_grads(impl, args, wy, wh, use_y=True, use_h=True):
     return y, h, torch.autograd.grad(loss, args)
 
 
-@pytest.mark.parametrize("T,groups,group_elements", [
-    (2, 0, ssm_scan.GROUP_ELEMENTS), (10, 2, 1), (37, 0, 1), (64, 3, 50), (81, 1, 10**9)])
-def test_float64_values_and_gradients(monkeypatch, T, groups, group_elements):
-    # A small group bound splits the backward into several groups of chunks.
+@pytest.mark.parametrize("T,groups,group_elements,save", [
+    (2, 0, ssm_scan.GROUP_ELEMENTS, True), (10, 2, 1, True), (37, 0, 1, False),
+    (64, 3, 50, True), (81, 1, 10**9, False)])
+def test_float64_values_and_gradients(monkeypatch, T, groups, group_elements, save):
+    # A small group bound splits the backward into several groups of chunks; without the
+    # forward's decays the backward recomputes them.
     monkeypatch.setattr(ssm_scan, "GROUP_ELEMENTS", group_elements)
+    monkeypatch.setattr(ssm_scan, "SAVE_ELEMENTS", ssm_scan.SAVE_ELEMENTS if save else 0)
     Dc = 6
     args = _args(T, 2, Dc, 3, T, groups)
     g = torch.Generator().manual_seed(1)
