@@ -4,8 +4,17 @@ and hypothesis profiles sized for CI's 2 cores."""
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 
 from hypothesis import HealthCheck, settings
+
+# Tests import with --import-mode=importlib (test files in different folders may share a
+# name); each folder's helper modules (kcheck, torchcheck, jaxcheck, plain, ...) are found here.
+_HERE = pathlib.Path(__file__).resolve().parent
+for _sub in sorted(p for p in _HERE.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+    if str(_sub) not in sys.path:
+        sys.path.insert(0, str(_sub))
 
 try:
     import jax
