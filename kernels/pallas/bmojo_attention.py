@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 BLOCK = 16  # queries per program and keys per tile
 
@@ -95,7 +96,7 @@ def _forward(q, k, v, fk, fv, window, interpret, poison, block):
     B, Tq, H, E = q.shape
     Tk = k.shape[1]
     fading = fk is not None
-    Ep = _pow2(E)
+    Ep = max(16, _pow2(E))  # tl.dot on GPUs wants tiles of at least 16
     Tqp = -(-Tq // block) * block
     Tkp = -(-Tk // block) * block
     acc = _acc(q.dtype)
@@ -121,6 +122,7 @@ def _forward(q, k, v, fk, fv, window, interpret, poison, block):
     o = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, H, Tqp // block), in_specs=in_specs,
         out_specs=qspec, input_output_aliases=aliases, interpret=interpret,
+        compiler_params=pl_triton.CompilerParams(num_warps=4),  # the Triton lowering on GPUs
     )(*args)
     return jnp.swapaxes(o[:, :, :Tq, :E], 1, 2)
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 CHUNK = 16  # time steps per loaded tile
 BLOCK_D = 32  # channels per program (at most)
@@ -152,6 +153,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, inter
     y, hT = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(Bt, G, Dgp // BD), in_specs=in_specs,
         out_specs=out_specs, input_output_aliases=aliases, interpret=interpret,
+        compiler_params=pl_triton.CompilerParams(num_warps=4),  # the Triton lowering on GPUs
     )(*args)
     y = y[:, :, :Dg, :T].reshape(Bt, Dc, T)
     hT = hT[:, :, :Dg, :N].reshape(Bt, Dc, N)

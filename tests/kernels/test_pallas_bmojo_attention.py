@@ -116,3 +116,13 @@ def test_compiled_realistic(dtype):
         return lambda q: jnp.sum(fn(q, k, v, 128, fk, fv, **kw).astype(jnp.float32))
 
     check("dq", jax.grad(loss(bmojo_attention, block=64))(q), jax.grad(loss(reference))(q), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_lowers_to_triton_for_gpu(dtype):
+    # Lowering for CUDA needs no GPU: it checks that the kernel is one the GPU lowering accepts
+    # (power-of-two tiles, supported primitives) before any GPU sees it.
+    q, k, v, fk, fv = qkv(1, 37, 2, 5, True, dtype, seed=6)
+    f = jax.jit(lambda q: bmojo_attention(q, k, v, 6, fk, fv, block=16))
+    text = f.trace(q).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text

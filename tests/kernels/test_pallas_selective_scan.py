@@ -126,3 +126,13 @@ def test_compiled_realistic(dtype):
     g = jax.grad(lambda u: jnp.sum(selective_scan(**{**x, "u": u}).astype(jnp.float32)))(x["u"])
     g0 = jax.grad(lambda u: jnp.sum(reference(**{**x, "u": u}).astype(jnp.float32)))(x["u"])
     check("du", g, g0, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_lowers_to_triton_for_gpu(dtype):
+    # Lowering for CUDA needs no GPU: it checks that the kernel is one the GPU lowering accepts
+    # (power-of-two tiles, supported primitives) before any GPU sees it.
+    x = inputs(2, 5, 37, 3, 1, dtype, seed=6)
+    f = jax.jit(lambda x: selective_scan(**x, delta_softplus=True, return_final_state=True))
+    text = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
