@@ -215,6 +215,13 @@ def _task_args(p, default_log_every: int = 50) -> None:
     p.add_argument("--log-every", type=int, default=default_log_every, metavar="N",
                    help="a progress line on stderr every N steps")
     p.add_argument("--steps", type=int, help="training steps (overrides the configuration)")
+    _threads_arg(p)
+
+
+def _threads_arg(p) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's choice; 1 is often fastest on a "
+                        "busy machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, help="sequence length (default 800)")
     p.add_argument("--eval-sequences", type=int, help="sequences per evaluated set")
     p.add_argument("--context-step", type=int, help="spacing of evaluated context lengths")
+    _threads_arg(p)
     p.set_defaults(func=cmd_moons)
 
     from memcore.tasks.regbench import MODELS as RB_MODELS
@@ -293,12 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-dfas", type=int, help="test automata (default 100)")
     p.add_argument("--max-string-len", type=int, help="longest string (default 49)")
     p.add_argument("--d-model", type=int, help="model width (default 64)")
+    _threads_arg(p)
     p.set_defaults(func=cmd_regbench)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            print(f"memcore {args.command}: --threads must be >= 1, got {threads}",
+                  file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(threads)
     return args.func(args)
 
 

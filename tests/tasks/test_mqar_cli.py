@@ -9,7 +9,8 @@ from memcore import cli
 from memcore.tasks import mqar_run
 
 TINY = ["--quick", "--steps", "2", "--seq-len", "16", "--kv", "2", "--vocab", "64",
-        "--batch", "4", "--test-examples", "8", "--d-model", "16", "--log-every", "1"]
+        "--batch", "4", "--test-examples", "8", "--d-model", "16", "--log-every", "1",
+        "--threads", "1"]
 
 
 def test_mqar_quick_tiny_writes_results(tmp_path, capsys):
@@ -62,6 +63,7 @@ def test_state_bytes_grow_only_for_unbounded_memories():
     (["--seq-len", "16", "--kv", "8"], "seq_len must be >= 4 \\* num_kv_pairs"),
     (["--backend", "jax"], "not yet supported"),
     (["--device", "nowhere"], "--device must be a torch device"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_mqar_bad_arguments(argv, message, capsys):
     assert cli.main(["mqar", *TINY, *argv]) == 2
