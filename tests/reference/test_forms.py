@@ -88,7 +88,7 @@ def test_float32_follows_float64(spec_st, data):
     within DESIGN's float32 bound (relative RMSE <= 1e-5) of the float64 one, in both forms.
     A float16 input returns float16 with a float32 state."""
     spec = data.draw(spec_st, label="spec")
-    T = data.draw(st.integers(1, 12), label="T")
+    T = data.draw(st.integers(1, 8), label="T")
     seed = data.draw(st.integers(0, 2 ** 16), label="seed")
     # memcore.init's values as they are: perturbed mosaic key scales sharpen the softmax to
     # logits of ~1e3, where float32 rounding alone moves y by more than 1e-5.
