@@ -5,6 +5,8 @@ A ``State`` is an equinox module: ``pos`` a 0-d int32 array (so a jitted ``step`
 once and ``lax.scan`` can carry it), ``arrays`` a dict of arrays (a model's holds ``layers``
 and optionally ``ffn``, tuples of layer dicts), and ``spec_id`` a static string. Growing
 caches (transformer with window=None, mosaic with capacity=None) have ``max_len`` slots.
+To differentiate with respect to a state, differentiate its float arrays (``pos`` and the
+store positions are integers), or use ``equinox.filter_grad``.
 """
 
 from __future__ import annotations
