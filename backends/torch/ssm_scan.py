@@ -144,7 +144,8 @@ def _backward_groups(decays, dtc, wc, A, Bc, Cc, H, E, gyc):
         sl = slice(c0, min(nC, c0 + step))
         hs = [H[sl]]  # hs[l] is the state before position l
         for l in range(L):
-            hs.append(_advance(hs[-1].clone(), decays[l][sl], wc[l, sl], Bc[l, sl]))
+            h = torch.mul(hs[-1], decays[l][sl])
+            hs.append(h.addcmul_(wc[l, sl][..., None], Bc[l, sl][..., None, :]))
         e = E[sl].clone()
         dlog = torch.empty_like(e)
         # sum over positions of d(log a) * dt, per chunk: summed over chunks once at the end
