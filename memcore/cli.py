@@ -119,7 +119,8 @@ def cmd_mqar(args) -> int:
         results = mqar_run.run(args.models, quick=args.quick, seed=args.seed,
                                device=args.device, out_dir=args.out, overrides=overrides,
                                resume=args.resume, checkpoint_every=args.checkpoint_every,
-                               backend=args.backend, log_every=args.log_every)
+                               backend=args.backend, log_every=args.log_every,
+                               jobs=args.jobs)
     except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
         print(f"memcore mqar: {err}", file=sys.stderr)
         return 2
@@ -254,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--test-examples", type=int, help="examples in the test set")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N models at a time, each in its own single-thread process")
     p.set_defaults(func=cmd_mqar)
 
     from memcore.tasks.lm import MODELS as LM_MODELS

@@ -13,9 +13,15 @@ TINY = ["--quick", "--steps", "2", "--seq-len", "16", "--kv", "2", "--vocab", "6
         "--threads", "1"]
 
 
+def _overrides():
+    return {"steps": 2, "seq_len": 16, "num_kv_pairs": 2, "vocab_size": 64, "batch_size": 4,
+            "test_examples": 8, "d_model": 16}
+
+
 def test_mqar_quick_tiny_writes_results(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["mqar", *TINY, "--out", str(out)]) == 0
+    # two single-thread worker processes; results come back in the order asked for
+    assert cli.main(["mqar", *TINY, "--out", str(out), "--jobs", "2"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert list(res["models"]) == list(mqar_run.MODELS)
     for name, r in res["models"].items():
@@ -33,6 +39,11 @@ def test_mqar_quick_tiny_writes_results(tmp_path, capsys):
     assert [r["step"] for r in logs if "loss" in r] == [1, 2]
     printed = capsys.readouterr()
     assert "deviations from Zoology" in printed.err and "bmojo" in printed.out
+    # a worker process's model equals the same model trained here
+    here = mqar_run.run(["transformer"], overrides=_overrides(), quiet=True)
+    assert here["models"]["transformer"]["accuracy"] == res["models"]["transformer"]["accuracy"]
+    assert here["models"]["transformer"]["final_loss"] == pytest.approx(
+        res["models"]["transformer"]["final_loss"], rel=1e-5)  # thread count changes sums
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "mqar.png").stat().st_size > 0
 
@@ -64,6 +75,7 @@ def test_state_bytes_grow_only_for_unbounded_memories():
     (["--backend", "jax"], "not yet supported"),
     (["--device", "nowhere"], "--device must be a torch device"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--jobs", "0"], "--jobs must be an int >= 1"),
 ])
 def test_mqar_bad_arguments(argv, message, capsys):
     assert cli.main(["mqar", *TINY, *argv]) == 2
