@@ -1,21 +1,26 @@
-"""B'MOJO windowed attention (DESIGN 2.3, raw and fading sources) for JAX, forward in Pallas.
+"""B'MOJO windowed attention (DESIGN 2.3 and 2.4) for JAX, forward in Pallas.
 
 One online softmax (scale 1/sqrt(E)) per query over
 
     raw     keys at positions (t - W, t]          (k, v)
     fading  keys at positions (t - 2W, t - W]     (fading_k, fading_v)
+    store   entries of the snapshot of t's chunk with position p <= t - W  (store_k, store_v)
 
 Forward: one program per (batch, head, tile of BLOCK queries). It walks only the key tiles that
-can hold a visible key (two loops with bounds computed from the tile's first and last query),
+can hold a visible key (loops with bounds computed from the tile's first and last query) and
+only the store snapshots of the chunks the tile's queries fall in,
 so the work is O(T W) and no T x T matrix is formed; with ``window=None`` (full causal attention)
 it walks every tile up to the diagonal. Accumulation is float32 (float64 for float64 inputs).
 
 Backward: not a Pallas kernel. The gradient is the VJP of ``bmojo_attention_ref``, a plain-JAX
 recomputation that is banded too: each query tile meets a gathered band of BLOCK + span keys
-(span = W, or 2W with the fading source), so memory stays O(T (BLOCK + 2W)) for a bounded window.
+(span = W, or 2W with the fading source) and each query its snapshot's M entries, so memory
+stays O(T (BLOCK + 2W + M)) for a bounded window.
 
 Layouts: q [B, Tq, H, E]; k, v, fading_k, fading_v [B, Tk, H, E] with Tk >= Tq, key j at
-position pos - (Tk - Tq) + j, so a cache of earlier keys can precede the queries' own.
+position pos - (Tk - Tq) + j, so a cache of earlier keys can precede the queries' own;
+store_k, store_v [B, H, S, M, E] with store_pos [B, S, M] (negative: empty slot), snapshot s
+serving the queries of chunk pos // chunk + s (the layout of the Triton kernel).
 """
 
 from __future__ import annotations
@@ -40,48 +45,70 @@ def _acc(dtype):
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
-def _attn_kernel(*refs, W, off, Tk, scale, fading, block, acc, precision):
-    if fading:
-        q_ref, k_ref, v_ref, fk_ref, fv_ref = refs[:5]
-    else:
-        (q_ref, k_ref, v_ref), fk_ref, fv_ref = refs[:3], None, None
+def _attn_kernel(*refs, W, off, Tk, scale, fading, store, pos, C, S, block, acc, precision):
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs[:3]
+    fk_ref, fv_ref = refs[3:5] if fading else (None, None)
+    sk_ref, sv_ref, sp_ref = refs[-4:-1] if store else (None, None, None)
     o_ref = refs[-1]
     i0 = pl.program_id(2) * block
     q = q_ref[...].astype(acc)  # [BQ, E]
     i = i0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)  # query rows [BQ, 1]
     jj = lax.broadcasted_iota(jnp.int32, (1, block), 1)  # key columns [1, BK]
 
-    def visit(kr, vr, lo_off, hi_off):
+    def update(carry, s, vis, vt):
+        """One online-softmax step over the scores s [BQ, BK] where vis holds."""
+        m, l, o = carry
+        s = jnp.where(vis, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        # a row with nothing visible yet keeps m = -inf: shift by 0 so exp gives 0, not NaN
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_safe)
+        alpha = jnp.exp(m - m_safe)
+        l = l * alpha + jnp.sum(p, axis=1, keepdims=True)
+        o = o * alpha + jnp.dot(p, vt, precision=precision, preferred_element_type=acc)
+        return m_new, l, o
+
+    def scores(kt):
+        return jnp.dot(q, kt.T, precision=precision, preferred_element_type=acc) * scale
+
+    def visit(kr, vr, lo_off, hi_off, carry):
         """Keys j with i + off - hi_off < j <= i + off - lo_off (hi_off None: no lower bound)."""
         first = 0 if hi_off is None else jnp.maximum(i0 + off - hi_off + 1, 0) // block
         last = jnp.minimum(i0 + block - 1 + off - lo_off, Tk - 1) // block  # may be < first
 
         def tile(t, carry):
-            m, l, o = carry
             j = t * block + jj
             kt = kr[pl.ds(t * block, block), :].astype(acc)
             vt = vr[pl.ds(t * block, block), :].astype(acc)
-            s = jnp.dot(q, kt.T, precision=precision, preferred_element_type=acc) * scale
             vis = (j <= i + off - lo_off) & (j < Tk)
             if hi_off is not None:
                 vis = vis & (j > i + off - hi_off)
-            s = jnp.where(vis, s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            # a row with nothing visible yet keeps m = -inf: shift by 0 so exp gives 0, not NaN
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp(s - m_safe)
-            alpha = jnp.exp(m - m_safe)
-            l = l * alpha + jnp.sum(p, axis=1, keepdims=True)
-            o = o * alpha + jnp.dot(p, vt, precision=precision, preferred_element_type=acc)
-            return m_new, l, o
+            return update(carry, scores(kt), vis, vt)
 
-        return lambda carry: lax.fori_loop(first, last + 1, tile, carry)
+        return lax.fori_loop(first, last + 1, tile, carry)
+
+    def visit_store(carry):
+        """The snapshots serving this tile's chunks: slot p visible from t if 0 <= p <= t - W."""
+        s_q = (pos + i) // C - pos // C  # [BQ, 1]
+        first = (pos + i0) // C - pos // C
+        last = jnp.minimum((pos + i0 + block - 1) // C - pos // C, S - 1)
+
+        def snapshot(sn, carry):
+            sp = sp_ref[sn, :][None, :]  # [1, M]
+            vis = (sp >= 0) & (sp <= pos + i - W) & (s_q == sn)
+            return update(carry, scores(sk_ref[sn, :, :].astype(acc)), vis,
+                          sv_ref[sn, :, :].astype(acc))
+
+        return lax.fori_loop(first, last + 1, snapshot, carry)
 
     carry = (jnp.full((block, 1), -jnp.inf, acc), jnp.zeros((block, 1), acc),
              jnp.zeros(q.shape, acc))
-    carry = visit(k_ref, v_ref, 0, W)(carry)
+    carry = visit(k_ref, v_ref, 0, W, carry)
     if fading:
-        carry = visit(fk_ref, fv_ref, W, 2 * W)(carry)
+        carry = visit(fk_ref, fv_ref, W, 2 * W, carry)
+    if store:
+        carry = visit_store(carry)
     _, l, o = carry
     o_ref[...] = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
 
@@ -92,10 +119,10 @@ def _pad_bhte(x, T, E):
     return jnp.pad(x, [(0, 0), (0, 0), (0, T - x.shape[2]), (0, E - x.shape[3])])
 
 
-def _forward(q, k, v, fk, fv, window, interpret, poison, block):
+def _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block):
     B, Tq, H, E = q.shape
     Tk = k.shape[1]
-    fading = fk is not None
+    fading, store = fk is not None, sk is not None
     Ep = max(16, _pow2(E))  # tl.dot on GPUs wants tiles of at least 16
     Tqp = -(-Tq // block) * block
     Tkp = -(-Tk // block) * block
@@ -106,18 +133,27 @@ def _forward(q, k, v, fk, fv, window, interpret, poison, block):
     args = [_pad_bhte(q, Tqp, Ep)] + [_pad_bhte(a, Tkp, Ep)
                                       for a in ((k, v, fk, fv) if fading else (k, v))]
     in_specs = [qspec] + [kspec] * (len(args) - 1)
+    S = 0
+    if store:
+        S, M = spos.shape[1], spos.shape[2]
+        Mp = max(16, _pow2(M))
+        pad = [(0, 0), (0, 0), (0, 0), (0, Mp - M), (0, Ep - E)]
+        args += [jnp.pad(sk, pad), jnp.pad(sv, pad),
+                 jnp.pad(spos.astype(jnp.int32), [(0, 0), (0, 0), (0, Mp - M)],
+                         constant_values=-1)]  # padded slots are empty
+        sspec = pl.BlockSpec((sq, sq, S, Mp, Ep), lambda b, h, t: (b, h, 0, 0, 0))
+        in_specs += [sspec, sspec, pl.BlockSpec((sq, S, Mp), lambda b, h, t: (b, 0, 0))]
     out_shape = jax.ShapeDtypeStruct((B, H, Tqp, Ep), q.dtype)
+    kernel = functools.partial(
+        _attn_kernel, W=window, off=Tk - Tq, Tk=Tk, scale=1.0 / math.sqrt(E), fading=fading,
+        store=store, pos=pos, C=chunk, S=S, block=block, acc=acc,
+        precision=lax.Precision.HIGHEST if acc == jnp.float32 else None)
     aliases = {}
     if poison:
         # a NaN-filled output buffer: any element the kernel fails to write stays NaN
         aliases = {len(args): 0}
         args.append(jnp.full(out_shape.shape, jnp.nan, q.dtype))
         in_specs.append(qspec)
-    precision = lax.Precision.HIGHEST if acc == jnp.float32 else None
-    kernel = functools.partial(
-        _attn_kernel, W=window, off=Tk - Tq, Tk=Tk, scale=1.0 / math.sqrt(E), fading=fading,
-        block=block, acc=acc, precision=precision)
-    if poison:
         kernel = functools.partial(_skip_alias, kernel)
     o = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, H, Tqp // block), in_specs=in_specs,
@@ -132,24 +168,32 @@ def _skip_alias(kernel, *refs):
     kernel(*(refs[:-2] + refs[-1:]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _attention(q, k, v, fk, fv, window, interpret, poison, block):
-    return _forward(q, k, v, fk, fv, window, interpret, poison, block)
+_STATIC = (8, 9, 10, 11, 12, 13)  # window, chunk, pos, interpret, poison, block
 
 
-def _attention_fwd(q, k, v, fk, fv, window, interpret, poison, block):
-    return _forward(q, k, v, fk, fv, window, interpret, poison, block), (q, k, v, fk, fv)
+@functools.partial(jax.custom_vjp, nondiff_argnums=_STATIC)
+def _attention(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block):
+    return _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block)
 
 
-def _attention_bwd(window, interpret, poison, block, res, g):
-    _, vjp = jax.vjp(lambda *a: bmojo_attention_ref(*a[:3], window, *a[3:], block=block), *res)
-    return vjp(g)
+def _attention_fwd(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block):
+    out = _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block)
+    return out, (q, k, v, fk, fv, sk, sv, spos)
+
+
+def _attention_bwd(window, chunk, pos, interpret, poison, block, res, g):
+    def f(q, k, v, fk, fv, sk, sv, spos):
+        return bmojo_attention_ref(q, k, v, window, fk, fv, sk, sv, spos, chunk, pos,
+                                   block=block)
+
+    _, vjp = jax.vjp(f, *res)
+    return vjp(g)  # store positions are integers: their cotangent is float0
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _check(q, k, v, window, fading_k, fading_v):
+def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos):
     if q.ndim != 4:
         raise ValueError(f"bmojo_attention: q must be [B, Tq, H, E], got shape {tuple(q.shape)}")
     B, Tq, H, E = q.shape
@@ -164,32 +208,60 @@ def _check(q, k, v, window, fading_k, fading_v):
         raise ValueError("bmojo_attention: give both fading_k and fading_v, or neither")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"bmojo_attention: window must be a positive int or None, got {window!r}")
-    if fading_k is not None and window is None:
-        raise ValueError("bmojo_attention: window must be an int when fading keys are given, "
-                         "got None")
+    if (fading_k is not None or store_k is not None) and window is None:
+        raise ValueError("bmojo_attention: window must be an int when fading keys or a store "
+                         "are given, got None")
     if Tq == 0:
         raise ValueError(f"bmojo_attention: q must hold at least one query, got {tuple(q.shape)}")
+    if not isinstance(pos, int) or pos < 0:
+        raise ValueError(f"bmojo_attention: pos must be an int >= 0, got {pos!r}")
+    given = [a is not None for a in (store_k, store_v, store_pos)]
+    if any(given) and not all(given):
+        raise ValueError("bmojo_attention: give store_k, store_v and store_pos together, "
+                         "or none of them")
+    if store_k is None:
+        return
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"bmojo_attention: chunk must be a positive int with a store, "
+                         f"got {chunk!r}")
+    S = (pos + Tq - 1) // chunk - pos // chunk + 1  # chunks the queries fall in
+    if store_pos.ndim != 3 or store_pos.shape[0] != B or store_pos.shape[1] < S:
+        raise ValueError(f"bmojo_attention: store_pos must be [B={B}, snapshots >= {S}, M], "
+                         f"got {tuple(store_pos.shape)}")
+    want = (B, H, store_pos.shape[1], store_pos.shape[2], E)
+    for name, a in (("store_k", store_k), ("store_v", store_v)):
+        if tuple(a.shape) != want:
+            raise ValueError(f"bmojo_attention: {name} must be [B, H, S, M, E] = {want}, got "
+                             f"{tuple(a.shape)}")
 
 
-def bmojo_attention(q, k, v, window, fading_k=None, fading_v=None, *, interpret=False,
-                    poison=False, block=BLOCK):
-    """One softmax over the raw window and, if given, the fading window (see module docstring).
+def bmojo_attention(q, k, v, window, fading_k=None, fading_v=None, store_k=None, store_v=None,
+                    store_pos=None, chunk=None, pos=0, *, interpret=False, poison=False,
+                    block=BLOCK):
+    """One softmax over the raw window, the fading window and the visible store entries.
 
-    Returns o [B, Tq, H, E] in q's dtype. ``interpret`` runs the Pallas interpreter (any device);
-    ``poison`` hands the kernel a NaN-filled output buffer (tests); ``block`` is the tile size, a
-    power of two (at least 16 when compiled for a GPU).
+    q [B, Tq, H, E] at positions pos .. pos + Tq - 1; k, v, fading_k, fading_v [B, Tk, H, E];
+    store_k, store_v [B, H, S, M, E] and store_pos [B, S, M] (negative: empty slot), snapshot s
+    serving the queries of chunk pos // chunk + s; an entry at position p is visible from t
+    when p <= t - W. Returns o [B, Tq, H, E] in q's dtype. ``interpret`` runs the Pallas
+    interpreter (any device); ``poison`` hands the kernel a NaN-filled output buffer (tests);
+    ``block`` is the tile size, a power of two (at least 16 when compiled for a GPU).
     """
-    _check(q, k, v, window, fading_k, fading_v)
+    _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos)
     if block < 1 or block & (block - 1):
         raise ValueError(f"bmojo_attention: block must be a power of two, got {block}")
-    return _attention(q, k, v, fading_k, fading_v, window, bool(interpret), bool(poison),
-                      int(block))
+    if store_k is None:
+        chunk = None
+    return _attention(q, k, v, fading_k, fading_v, store_k, store_v, store_pos, window, chunk,
+                      pos, bool(interpret), bool(poison), int(block))
 
 
-@functools.partial(jax.jit, static_argnums=(3,), static_argnames=("block",))
-def bmojo_attention_ref(q, k, v, window, fading_k=None, fading_v=None, *, block=BLOCK):
+@functools.partial(jax.jit, static_argnums=(3, 9, 10), static_argnames=("block",))
+def bmojo_attention_ref(q, k, v, window, fading_k=None, fading_v=None, store_k=None,
+                        store_v=None, store_pos=None, chunk=None, pos=0, *, block=BLOCK):
     """The same function in plain JAX, banded: each tile of ``block`` queries gathers the
-    BLOCK + span keys it can see and runs one masked softmax over them."""
+    BLOCK + span keys it can see (and each query its snapshot's store entries) and runs one
+    masked softmax over them."""
     B, Tq, H, E = q.shape
     Tk = k.shape[1]
     off = Tk - Tq
@@ -220,11 +292,23 @@ def bmojo_attention_ref(q, k, v, window, fading_k=None, fading_v=None, *, block=
         s = jnp.einsum("bnqhe,bnkhe->bnhqk", qt, kb) * scale
         scores.append(jnp.where(mask[None, :, None], s, -jnp.inf))
         values.append(vb)
+    nb = sum(s.shape[-1] for s in scores)
+    if store_k is not None:
+        # each query's snapshot: [n, block] indices into S, its entries [B, H, n, block, M, E]
+        snap = jnp.clip((pos + qi) // chunk - pos // chunk, 0, store_pos.shape[1] - 1)
+        sk = store_k.astype(acc)[:, :, snap]
+        sv = store_v.astype(acc)[:, :, snap]
+        sp = store_pos[:, snap]  # [B, n, block, M]
+        ok = (sp >= 0) & (sp <= (pos + qi)[None, :, :, None] - window) & qok[None, :, :, None]
+        s = jnp.einsum("bnqhe,bhnqme->bnhqm", qt, sk) * scale
+        scores.append(jnp.where(ok[:, :, None], s, -jnp.inf))
     s = jnp.concatenate(scores, axis=-1)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - lax.stop_gradient(m))
     den = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(den > 0, den, 1.0)
-    o = jnp.einsum("bnhqk,bnkhe->bnqhe", p, jnp.concatenate(values, axis=2))
+    o = jnp.einsum("bnhqk,bnkhe->bnqhe", p[..., :nb], jnp.concatenate(values, axis=2))
+    if store_k is not None:
+        o = o + jnp.einsum("bnhqm,bhnqme->bnqhe", p[..., nb:], sv)
     return o.reshape(B, n * block, H, E)[:, :Tq].astype(q.dtype)

@@ -12,6 +12,8 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("jax.experimental.pallas")
 import jax.numpy as jnp  # noqa: E402
 from memcore.kernels.pallas.bmojo_attention import bmojo_attention  # noqa: E402
+from memcore.spec.reference._xp import namespace  # noqa: E402
+from memcore.spec.reference.attention import fading_mask, raw_mask, readout  # noqa: E402
 from memcore.spec.reference.ops import windowed_attention as reference  # noqa: E402
 
 TOL = {jnp.float64: 1e-9, jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
@@ -102,12 +104,85 @@ def test_gradients(case):
         check(f"d{name}", a, b, jnp.float64)
 
 
+def store_case(B, T, H, E, W, C, M, pos, empty, seed):
+    """Queries at pos .. pos + T - 1 with their own raw and fading keys, and one store
+    snapshot per chunk they fall in; a snapshot serving chunk c holds positions before c C."""
+    r = np.random.default_rng(seed)
+    q, k, v, fk, fv = qkv(B, T, H, E, True, jnp.float64, seed)
+    S = (pos + T - 1) // C - pos // C + 1
+    first = pos // C + np.arange(S)  # chunk served by each snapshot
+    spos = r.integers(-1, np.maximum(first * C, 1)[None, :, None], size=(B, S, M))
+    spos = np.where(first[None, :, None] * C > 0, spos, -1)  # nothing precedes chunk 0
+    if empty:
+        spos = np.full_like(spos, -1)
+    sk, sv = (jnp.asarray(r.standard_normal((B, H, S, M, E))) for _ in range(2))
+    return (q, k, v, fk, fv, sk, sv), jnp.asarray(spos)
+
+
+def store_oracle(q, k, v, fk, fv, sk, sv, spos, W, C, pos):
+    """The spec's readout over three sources: raw and fading masks from the reference and the
+    store mask of DESIGN 2.4 written out."""
+    xp = namespace(q)
+    B, T, H, E = q.shape
+    S, M = spos.shape[1], spos.shape[2]
+    qpos = pos + jnp.arange(T)
+
+    def bhte(a):
+        return jnp.swapaxes(a, 1, 2)
+
+    snap = qpos // C - pos // C  # [T]
+    slot_snap = jnp.repeat(jnp.arange(S), M)  # [S M]
+    sp = spos.reshape(B, S * M)
+    smask = ((snap[:, None] == slot_snap[None, :])[None]
+             & (sp[:, None, :] >= 0) & (sp[:, None, :] <= qpos[None, :, None] - W))
+    sources = [(bhte(k), bhte(v), raw_mask(qpos, qpos, W)[None, None]),
+               (bhte(fk), bhte(fv), fading_mask(qpos, qpos, W)[None, None]),
+               (sk.reshape(B, H, S * M, E), sv.reshape(B, H, S * M, E), smask[:, None])]
+    return bhte(readout(xp, bhte(q), sources))
+
+
+# (B, T, H, E, W, chunk, M, pos, empty): entries over several chunks; queries starting
+# mid-stream; T below the chunk; an empty store
+STORE_CASES = [(1, 23, 2, 3, 4, 5, 3, 0, False), (2, 13, 1, 4, 3, 4, 2, 6, False),
+               (1, 3, 1, 4, 2, 8, 2, 9, False), (1, 9, 1, 3, 2, 4, 2, 0, True)]
+
+
+@pytest.mark.parametrize("case", STORE_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_store_source(case):
+    *shape, W, C, M, pos, empty = case
+    arrs, spos = store_case(*shape, W, C, M, pos, empty, seed=7)
+    q, k, v, fk, fv, sk, sv = arrs
+    o = jax.jit(lambda *a: bmojo_attention(*a[:3], W, *a[3:], spos, C, pos, interpret=True,
+                                           poison=True))(*arrs)
+    check("o", o, store_oracle(*arrs, spos, W, C, pos), jnp.float64)
+    if not empty:  # the case must exercise the store: without it the result differs
+        assert rel_rmse(o, store_oracle(*arrs, spos * 0 - 1, W, C, pos)) > 1e-3
+
+
+def test_store_gradients():
+    W, C, pos = 3, 4, 2
+    arrs, spos = store_case(1, 14, 2, 3, W, C, 3, pos, False, seed=8)
+    g = jnp.asarray(np.random.default_rng(9).standard_normal(arrs[0].shape))
+    argnums = tuple(range(len(arrs)))
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(g * bmojo_attention(
+        *a[:3], W, *a[3:], spos, C, pos, interpret=True, poison=True)), argnums))(*arrs)
+    want = jax.jit(jax.grad(lambda *a: jnp.sum(g * store_oracle(*a, spos, W, C, pos)),
+                            argnums))(*arrs)
+    for name, a, b in zip(("q", "k", "v", "fading_k", "fading_v", "store_k", "store_v"), got,
+                          want, strict=True):
+        check(f"d{name}", a, b, jnp.float64)
+
+
 def test_bad_input_names_argument():
     q, k, v, _, _ = qkv(1, 4, 1, 4, False, jnp.float32)
     with pytest.raises(ValueError, match="v must have"):
         bmojo_attention(q, k, v[..., :3], 2, interpret=True)
     with pytest.raises(ValueError, match="window must be"):
         bmojo_attention(q, k, v, None, k, v, interpret=True)
+    with pytest.raises(ValueError, match="store_pos must be"):
+        bmojo_attention(q, k, v, 2, store_k=jnp.zeros((1, 1, 1, 2, 4)),
+                        store_v=jnp.zeros((1, 1, 1, 2, 4)), store_pos=jnp.zeros((1, 1, 2), int),
+                        chunk=2, interpret=True)
 
 
 @gpu
@@ -128,6 +203,8 @@ def test_lowers_to_triton_for_gpu(dtype):
     # Lowering for CUDA needs no GPU: it checks that the kernel is one the GPU lowering accepts
     # (power-of-two tiles, supported primitives) before any GPU sees it.
     q, k, v, fk, fv = qkv(1, 37, 2, 5, True, dtype, seed=6)
-    f = jax.jit(lambda q: bmojo_attention(q, k, v, 6, fk, fv, block=16))
+    sk = jnp.zeros((1, 2, 5, 3, 5), dtype)
+    spos = jnp.zeros((1, 5, 3), jnp.int32)
+    f = jax.jit(lambda q: bmojo_attention(q, k, v, 6, fk, fv, sk, sk, spos, 8, block=16))
     text = f.trace(q).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
