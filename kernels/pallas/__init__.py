@@ -1,1 +1,7 @@
-"""memcore.kernels.pallas"""
+"""memcore.kernels.pallas: Pallas kernels for the JAX backend.
+
+selective_scan.py   chunked selective scan (DESIGN 2.1), with ``selective_scan_ref``
+bmojo_attention.py  B'MOJO attention over raw, fading and store sources (2.3, 2.4), with
+                    ``bmojo_attention_ref``
+api.py              entry points choosing the kernels (GPU arrays) or the JAX backend
+"""

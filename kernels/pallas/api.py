@@ -6,7 +6,8 @@ whatever the device; the kernels forced onto a CPU run in the Pallas interpreter
 made per call from the array, never from what happened to import.
 
 ``selective_scan`` and ``windowed_attention`` keep the signatures, states and results of
-``memcore.spec.reference.ops``, so a caller can swap them in.
+``memcore.spec.reference.ops``, so a caller can swap them in; ``bmojo_attention`` adds the
+store source (the signature of ``memcore.kernels.triton.api.bmojo_attention``).
 """
 
 from __future__ import annotations
@@ -109,3 +110,18 @@ def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initi
             size = 2 * window if name in ("fk", "fv") else window
             new[name] = refill_ring(seq, pos - reach, pos + T, size)
     return o, new
+
+
+def bmojo_attention(q, k, v, window, fading_k=None, fading_v=None, store_k=None, store_v=None,
+                    store_pos=None, chunk=None, pos=0):
+    """All three sources; see ``memcore.kernels.pallas.bmojo_attention.bmojo_attention``. The
+    JAX backend has no store-source twin, so off the kernels this runs the banded plain-JAX
+    ``bmojo_attention_ref``."""
+    from . import bmojo_attention as mod
+
+    if not kernels_enabled(q):
+        mod._check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos)
+        return mod.bmojo_attention_ref(q, k, v, window, fading_k, fading_v, store_k, store_v,
+                                       store_pos, chunk if store_k is not None else None, pos)
+    return mod.bmojo_attention(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos,
+                               chunk, pos, interpret=not _on_gpu(q))

@@ -35,6 +35,9 @@ def test_device_rule(monkeypatch):
     assert api.kernels_enabled(x)
     monkeypatch.setenv(api.ENV, "jax")
     assert not api.kernels_enabled(x)
+    # inside jit the decision is made from the tracer, on the default backend
+    monkeypatch.delenv(api.ENV)
+    assert bool(jax.jit(lambda a: jnp.asarray(api.kernels_enabled(a)))(x)) == ON_GPU
     monkeypatch.setenv(api.ENV, "cuda")
     with pytest.raises(ValueError, match="MEMCORE_KERNELS must be one of"):
         api.kernels_enabled(x)
@@ -77,3 +80,18 @@ def test_windowed_attention_split_through_kernel(monkeypatch, window, fading, sp
     assert s["pos"] == want_state["pos"]
     for name in set(want_state) - {"pos"}:
         assert rel_rmse(s[name], want_state[name]) <= 1e-9, name
+
+
+def test_bmojo_attention_both_paths(monkeypatch):
+    r = np.random.default_rng(2)
+    B, T, H, E, S, M = 1, 10, 1, 3, 3, 2
+    q, k, v, fk, fv = (jnp.asarray(r.standard_normal((B, T, H, E))) for _ in range(5))
+    sk, sv = (jnp.asarray(r.standard_normal((B, H, S, M, E))) for _ in range(2))
+    spos = jnp.asarray([[[-1, -1], [0, 2], [3, 1]]])
+    outs = {}
+    for mode in api.CHOICES:
+        monkeypatch.setenv(api.ENV, mode)
+        outs[mode] = api.bmojo_attention(q, k, v, 2, fk, fv, sk, sv, spos, chunk=4)
+    assert rel_rmse(outs["pallas"], outs["jax"]) <= 1e-9
+    # the store is seen: without it the result differs
+    assert rel_rmse(api.bmojo_attention(q, k, v, 2, fk, fv), outs["jax"]) > 1e-3

@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 from memcore.kernels.pallas.selective_scan import selective_scan  # noqa: E402
 from memcore.spec.reference.scan import selective_scan as reference  # noqa: E402
 
-TOL = {jnp.float64: 1e-9, jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
+TOL = {jnp.float64: 1e-9, jnp.float32: 1e-4, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 ON_GPU = any(d.platform == "gpu" for d in jax.devices())
 gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Pallas needs a GPU; the interpreted "
                                             "tests in this file are the CPU twins")
@@ -72,7 +72,8 @@ def test_forward_float64(shape):
     check("final state", h, h0, jnp.float64)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
+                         ids=["fp32", "bf16", "fp16"])
 def test_forward_low_precision(dtype):
     x = inputs(2, 7, 19, 4, None, dtype, seed=1)
     y, h = run(selective_scan, x, delta_softplus=True, return_final_state=True,
