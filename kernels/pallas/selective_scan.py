@@ -11,8 +11,9 @@ padded to powers of two (the GPU lowering's tile rule); padded time steps get dt
 the state unchanged and the final state is exact.
 
 Backward: not a Pallas kernel. The gradient is the VJP of ``selective_scan_ref`` (a jitted
-``lax.scan`` in plain JAX), recomputed from the saved inputs; gradients reach every input,
-including ``initial_state``, and flow back from the final state.
+``lax.scan`` in plain JAX, rematerialised per chunk so it stores states only at chunk
+boundaries), recomputed from the saved inputs; gradients reach every input, including
+``initial_state``, and flow back from the final state.
 """
 
 from __future__ import annotations
@@ -219,40 +220,53 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 @functools.partial(jax.jit, static_argnums=(8, 10))
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False,
                        initial_state=None, return_final_state=False):
-    """The same scan in plain JAX: a ``lax.scan`` over time, accumulating like the kernel."""
+    """The same scan in plain JAX, accumulating like the kernel: a ``lax.scan`` over chunks of
+    CHUNK steps, each a rematerialised ``lax.scan`` over its steps, so a VJP keeps only the
+    states at chunk boundaries. Grouped B and C stay [Bt, G, N] per step, never per channel."""
     Bt, Dc, T = u.shape
     N = A.shape[1]
+    G = 1 if B.ndim == 3 else B.shape[1]
+    Dg = Dc // G
     acc = _acc(u.dtype)
     dt = delta.astype(acc)
     if delta_bias is not None:
         dt = dt + delta_bias.astype(acc)[None, :, None]
     if softplus:
         dt = _softplus(dt)
-
-    def per_channel(M):  # [Bt, N, T] | [Bt, G, N, T] -> [T, Bt, Dc|1, N]
-        M = M.astype(acc)
-        if M.ndim == 3:
-            M = M[:, None]
-        else:
-            M = jnp.repeat(M, Dc // M.shape[1], axis=1)
-        return jnp.moveaxis(M, -1, 0)
-
     uu = u.astype(acc)
+    L = CHUNK
+    n = -(-T // L)
+
+    def steps(x, per):  # [..., T] -> [n, L, ...] time-major; padded steps are zeros (dt = 0)
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n * L - T)])
+        x = jnp.moveaxis(x.reshape(x.shape[:-1] + (n, L)), (-2, -1), (0, 1))
+        return x.reshape((n, L) + per)
+
+    def grouped(M):  # [Bt, N, T] | [Bt, G, N, T] -> [n, L, Bt, G, 1, N]
+        M = M.astype(acc)
+        M = M[:, None] if M.ndim == 3 else M
+        return steps(M, (Bt, G, 1, N))
+
     h0 = (jnp.zeros((Bt, Dc, N), acc) if initial_state is None
-          else initial_state.astype(acc))
-    Af = A.astype(acc)
+          else initial_state.astype(acc)).reshape(Bt, G, Dg, N)
+    Af = A.astype(acc).reshape(G, Dg, N)
 
     def step(h, xs):
-        dt_t, du_t, b_t, c_t = xs
+        dt_t, du_t, b_t, c_t = xs  # [Bt, G, Dg], [Bt, G, Dg], [Bt, G, 1, N] x 2
         h = jnp.exp(dt_t[..., None] * Af) * h + du_t[..., None] * b_t
         return h, jnp.sum(h * c_t, axis=-1)
 
-    hT, ys = lax.scan(step, h0, (jnp.moveaxis(dt, -1, 0), jnp.moveaxis(dt * uu, -1, 0),
-                                 per_channel(B), per_channel(C)))
-    y = jnp.moveaxis(ys, 0, -1)
+    @jax.checkpoint
+    def chunk(h, xs):
+        return lax.scan(step, h, xs)
+
+    xs = (steps(dt, (Bt, G, Dg)), steps(dt * uu, (Bt, G, Dg)), grouped(B), grouped(C))
+    hT, ys = lax.scan(chunk, h0, xs)  # ys [n, L, Bt, G, Dg]
+    y = jnp.moveaxis(ys.reshape(n * L, Bt, Dc), 0, -1)[..., :T]
     if D is not None:
         y = y + D.astype(acc)[None, :, None] * uu
     if z is not None:
         y = y * _silu(z.astype(acc))
     y = y.astype(u.dtype)
+    hT = hT.reshape(Bt, Dc, N)
     return (y, hT) if return_final_state else y
