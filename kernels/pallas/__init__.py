@@ -3,5 +3,6 @@
 selective_scan.py   chunked selective scan (DESIGN 2.1), with ``selective_scan_ref``
 bmojo_attention.py  B'MOJO attention over raw, fading and store sources (2.3, 2.4), with
                     ``bmojo_attention_ref``
+bmojo_attention_bwd.py  its backward kernels (raw and fading sources), with ``backward_ref``
 api.py              entry points choosing the kernels (GPU arrays) or the JAX backend
 """

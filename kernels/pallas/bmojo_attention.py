@@ -12,10 +12,11 @@ only the store snapshots of the chunks the tile's queries fall in,
 so the work is O(T W) and no T x T matrix is formed; with ``window=None`` (full causal attention)
 it walks every tile up to the diagonal. Accumulation is float32 (float64 for float64 inputs).
 
-Backward: not a Pallas kernel. The gradient is the VJP of ``bmojo_attention_ref``, a plain-JAX
-recomputation that is banded too: each query tile meets a gathered band of BLOCK + span keys
-(span = W, or 2W with the fading source) and each query its snapshot's M entries, so memory
-stays O(T (BLOCK + 2W + M)) for a bounded window.
+Backward: without a store, Pallas kernels (``bmojo_attention_bwd``: dq, and dk/dv per source,
+recomputing probabilities from the forward's row log-sum-exp). With a store, the VJP of
+``bmojo_attention_ref``, a plain-JAX recomputation that is banded too: each query tile meets a
+gathered band of BLOCK + span keys (span = W, or 2W with the fading source) and each query its
+snapshot's M entries, so memory stays O(T (BLOCK + 2W + M)) for a bounded window.
 
 Layouts: q [B, Tq, H, E]; k, v, fading_k, fading_v [B, Tk, H, E] with Tk >= Tq, key j at
 position pos - (Tk - Tq) + j, so a cache of earlier keys can precede the queries' own;
@@ -49,8 +50,8 @@ def _attn_kernel(*refs, W, off, Tk, scale, fading, store, pos, C, S, block, acc,
     refs = list(refs)
     q_ref, k_ref, v_ref = refs[:3]
     fk_ref, fv_ref = refs[3:5] if fading else (None, None)
-    sk_ref, sv_ref, sp_ref = refs[-4:-1] if store else (None, None, None)
-    o_ref = refs[-1]
+    sk_ref, sv_ref, sp_ref = refs[-5:-2] if store else (None, None, None)
+    o_ref, lse_ref = refs[-2:]
     i0 = pl.program_id(2) * block
     q = q_ref[...].astype(acc)  # [BQ, E]
     i = i0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)  # query rows [BQ, 1]
@@ -109,8 +110,10 @@ def _attn_kernel(*refs, W, off, Tk, scale, fading, store, pos, C, S, block, acc,
         carry = visit(fk_ref, fv_ref, W, 2 * W, carry)
     if store:
         carry = visit_store(carry)
-    _, l, o = carry
+    m, l, o = carry
     o_ref[...] = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+    # log-sum-exp of each row for the backward (0 where nothing is visible: padded rows)
+    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)[:, 0]
 
 
 def _pad_bhte(x, T, E):
@@ -143,7 +146,9 @@ def _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poiso
                          constant_values=-1)]  # padded slots are empty
         sspec = pl.BlockSpec((sq, sq, S, Mp, Ep), lambda b, h, t: (b, h, 0, 0, 0))
         in_specs += [sspec, sspec, pl.BlockSpec((sq, S, Mp), lambda b, h, t: (b, 0, 0))]
-    out_shape = jax.ShapeDtypeStruct((B, H, Tqp, Ep), q.dtype)
+    out_shape = (jax.ShapeDtypeStruct((B, H, Tqp, Ep), q.dtype),
+                 jax.ShapeDtypeStruct((B, H, Tqp), acc))
+    lspec = pl.BlockSpec((sq, sq, block), lambda b, h, t: (b, h, t))
     kernel = functools.partial(
         _attn_kernel, W=window, off=Tk - Tq, Tk=Tk, scale=1.0 / math.sqrt(E), fading=fading,
         store=store, pos=pos, C=chunk, S=S, block=block, acc=acc,
@@ -151,21 +156,21 @@ def _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poiso
     aliases = {}
     if poison:
         # a NaN-filled output buffer: any element the kernel fails to write stays NaN
-        aliases = {len(args): 0}
-        args.append(jnp.full(out_shape.shape, jnp.nan, q.dtype))
-        in_specs.append(qspec)
+        aliases = {len(args): 0, len(args) + 1: 1}
+        args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
+        in_specs += [qspec, lspec]
         kernel = functools.partial(_skip_alias, kernel)
-    o = pl.pallas_call(
+    o, lse = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, H, Tqp // block), in_specs=in_specs,
-        out_specs=qspec, input_output_aliases=aliases, interpret=interpret,
+        out_specs=(qspec, lspec), input_output_aliases=aliases, interpret=interpret,
         compiler_params=pl_triton.CompilerParams(num_warps=4),  # the Triton lowering on GPUs
     )(*args)
-    return jnp.swapaxes(o[:, :, :Tq, :E], 1, 2)
+    return jnp.swapaxes(o[:, :, :Tq, :E], 1, 2), lse
 
 
 def _skip_alias(kernel, *refs):
-    # the aliased NaN buffer sits just before the output; the kernel never reads it
-    kernel(*(refs[:-2] + refs[-1:]))
+    # the aliased NaN buffers sit just before the outputs; the kernel never reads them
+    kernel(*(refs[:-4] + refs[-2:]))
 
 
 _STATIC = (8, 9, 10, 11, 12, 13)  # window, chunk, pos, interpret, poison, block
@@ -173,20 +178,29 @@ _STATIC = (8, 9, 10, 11, 12, 13)  # window, chunk, pos, interpret, poison, block
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=_STATIC)
 def _attention(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block):
-    return _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block)
+    return _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison,
+                    block)[0]
 
 
 def _attention_fwd(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block):
-    out = _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block)
-    return out, (q, k, v, fk, fv, sk, sv, spos)
+    o, lse = _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison,
+                      block)
+    return o, (q, k, v, fk, fv, sk, sv, spos, o, lse)
 
 
 def _attention_bwd(window, chunk, pos, interpret, poison, block, res, g):
+    q, k, v, fk, fv, sk, sv, spos, o, lse = res
+    if sk is None:
+        from .bmojo_attention_bwd import backward
+
+        return backward(q, k, v, fk, fv, o, lse, g, window, interpret, poison, block) + (
+            None, None, None)
+
     def f(q, k, v, fk, fv, sk, sv, spos):
         return bmojo_attention_ref(q, k, v, window, fk, fv, sk, sv, spos, chunk, pos,
                                    block=block)
 
-    _, vjp = jax.vjp(f, *res)
+    _, vjp = jax.vjp(f, q, k, v, fk, fv, sk, sv, spos)
     return vjp(g)  # store positions are integers: their cotangent is float0
 
 

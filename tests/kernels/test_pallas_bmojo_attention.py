@@ -173,6 +173,26 @@ def test_store_gradients():
         check(f"d{name}", a, b, jnp.float64)
 
 
+def test_gradients_after_a_key_cache():
+    # 11 queries after 19 cached keys: gradients equal the reference's over the whole sequence
+    # with the loss on the last 11 outputs only
+    W, n, Tq = 5, 30, 11
+    q, k, v, fk, fv = qkv(1, n, 2, 3, True, jnp.float64, seed=10)
+    q = q[:, n - Tq:]
+    g = jnp.asarray(np.random.default_rng(11).standard_normal(q.shape))
+    argnums = tuple(range(5))
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(g * bmojo_attention(
+        *a[:3], W, *a[3:], interpret=True, poison=True)), argnums))(q, k, v, fk, fv)
+
+    def full(q, *kv):
+        q_all = jnp.concatenate([jnp.zeros((1, n - Tq, 2, 3)), q], axis=1)
+        return jnp.sum(g * reference(q_all, *kv[:2], W, *kv[2:])[:, n - Tq:])
+
+    want = jax.jit(jax.grad(full, argnums))(q, k, v, fk, fv)
+    for name, a, b in zip(("q", "k", "v", "fading_k", "fading_v"), got, want, strict=True):
+        check(f"d{name}", a, b, jnp.float64)
+
+
 def test_bad_input_names_argument():
     q, k, v, _, _ = qkv(1, 4, 1, 4, False, jnp.float32)
     with pytest.raises(ValueError, match="v must have"):
@@ -208,3 +228,8 @@ def test_lowers_to_triton_for_gpu(dtype):
     f = jax.jit(lambda q: bmojo_attention(q, k, v, 6, fk, fv, sk, sk, spos, 8, block=16))
     text = f.trace(q).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
+    # the backward kernels (no store): dq, then dk/dv for each of the two sources
+    f = jax.jit(jax.grad(lambda q: jnp.sum(bmojo_attention(q, k, v, 6, fk, fv, block=16)
+                                           .astype(jnp.float32))))
+    text = f.trace(q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 4
