@@ -103,3 +103,19 @@ def test_mqar_resume_continues_from_checkpoints(tmp_path):
     again = json.loads((out / "results.json").read_text())["models"]["transformer"]
     assert again["accuracy"] == first["accuracy"] and again["final_loss"] == first["final_loss"]
     assert cli.main(["mqar", *TINY, "--resume"]) == 2  # no --out: a clear error
+
+
+def test_full_mode_runs_one_point_of_the_sweep_with_a_fixed_training_set():
+    from dataclasses import replace
+
+    import numpy as np
+
+    name, cfg = mqar_run.full_plan(["transformer"])[0]
+    cfg = replace(cfg, vocab_size=128, d_model=16, train_examples=12, test_examples=8,
+                  batch_size=8, epochs=2)
+    assert cfg.total_steps == 4  # 2 epochs of ceil(12 / 8) batches
+    batch = mqar_run._batches(cfg, 0)
+    seen = np.concatenate([batch(0)[0], batch(1)[0]])
+    assert len(np.unique(seen, axis=0)) == 12  # one epoch visits every fixed example once
+    r = mqar_run.run_one(name, cfg, quiet=True)
+    assert r["steps"] == 4 and 0.0 <= r["accuracy"] <= 1.0
