@@ -4,7 +4,11 @@ Within a chunk of L steps, ``h_t = sum_{s<=t} exp(c_t - c_s) b_s + exp(c_t) h_st
 ``c`` the cumulative log-decay; the decay matrix is masked before the exponential (above the
 diagonal ``c_t - c_s`` is positive and could overflow). Chunk end states follow the same closed
 form one level up, over the chunks of a group; groups (bounded memory) run in a loop that
-carries the state. Nothing loops over time.
+carries the state. Nothing loops over time. The leaky average uses it: its decay is shared by
+batch and features, so the L x L matrix is small and the products are matrix multiplies.
+
+The selective scan's decay differs per channel and state, where that matrix would cost L times
+the O(T Dc N) work: it runs through ``ssm_scan`` instead.
 """
 
 from __future__ import annotations
@@ -86,12 +90,6 @@ def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int | None = None):
 
 
 # --- 2.1 selective scan ----------------------------------------------------------------------
-
-def _expand_groups(M, Dc: int):
-    """[Bt, G, N, T] -> [Bt, Dc, N, T] (G groups share channels)."""
-    Bt, G = M.shape[0], M.shape[1]
-    return M[:, :, None].expand(Bt, G, Dc // G, *M.shape[2:]).reshape(Bt, Dc, *M.shape[2:])
-
 
 def _cast(dtype, *arrays):
     return [None if a is None else a.to(dtype) for a in arrays]
