@@ -49,20 +49,20 @@ def fwd_bwd_time(module, T: int, batch: int, repeat: int) -> float:
     return median_time(run, repeat=repeat, warmup=1, budget_s=60)
 
 
-def training_table(lengths, batch: int, repeat: int):
+def training_table(lengths, batch: int, repeat: int, names):
     mods = {name: layer(spec) for name, spec in specs().items()}
     rows, times = [], {}
     for T in lengths:
         base = fwd_bwd_time(mods["transformer(None)"], T, batch, repeat)
         times[("transformer(None)", T)] = base
         row = [T, base]
-        for name in ("bmojo", "bmojo_f", "mamba", "mosaic"):
+        for name in names:
             t = fwd_bwd_time(mods[name], T, batch, repeat)
             times[(name, T)] = t
             row += [t, t / base]
         rows.append(row)
     header = ["T", "attention s"]
-    for name in ("bmojo", "bmojo_f", "mamba", "mosaic"):
+    for name in names:
         header += [f"{name} s", f"{name} / attn"]
     return table(header, rows), times
 
@@ -88,7 +88,8 @@ def step_latency(module, t: int, steps: int, batch: int = 1):
             nonlocal state
             _, state = module.step(x, state)
 
-        latency = median_time(run, repeat=steps, warmup=3)
+        # Generous warm-up: the first steps pay for allocations the later ones reuse.
+        latency = median_time(run, repeat=steps, warmup=10)
     return latency, state_bytes(state)
 
 
@@ -146,15 +147,18 @@ def main(argv=None):
                    metavar=("SHORT", "LONG"))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--layers", nargs="+", default=["bmojo", "bmojo_f", "mamba", "mosaic"],
+                   choices=["bmojo", "bmojo_f", "mamba", "mosaic"],
+                   help="layers timed against attention (unbounded mosaic is O(T^2))")
     p.add_argument("--skip", nargs="*", default=[], choices=["training", "streaming", "mosaic"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     print(f"shapes: D={D}, H={H}, W={W}, chunk={CHUNK}, select={SELECT}, capacity={CAPACITY}, "
-          f"d_state={N}, batch={args.batch}, float32\n")
+          f"d_state={N}, batch={args.batch}, float32, {torch.get_num_threads()} threads\n")
     if "training" not in args.skip:
-        text, times = training_table(args.lengths, args.batch, args.repeat)
+        text, times = training_table(args.lengths, args.batch, args.repeat, args.layers)
         print("forward+backward, median seconds (ratio to full causal attention, SDPA):")
         print(text)
         if ("bmojo", 4096) in times and ("bmojo", 16384) in times:
