@@ -10,10 +10,10 @@ Grouped B and C ([B, G, N, T]) are read per group, never expanded to every chann
 padded to powers of two (the GPU lowering's tile rule); padded time steps get dt = 0, so they leave
 the state unchanged and the final state is exact.
 
-Backward: not a Pallas kernel. The gradient is the VJP of ``selective_scan_ref`` (a jitted
-``lax.scan`` in plain JAX, rematerialised per chunk so it stores states only at chunk
-boundaries), recomputed from the saved inputs; gradients reach every input, including
-``initial_state``, and flow back from the final state.
+Backward: a reverse-time Pallas kernel (``selective_scan_bwd``) that starts each chunk from the
+state the forward saved at its entry; gradients reach every input, including ``initial_state``,
+and flow back from the final state. ``selective_scan_ref`` is the same scan in plain JAX (a
+jitted, per-chunk rematerialised ``lax.scan``); tests hold both directions to the spec reference.
 """
 
 from __future__ import annotations
@@ -48,19 +48,21 @@ def _silu(x):
     return x * jnp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def _scan_kernel(*refs, T, L, n_chunks, softplus, has_z, acc):
+def _scan_kernel(*refs, T, L, n_chunks, softplus, has_z, acc, save=False):
     if has_z:
         u_ref, dt_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref = refs[:9]
     else:
         u_ref, dt_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref = refs[:8]
         z_ref = None
-    y_ref, ht_ref = refs[-2:]
+    y_ref, ht_ref, hc_ref = refs[-3:] if save else refs[-2:] + (None,)
     A = a_ref[...].astype(acc)  # [BD, N]
     Dv = d_ref[...].astype(acc)  # [BD]
     bias = bias_ref[...].astype(acc)
     lane = lax.broadcasted_iota(jnp.int32, (1, L), 1)  # [1, L]
 
     def chunk(c, h):
+        if save:  # the state entering each chunk, for the backward
+            hc_ref[c] = h.astype(hc_ref.dtype)
         t0 = c * L
         sl = pl.ds(t0, L)
         u = u_ref[:, sl].astype(acc)  # [BD, L]
@@ -98,18 +100,24 @@ def _pad(x, shape):
     return jnp.pad(x, [(0, s - d) for s, d in zip(shape, x.shape, strict=True)])
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, interpret, poison):
-    """Runs the kernel. Returns y [Bt, Dc, T] in u's dtype and h_T [Bt, Dc, N] (accumulation)."""
+def _sizes(u, A, B):
+    """Groups, channels per group, channel tile, padded widths, chunk length, padded T."""
     Bt, Dc, T = u.shape
-    N = A.shape[1]
-    acc = _acc(u.dtype)
     G = 1 if B.ndim == 3 else B.shape[1]
     Dg = Dc // G
     BD = min(BLOCK_D, _pow2(Dg))
-    Dgp = -(-Dg // BD) * BD
     L = min(CHUNK, _pow2(T))
-    Tp = -(-T // L) * L
-    Np = _pow2(N)
+    return G, Dg, BD, -(-Dg // BD) * BD, _pow2(A.shape[1]), L, -(-T // L) * L
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, interpret, poison,
+             save=False):
+    """Runs the kernel. Returns y [Bt, Dc, T] in u's dtype and h_T [Bt, Dc, N] (accumulation),
+    and with ``save`` the padded states entering each chunk [Bt, G, chunks, Dgp, Np]."""
+    Bt, Dc, T = u.shape
+    N = A.shape[1]
+    acc = _acc(u.dtype)
+    G, Dg, BD, Dgp, Np, L, Tp = _sizes(u, A, B)
 
     def chan(x):  # [Bt, Dc, T] -> [Bt, G, Dgp, Tp]
         return _pad(x.reshape(Bt, G, Dg, T), (Bt, G, Dgp, Tp))
@@ -142,28 +150,32 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, inter
     out_shape = (jax.ShapeDtypeStruct((Bt, G, Dgp, Tp), u.dtype),
                  jax.ShapeDtypeStruct((Bt, G, Dgp, Np), acc))
     out_specs = (seq, pl.BlockSpec((sq, sq, BD, Np), lambda b, g, d: (b, g, d, 0)))
+    if save:
+        out_shape += (jax.ShapeDtypeStruct((Bt, G, Tp // L, Dgp, Np), acc),)
+        out_specs += (pl.BlockSpec((sq, sq, Tp // L, BD, Np), lambda b, g, d: (b, g, 0, d, 0)),)
+    kernel = functools.partial(_scan_kernel, T=T, L=L, n_chunks=Tp // L, softplus=softplus,
+                               has_z=has_z, acc=acc, save=save)
     aliases = {}
     if poison:
         # NaN-filled output buffers: any element the kernel fails to write stays NaN.
-        n_in = len(args)
+        n_in, n_out = len(args), len(out_shape)
         args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
         in_specs += list(out_specs)
-        aliases = {n_in: 0, n_in + 1: 1}
-    kernel = functools.partial(_scan_kernel_poison if poison else _scan_kernel, T=T, L=L,
-                               n_chunks=Tp // L, softplus=softplus, has_z=has_z, acc=acc)
-    y, hT = pl.pallas_call(
+        aliases = {n_in + i: i for i in range(n_out)}
+        kernel = functools.partial(_skip_aliases, kernel, n_out)
+    outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(Bt, G, Dgp // BD), in_specs=in_specs,
         out_specs=out_specs, input_output_aliases=aliases, interpret=interpret,
         compiler_params=pl_triton.CompilerParams(num_warps=4),  # the Triton lowering on GPUs
     )(*args)
-    y = y[:, :, :Dg, :T].reshape(Bt, Dc, T)
-    hT = hT[:, :, :Dg, :N].reshape(Bt, Dc, N)
-    return y, hT
+    y = outs[0][:, :, :Dg, :T].reshape(Bt, Dc, T)
+    hT = outs[1][:, :, :Dg, :N].reshape(Bt, Dc, N)
+    return (y, hT, outs[2]) if save else (y, hT)
 
 
-def _scan_kernel_poison(*refs, **kw):
-    # the two aliased NaN inputs sit before the outputs; the kernel never reads them
-    _scan_kernel(*(refs[:-4] + refs[-2:]), **kw)
+def _skip_aliases(kernel, n_out, *refs):
+    # the aliased NaN inputs sit just before the outputs; the kernel never reads them
+    kernel(*(refs[:-2 * n_out] + refs[-n_out:]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
@@ -173,20 +185,15 @@ def _scan(u, delta, A, B, C, D, z, delta_bias, softplus, interpret, poison, init
 
 
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, interpret, poison, initial_state):
-    out = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, interpret,
-                   poison)
-    return out, (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    y, hT, hc = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
+                         interpret, poison, save=True)
+    return (y, hT), (u, delta, A, B, C, D, z, delta_bias, initial_state, hc)
 
 
 def _scan_bwd(softplus, interpret, poison, res, g):
-    u, delta, A, B, C, D, z, delta_bias, h0 = res
+    from .selective_scan_bwd import backward
 
-    def f(u, delta, A, B, C, D, z, delta_bias, h0):
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, h0, True)
-
-    _, vjp = jax.vjp(f, u, delta, A, B, C, D, z, delta_bias, h0)
-    gy, gh = g
-    return vjp((gy, gh.astype(_acc(u.dtype))))
+    return backward(*res, *g, softplus, interpret, poison)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)

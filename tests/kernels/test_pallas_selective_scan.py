@@ -116,6 +116,30 @@ def test_gradients(shape):
         check(f"d{name}", g, w, jnp.float64)
 
 
+def test_gradients_optional_inputs_absent():
+    # no z, D or delta_bias, no softplus; channels over two programs (partial sums of dB, dC)
+    x = inputs(1, 40, 17, 2, None, jnp.float64, seed=12, with_z=False)
+    x.update(D=None, delta_bias=None, delta=jnp.abs(x["delta"]))
+    del x["z"], x["D"], x["delta_bias"]
+    r = np.random.default_rng(13)
+    gy = jnp.asarray(r.standard_normal(x["u"].shape))
+    gh = jnp.asarray(r.standard_normal(x["initial_state"].shape))
+    names = list(x)
+
+    def loss(fn, **kw):
+        def f(*args):
+            y, h = fn(**dict(zip(names, args, strict=True)), return_final_state=True, **kw)
+            return jnp.sum(y * gy) + jnp.sum(h * gh)
+        return f
+
+    argnums = tuple(range(len(names)))
+    got = jax.jit(jax.grad(loss(selective_scan, interpret=True, poison=True), argnums))(
+        *x.values())
+    want = jax.jit(jax.grad(loss(reference), argnums))(*x.values())
+    for name, g, w in zip(names, got, want, strict=True):
+        check(f"d{name}", g, w, jnp.float64)
+
+
 def test_bad_input_names_argument():
     x = inputs(1, 4, 5, 3, None, jnp.float32)
     x["A"] = x["A"][:3]
@@ -144,3 +168,7 @@ def test_lowers_to_triton_for_gpu(dtype):
     f = jax.jit(lambda x: selective_scan(**x, delta_softplus=True, return_final_state=True))
     text = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
+    # forward and the reverse-time backward kernel
+    f = jax.jit(jax.grad(lambda u: jnp.sum(selective_scan(**{**x, "u": u}).astype(jnp.float32))))
+    text = f.trace(x["u"]).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2
