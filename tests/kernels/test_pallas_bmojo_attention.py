@@ -173,6 +173,23 @@ def test_store_gradients():
         check(f"d{name}", a, b, jnp.float64)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_gradients_low_precision(dtype):
+    q, k, v, fk, fv = qkv(1, 19, 2, 6, True, dtype, seed=16)
+    g = jnp.asarray(np.random.default_rng(17).standard_normal(q.shape), jnp.float32)
+
+    def loss(fn, **kw):
+        return lambda *a: jnp.sum(fn(*a[:3], 4, *a[3:], **kw).astype(jnp.float32) * g)
+
+    argnums = tuple(range(5))
+    got = jax.jit(jax.grad(loss(bmojo_attention, interpret=True, poison=True), argnums))(
+        q, k, v, fk, fv)
+    want = jax.jit(jax.grad(loss(reference), argnums))(q, k, v, fk, fv)
+    for name, a, b in zip(("q", "k", "v", "fading_k", "fading_v"), got, want, strict=True):
+        assert a.dtype == dtype, name
+        check(f"d{name}", a, b, dtype)
+
+
 def test_gradients_after_a_key_cache():
     # 11 queries after 19 cached keys: gradients equal the reference's over the whole sequence
     # with the loss on the last 11 outputs only

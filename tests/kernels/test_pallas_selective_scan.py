@@ -116,6 +116,27 @@ def test_gradients(shape):
         check(f"d{name}", g, w, jnp.float64)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_gradients_low_precision(dtype):
+    x = inputs(1, 5, 19, 3, None, dtype, seed=14)
+    gy = jnp.asarray(np.random.default_rng(15).standard_normal(x["u"].shape), jnp.float32)
+    names = list(x)
+
+    def loss(fn, **kw):
+        def f(*args):
+            y = fn(**dict(zip(names, args, strict=True)), delta_softplus=True, **kw)
+            return jnp.sum(y.astype(jnp.float32) * gy)
+        return f
+
+    argnums = tuple(range(len(names)))
+    got = jax.jit(jax.grad(loss(selective_scan, interpret=True, poison=True), argnums))(
+        *x.values())
+    want = jax.jit(jax.grad(loss(reference), argnums))(*x.values())
+    for name, g, w in zip(names, got, want, strict=True):
+        assert g.dtype == w.dtype, name
+        check(f"d{name}", g, w, dtype)
+
+
 def test_gradients_optional_inputs_absent():
     # no z, D or delta_bias, no softplus; channels over two programs (partial sums of dB, dC)
     x = inputs(1, 40, 17, 2, None, jnp.float64, seed=12, with_z=False)
