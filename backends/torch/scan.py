@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from memcore.spec.reference.scan import _check_leaky, _check_scan_args
 
+from . import dispatch
 from ._util import NEG_INF, acc_dtype, softplus
 from .ssm_scan import selective_scan_core
 
@@ -133,6 +134,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     accumulation dtype).
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
+    if u.shape[2] > 0 and dispatch.use_kernels(u):
+        return dispatch.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                       initial_state, return_final_state)
     acc = acc_dtype(u.dtype)
     u_, dt, A_, B_, C_, D_, z_, db = _cast(acc, u, delta, A, B, C, D, z, delta_bias)
     Bt, Dc, T = u.shape
@@ -185,6 +189,8 @@ def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
     """kbar_t = k_t + exp(log_decay_h) kbar_{t-1}. k: [B, T, H, E]; log_decay: [H];
     initial_state: [B, H, E]. Returns kbar in k's dtype (and the final state)."""
     _check_leaky(k, log_decay, initial_state, streaming=False)
+    if k.shape[1] > 0 and dispatch.use_kernels(k):
+        return dispatch.leaky_average(k, log_decay, initial_state, return_final_state)
     acc = acc_dtype(k.dtype)
     Bt, T, H, E = k.shape
     b = k.to(acc).permute(0, 2, 3, 1)  # [B, H, E, T]
