@@ -4,12 +4,14 @@ The decision is taken per call from the tensor by ``memcore.kernels.triton.api.k
 (CUDA tensors with triton installed use the kernels; ``MEMCORE_KERNELS=triton|torch`` forces
 either). Kernel modules import triton, so they are imported only once the kernels are chosen:
 a CPU-only install never imports triton. Routed here: the selective scan (mamba and fading
-blocks) and the leaky average (mosaic and persistent key extractors). The windowed readout and
-the mosaic readout stay on the torch path: their state layout does not map onto the kernels'
-whole-sequence entry points without copies.
+blocks), the leaky average (mosaic and persistent key extractors) and the mosaic readout
+(``mosaic_readout``; without a capacity only on a first call, since a stored cache would be
+re-read as queries). The windowed readout stays on the torch path.
 """
 
 from __future__ import annotations
+
+import torch
 
 
 def use_kernels(x) -> bool:
@@ -35,3 +37,26 @@ def leaky_average(k, log_decay, initial_state, return_final_state):
 
     return kernel(k, log_decay, initial_state=initial_state,
                   return_final_state=return_final_state)
+
+
+def associative_readout(k, v, capacity):
+    """The Triton associative readout (same arguments and result as the torch op)."""
+    from memcore.kernels.triton.associative_readout import associative_readout as kernel
+
+    return kernel(k, v, capacity)
+
+
+def mosaic_readout(k, pair_k, pair_v, capacity):
+    """Memory Mosaics' readout of one call on the kernel, whose keys double as queries.
+
+    k: the call's keys [B, T, H, E] (the queries); pair_k, pair_v [B, H, S, E]: the stored
+    pairs still in reach followed by the pairs this call completes, in position order, with
+    no gap before the call's first query. The kernel reads one plain sequence: the call's
+    queries follow the stored keys, and the last key, whose value is not known yet, gets a
+    zero value that no query reaches (each reads only earlier positions). The rows of the
+    stored keys are computed and dropped. Returns y [B, T, H, E].
+    """
+    T = k.shape[1]
+    seq_k = torch.cat([pair_k.transpose(1, 2), k[:, T - 1:]], dim=1)
+    seq_v = torch.cat([pair_v.transpose(1, 2), torch.zeros_like(k[:, :1])], dim=1)
+    return associative_readout(seq_k, seq_v, capacity)[:, seq_k.shape[1] - T:]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import store
+from . import dispatch, store
 from ._util import l2_normalize, linear, rope, sub
 from .attention import (
     band_partial,
@@ -264,10 +264,13 @@ def mosaic_forward(spec, p, x, state, pos: int):
     if pos == 0:
         kp, vp = kp[:, :, 1:], vp[:, :, 1:]
     q = k.transpose(1, 2)  # keys are the queries
+    kernel = T > 0 and (M is not None or pos == 0) and dispatch.use_kernels(x)
     if M is None:
         mem_k = torch.cat([state["mem_k"], kp], dim=2)  # pairs 0 .. pos+T-2
         mem_v = torch.cat([state["mem_v"], vp], dim=2)
-        if pos == 0:  # strictly causal: query t reads pairs j <= t-1; t = 0 reads nothing
+        if kernel:  # a first call: the pairs are the call's own
+            y = dispatch.mosaic_readout(k, mem_k, mem_v, None).transpose(1, 2)
+        elif pos == 0:  # strictly causal: query t reads pairs j <= t-1; t = 0 reads nothing
             y = torch.zeros_like(q)
             if T > 1:
                 rest = F.scaled_dot_product_attention(q[:, :, 1:], mem_k, mem_v,
@@ -282,7 +285,11 @@ def mosaic_forward(spec, p, x, state, pos: int):
         n_old, n_new = max(pos - 1, 0), max(pos + T - 1, 0)
         ek = torch.cat([ring_to_seq(state["mem_k"], n_old), kp], dim=2)  # from n_old - M
         ev = torch.cat([ring_to_seq(state["mem_v"], n_old), vp], dim=2)
-        y = band_sdpa(q, pos, (ek, ev, n_old - M, 1, M + 1), 1.0)
+        if kernel:  # ring slots before position 0 are empty: leave them out
+            live = M - min(n_old, M)
+            y = dispatch.mosaic_readout(k, ek[:, :, live:], ev[:, :, live:], M).transpose(1, 2)
+        else:
+            y = band_sdpa(q, pos, (ek, ev, n_old - M, 1, M + 1), 1.0)
         new_k = seq_to_ring(ek[:, :, -M:], n_new)
         new_v = seq_to_ring(ev[:, :, -M:], n_new)
     y = y.transpose(1, 2).reshape(B, T, D)

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
+import memcore.kernels.triton.associative_readout as k_readout  # noqa: E402
 import memcore.kernels.triton.leaky_average as k_leaky  # noqa: E402
 import memcore.kernels.triton.selective_scan as k_scan  # noqa: E402
 
@@ -24,12 +25,15 @@ CASES = {
     "bmojo": S.bmojo(6, 2, window=3, chunk=4, select=2, capacity=3, d_state=3),
     "bmojo_f": S.bmojo_f(5, 1, window=2, d_state=2, tie_fading=False, expand=1),
     "mosaic": S.mosaic(6, 2, capacity=3),
+    "mosaic_full": S.mosaic(5, 1),
     "persistent": S.persistent(6, 3, slots=4),
 }
-# Which kernel each layer's parallel form must reach.
-KERNELS = {"mamba": ("scan",), "bmojo": ("scan",), "bmojo_f": ("scan",),
-           "mosaic": ("leaky",), "persistent": ("leaky",)}
-T, SPLIT = 7, 3  # the split form runs 3 tokens, then 4 from the carried state
+# Kernel calls of a first forward and a second one from its state; without a capacity the
+# mosaic readout takes the kernel only on the first (a stored cache would be re-read).
+KERNELS = {"mamba": {"scan": 2}, "bmojo": {"scan": 2}, "bmojo_f": {"scan": 2},
+           "mosaic": {"leaky": 2, "readout": 2}, "mosaic_full": {"leaky": 2, "readout": 1},
+           "persistent": {"leaky": 2}}
+T = 7  # the split form runs ``split`` tokens, then the rest from the carried state
 
 
 def _layer(spec, dtype):
@@ -44,20 +48,21 @@ def _floats(state):
             if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
 
-def _run(layer, x, split):
+def _run(layer, x, split: int):
+    """split 0: one call."""
     """(y, final state, the tensors gradients are taken to) of one forward or of two."""
     x = x.detach().clone().requires_grad_(True)
     wrt = [x, *layer.parameters()]
     if not split:
         y, state = layer(x)
         return y, state, wrt
-    y1, s1 = layer(x[:, :SPLIT])
+    y1, s1 = layer(x[:, :split])
     # The carried state as a leaf, so its gradient is compared too.
     s1 = {k: (v.detach().clone().requires_grad_(True)
               if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
           for k, v in s1.items()}
     wrt += list(_floats(s1).values())
-    y2, state = layer(x[:, SPLIT:], s1)
+    y2, state = layer(x[:, split:], s1)
     return torch.cat([y1, y2], 1), state, wrt
 
 
@@ -94,20 +99,21 @@ def _compare(name, dtype, split, monkeypatch):
         assert err <= tol, f"{name} {key}: error {err:.3e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["parallel", "split"])
+# Split at 3: mosaic's ring (capacity 3) is not yet full on the second call; at 5 it is.
+@pytest.mark.parametrize("split", [0, 3], ids=["parallel", "split"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernels_match_torch_path_float64(name, split, monkeypatch):
     _compare(name, torch.float64, split, monkeypatch)
 
 
-@pytest.mark.parametrize("name", ["bmojo", "mosaic"])
+@pytest.mark.parametrize("name", ["bmojo", "mosaic", "mosaic_full"])
 def test_kernels_match_torch_path_float32(name, monkeypatch):
-    _compare(name, torch.float32, True, monkeypatch)
+    _compare(name, torch.float32, 5, monkeypatch)
 
 
 def _count(monkeypatch):
     """Wrap the kernel entries so that each call is counted."""
-    calls = {"scan": 0, "leaky": 0}
+    calls = {"scan": 0, "leaky": 0, "readout": 0}
 
     def counted(key, fn):
         def wrapper(*args, **kwargs):
@@ -117,6 +123,8 @@ def _count(monkeypatch):
 
     monkeypatch.setattr(k_scan, "selective_scan", counted("scan", k_scan.selective_scan))
     monkeypatch.setattr(k_leaky, "leaky_average", counted("leaky", k_leaky.leaky_average))
+    monkeypatch.setattr(k_readout, "associative_readout",
+                        counted("readout", k_readout.associative_readout))
     return calls
 
 
@@ -133,9 +141,8 @@ def test_kernel_path_taken_only_when_chosen(name, mode, monkeypatch):
     x = torch.randn(1, 5, spec.d_model, dtype=torch.float64)
     _, state = layer(x)
     layer(x[:, :2], state)
-    expected = 2 if mode == "triton" else 0
     for key in calls:
-        want = expected if key in KERNELS[name] else 0
+        want = KERNELS[name].get(key, 0) if mode == "triton" else 0
         assert calls[key] == want, (name, mode, calls)
 
 
@@ -148,7 +155,7 @@ def test_streaming_step_stays_on_torch_path(monkeypatch):
     state = None
     for _ in range(3):
         _, state = layer.step(torch.randn(2, spec.d_model, dtype=torch.float64), state)
-    assert calls == {"scan": 0, "leaky": 0}
+    assert calls == {"scan": 0, "leaky": 0, "readout": 0}
 
 
 def test_bad_mode_is_named(monkeypatch):
