@@ -100,6 +100,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _report_outputs(results: dict, out) -> int:
+    """The closing lines every task prints: wall time and where its files went."""
+    print(f"wall time {results['seconds']:.0f} s")
+    if out:
+        plot = results.get("plot")
+        print(f"results in {out}/results.json" + (f", plot {plot}" if plot else ""))
+    return 0
+
+
 def cmd_mqar(args) -> int:
     from memcore.tasks import mqar_run
 
@@ -125,11 +134,7 @@ def cmd_mqar(args) -> int:
         print(f"memcore mqar: {err}", file=sys.stderr)
         return 2
     print(mqar_run.table(results))
-    print(f"wall time {results['seconds']:.0f} s")
-    if args.out:
-        print(f"results in {args.out}/results.json" +
-              (f", plot {results['plot']}" if results.get("plot") else ""))
-    return 0
+    return _report_outputs(results, args.out)
 
 
 def cmd_lm(args) -> int:
@@ -148,11 +153,7 @@ def cmd_lm(args) -> int:
         print(f"memcore lm: {err}", file=sys.stderr)
         return 2
     print(lm.table(results))
-    print(f"wall time {results['seconds']:.0f} s")
-    if args.out:
-        print(f"results in {args.out}/results.json" +
-              (f", plot {results['plot']}" if results.get("plot") else ""))
-    return 0
+    return _report_outputs(results, args.out)
 
 
 def cmd_moons(args) -> int:
@@ -171,11 +172,7 @@ def cmd_moons(args) -> int:
         return 2
     print(f"held out: {results['held_out']}; trained on {', '.join(results['train_sets'])}")
     print(moons.table(results))
-    print(f"wall time {results['seconds']:.0f} s")
-    if args.out:
-        print(f"results in {args.out}/results.json" +
-              (f", plot {results['plot']}" if results.get("plot") else ""))
-    return 0
+    return _report_outputs(results, args.out)
 
 
 def cmd_regbench(args) -> int:
@@ -196,11 +193,7 @@ def cmd_regbench(args) -> int:
         print(f"memcore regbench: {err}", file=sys.stderr)
         return 2
     print(regbench.table(results))
-    print(f"wall time {results['seconds']:.0f} s")
-    if args.out:
-        print(f"results in {args.out}/results.json" +
-              (f", plot {results['plot']}" if results.get("plot") else ""))
-    return 0
+    return _report_outputs(results, args.out)
 
 
 def _task_args(p, default_log_every: int = 50) -> None:
