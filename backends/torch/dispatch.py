@@ -4,9 +4,10 @@ The decision is taken per call from the tensor by ``memcore.kernels.triton.api.k
 (CUDA tensors with triton installed use the kernels; ``MEMCORE_KERNELS=triton|torch`` forces
 either). Kernel modules import triton, so they are imported only once the kernels are chosen:
 a CPU-only install never imports triton. Routed here: the selective scan (mamba and fading
-blocks), the leaky average (mosaic and persistent key extractors) and the mosaic readout
+blocks), the leaky average (mosaic and persistent key extractors), the mosaic readout
 (``mosaic_readout``; without a capacity only on a first call, since a stored cache would be
-re-read as queries). The windowed readout stays on the torch path.
+re-read as queries) and the windowed readout with a window (raw, fading and store sources in
+one kernel). Full causal attention and the one-token step forms stay on the torch path.
 """
 
 from __future__ import annotations
@@ -60,3 +61,36 @@ def mosaic_readout(k, pair_k, pair_v, capacity):
     seq_k = torch.cat([pair_k.transpose(1, 2), k[:, T - 1:]], dim=1)
     seq_v = torch.cat([pair_v.transpose(1, 2), torch.zeros_like(k[:, :1])], dim=1)
     return associative_readout(seq_k, seq_v, capacity)[:, seq_k.shape[1] - T:]
+
+
+def windowed_readout(q, pos: int, window: int, raw, fading=None, snap=None, chunk=None):
+    """The windowed layers' readout (raw window, fading window, store) on the B'MOJO kernel.
+
+    q [B, H, T, E] at positions pos ..; raw = (k, v) [B, H, W + T, E] from position pos - W;
+    fading = (k, v) [B, H, 2W + T, E] from pos - 2W; snap: the store snapshots of each chunk
+    the call touches (k, v [B, H, nC, M, E], pos [B, nC, M]). Returns o [B, H, T, E].
+    """
+    from memcore.kernels.triton.bmojo_attention import bmojo_attention as kernel
+
+    B, H, T, E = q.shape
+    # The kernel takes one cache length for both windows; rows before position 0 (the rings'
+    # empty slots) are left out, and the raw cache is padded where only the fading one reaches.
+    reach = min(pos, 2 * window if fading is not None else window)
+
+    def seq(a, back: int):
+        held = min(reach, back)
+        a = a[:, :, back - held:]
+        if held < reach:  # beyond the raw window: never visible to a raw key
+            a = torch.cat([a.new_zeros(B, H, reach - held, E), a], dim=2)
+        return a.transpose(1, 2)
+
+    k, v = (seq(a, window) for a in raw)
+    fk = fv = None
+    if fading is not None:
+        fk, fv = (seq(a, 2 * window) for a in fading)
+    sk = sv = sp = None
+    if snap is not None:
+        sk, sv, sp = snap["k"], snap["v"], snap["pos"]
+    o = kernel(q.transpose(1, 2), k, v, window, fk, fv, sk, sv, sp,
+               chunk if snap is not None else None, pos)
+    return o.transpose(1, 2)

@@ -108,6 +108,7 @@ def windowed_forward(spec, p, x, state, pos: int):
     rk = torch.cat([ring_to_seq(state["k"], pos), k], dim=2)  # positions pos-W ..
     rv = torch.cat([ring_to_seq(state["v"], pos), v], dim=2)
     sources = [(rk, rv, pos - W, 0, W)]
+    kernel = T > 0 and dispatch.use_kernels(x)
     new["k"] = seq_to_ring(rk[:, :, -W:], pos + T)
     new["v"] = seq_to_ring(rv[:, :, -W:], pos + T)
     s = None
@@ -123,13 +124,19 @@ def windowed_forward(spec, p, x, state, pos: int):
         sources.append((ek, ev, pos - 2 * W, W, 2 * W))
         new["fk"] = seq_to_ring(ek[:, :, -2 * W:], pos + T)
         new["fv"] = seq_to_ring(ev[:, :, -2 * W:], pos + T)
-    parts = [band_partial(q, pos, sources, scale)]
-    aux = None
+    aux = snap = None
+    parts = [] if kernel else [band_partial(q, pos, sources, scale)]
     if st is not None:
-        part, aux, st_state = _store_forward(spec, st, p, x, s, q, k, v, state, pos, scale)
+        part, aux, st_state, snap = _store_forward(spec, st, p, x, s, q, k, v, state, pos,
+                                                   scale, not kernel)
         if part is not None:
             parts.append(part)
         new.update(st_state)
+    if kernel:
+        o = dispatch.windowed_readout(q, pos, W, sources[0][:2],
+                                      sources[1][:2] if fading else None, snap,
+                                      st.chunk if snap is not None else None)
+        return _merge_heads(spec, p, o), new, aux
     return _merge_heads(spec, p, combine(parts)), new, aux
 
 
@@ -137,7 +144,9 @@ def _entries(state, prefix):
     return {f: state[prefix + f] for f in store.FIELDS}
 
 
-def _store_forward(spec, st, p, x, s, q, k, v, state, pos, scale):
+def _store_forward(spec, st, p, x, s, q, k, v, state, pos, scale, want_part=True):
+    """(store partial or None, aux, new store state, snapshots or None); the partial is
+    left to the kernel when ``want_part`` is false."""
     B, T, _ = x.shape
     W, C = spec.window, st.chunk
     if s is not None:
@@ -154,6 +163,8 @@ def _store_forward(spec, st, p, x, s, q, k, v, state, pos, scale):
     new.update({"cand_" + f: a for f, a in cand.items()})
     new.update({"store_" + f: a for f, a in kept.items()})
     part = None
+    if st.capacity and not want_part:
+        return part, scores.mean(), new, snap
     if st.capacity:
         n_chunks = snap["k"].shape[2]
         qc = store.to_chunks(q, front, n_chunks, C, 2)  # [B, H, nC, C, E]
@@ -167,7 +178,7 @@ def _store_forward(spec, st, p, x, s, q, k, v, state, pos, scale):
         part = (m.reshape(B, H, n, 1)[:, :, front:front + T],
                 l.reshape(B, H, n, 1)[:, :, front:front + T],
                 acc.reshape(B, H, n, E)[:, :, front:front + T])
-    return part, scores.mean(), new
+    return part, scores.mean(), new, None
 
 
 def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):

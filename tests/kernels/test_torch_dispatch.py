@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 import memcore.kernels.triton.associative_readout as k_readout  # noqa: E402
+import memcore.kernels.triton.bmojo_attention as k_attention  # noqa: E402
 import memcore.kernels.triton.leaky_average as k_leaky  # noqa: E402
 import memcore.kernels.triton.selective_scan as k_scan  # noqa: E402
 
@@ -22,7 +23,9 @@ from memcore.testing import TOLERANCE, relative_error, relative_rmse  # noqa: E4
 # Odd widths, d_state 3, windows and chunks that do not divide T: shapes the kernels tile badly.
 CASES = {
     "mamba": S.mamba(6, d_state=3, d_conv=3),
+    "transformer_window": S.transformer(6, 3, window=4),
     "bmojo": S.bmojo(6, 2, window=3, chunk=4, select=2, capacity=3, d_state=3),
+    "bmojo_nofading": S.bmojo(5, 1, window=2, chunk=5, select=2, capacity=4, fading=False),
     "bmojo_f": S.bmojo_f(5, 1, window=2, d_state=2, tie_fading=False, expand=1),
     "mosaic": S.mosaic(6, 2, capacity=3),
     "mosaic_full": S.mosaic(5, 1),
@@ -30,7 +33,9 @@ CASES = {
 }
 # Kernel calls of a first forward and a second one from its state; without a capacity the
 # mosaic readout takes the kernel only on the first (a stored cache would be re-read).
-KERNELS = {"mamba": {"scan": 2}, "bmojo": {"scan": 2}, "bmojo_f": {"scan": 2},
+KERNELS = {"mamba": {"scan": 2}, "transformer_window": {"attention": 2},
+           "bmojo": {"scan": 2, "attention": 2}, "bmojo_nofading": {"attention": 2},
+           "bmojo_f": {"scan": 2, "attention": 2},
            "mosaic": {"leaky": 2, "readout": 2}, "mosaic_full": {"leaky": 2, "readout": 1},
            "persistent": {"leaky": 2}}
 T = 7  # the split form runs ``split`` tokens, then the rest from the carried state
@@ -113,7 +118,7 @@ def test_kernels_match_torch_path_float32(name, monkeypatch):
 
 def _count(monkeypatch):
     """Wrap the kernel entries so that each call is counted."""
-    calls = {"scan": 0, "leaky": 0, "readout": 0}
+    calls = {"scan": 0, "leaky": 0, "readout": 0, "attention": 0}
 
     def counted(key, fn):
         def wrapper(*args, **kwargs):
@@ -123,6 +128,8 @@ def _count(monkeypatch):
 
     monkeypatch.setattr(k_scan, "selective_scan", counted("scan", k_scan.selective_scan))
     monkeypatch.setattr(k_leaky, "leaky_average", counted("leaky", k_leaky.leaky_average))
+    monkeypatch.setattr(k_attention, "bmojo_attention",
+                        counted("attention", k_attention.bmojo_attention))
     monkeypatch.setattr(k_readout, "associative_readout",
                         counted("readout", k_readout.associative_readout))
     return calls
@@ -155,7 +162,7 @@ def test_streaming_step_stays_on_torch_path(monkeypatch):
     state = None
     for _ in range(3):
         _, state = layer.step(torch.randn(2, spec.d_model, dtype=torch.float64), state)
-    assert calls == {"scan": 0, "leaky": 0, "readout": 0}
+    assert calls == {"scan": 0, "leaky": 0, "readout": 0, "attention": 0}
 
 
 def test_bad_mode_is_named(monkeypatch):
