@@ -41,10 +41,10 @@ KERNELS = {"mamba": {"scan": 2}, "transformer_window": {"attention": 2},
 T = 7  # the split form runs ``split`` tokens, then the rest from the carried state
 
 
-def _layer(spec, dtype):
+def _layer(spec, dtype, device="cpu"):
     params = memcore.init(spec, 0, dtype=np.float64)
     layer = memcore.realize(spec, backend="torch", params=params)
-    return layer.to(dtype)
+    return layer.to(device=device, dtype=dtype)
 
 
 def _floats(state):
@@ -75,7 +75,8 @@ def _results(layer, x, split):
     y, state, wrt = _run(layer, x, split)
     g = torch.Generator().manual_seed(7)
     outs = {"y": y, **{"state." + k: v for k, v in _floats(state).items()}}
-    loss = sum((v.double() * torch.randn(v.shape, generator=g, dtype=torch.float64)).sum()
+    loss = sum((v.double() * torch.randn(v.shape, generator=g, dtype=torch.float64).to(
+        v.device)).sum()
                for v in outs.values())
     aux = getattr(layer, "aux_loss", None)
     if aux is not None:
@@ -85,11 +86,11 @@ def _results(layer, x, split):
     return {k: v.detach() for k, v in outs.items()}
 
 
-def _compare(name, dtype, split, monkeypatch):
+def _compare(name, dtype, split, monkeypatch, device):
     spec = CASES[name]
-    layer = _layer(spec, dtype)
+    layer = _layer(spec, dtype, device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, T, spec.d_model, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(2, T, spec.d_model, generator=g, dtype=torch.float64).to(device, dtype)
     monkeypatch.setenv("MEMCORE_KERNELS", "torch")
     want = _results(layer, x, split)
     monkeypatch.setenv("MEMCORE_KERNELS", "triton")
@@ -107,13 +108,13 @@ def _compare(name, dtype, split, monkeypatch):
 # Split at 3: mosaic's ring (capacity 3) is not yet full on the second call; at 5 it is.
 @pytest.mark.parametrize("split", [0, 3], ids=["parallel", "split"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernels_match_torch_path_float64(name, split, monkeypatch):
-    _compare(name, torch.float64, split, monkeypatch)
+def test_kernels_match_torch_path_float64(name, split, monkeypatch, device):
+    _compare(name, torch.float64, split, monkeypatch, device)
 
 
 @pytest.mark.parametrize("name", ["bmojo", "mosaic", "mosaic_full"])
-def test_kernels_match_torch_path_float32(name, monkeypatch):
-    _compare(name, torch.float32, 5, monkeypatch)
+def test_kernels_match_torch_path_float32(name, monkeypatch, device):
+    _compare(name, torch.float32, 5, monkeypatch, device)
 
 
 def _count(monkeypatch):
@@ -137,19 +138,20 @@ def _count(monkeypatch):
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("mode", ["triton", "torch", None])
-def test_kernel_path_taken_only_when_chosen(name, mode, monkeypatch):
+def test_kernel_path_taken_only_when_chosen(name, mode, monkeypatch, device):
     calls = _count(monkeypatch)
-    if mode is None:  # CPU tensors without the variable stay on the torch path
+    if mode is None:  # the device decides: CPU tensors take the torch path, CUDA the kernels
         monkeypatch.delenv("MEMCORE_KERNELS", raising=False)
     else:
         monkeypatch.setenv("MEMCORE_KERNELS", mode)
     spec = CASES[name]
-    layer = _layer(spec, torch.float64)
-    x = torch.randn(1, 5, spec.d_model, dtype=torch.float64)
+    layer = _layer(spec, torch.float64, device)
+    x = torch.randn(1, 5, spec.d_model, dtype=torch.float64, device=device)
     _, state = layer(x)
     layer(x[:, :2], state)
     for key in calls:
-        want = KERNELS[name].get(key, 0) if mode == "triton" else 0
+        on = mode == "triton" or (mode is None and device == "cuda")
+        want = KERNELS[name].get(key, 0) if on else 0
         assert calls[key] == want, (name, mode, calls)
 
 
