@@ -112,6 +112,12 @@ def test_kernels_match_torch_path_float64(name, split, monkeypatch, device):
     _compare(name, torch.float64, split, monkeypatch, device)
 
 
+@pytest.mark.parametrize("name", ["mamba", "transformer_window", "bmojo", "mosaic"])
+def test_one_token_second_call_float64(name, monkeypatch, device):
+    # T = 1 on the kernels, at a position inside a chunk and past a full window
+    _compare(name, torch.float64, T - 1, monkeypatch, device)
+
+
 @pytest.mark.parametrize("name", ["bmojo", "mosaic", "mosaic_full"])
 def test_kernels_match_torch_path_float32(name, monkeypatch, device):
     _compare(name, torch.float32, 5, monkeypatch, device)
