@@ -12,6 +12,10 @@ from hypothesis import HealthCheck, settings
 # Tests import with --import-mode=importlib (test files in different folders may share a
 # name); each folder's helper modules (kcheck, torchcheck, jaxcheck, plain, ...) are found here.
 _HERE = pathlib.Path(__file__).resolve().parent
+# The repository root too: with importlib imports a test module is named tests.<folder>.<file>,
+# and processes a test spawns re-import it by that name.
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
 for _sub in sorted(p for p in _HERE.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
     if str(_sub) not in sys.path:
         sys.path.insert(0, str(_sub))
