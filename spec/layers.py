@@ -203,3 +203,18 @@ class Persistent(Spec):
 
 
 LAYER_KINDS = (Transformer, Mamba, BMojoF, BMojo, Mosaic, Persistent)
+
+
+def mixer_family(spec) -> str:
+    """Which implementation family a layer spec belongs to: "windowed" (transformer, bmojo_f,
+    bmojo share one windowed readout), "mamba", "mosaic" or "persistent". Every backend
+    dispatches on this."""
+    if isinstance(spec, (Transformer, BMojoF)):
+        return "windowed"
+    if isinstance(spec, Mamba):
+        return "mamba"
+    if isinstance(spec, Mosaic):
+        return "mosaic"
+    if isinstance(spec, Persistent):
+        return "persistent"
+    raise TypeError(f"spec must be a memcore layer spec, got {spec!r}")

@@ -15,7 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from memcore.spec.layers import BMojoF, Mamba, Mosaic, Persistent, Transformer
+from memcore.spec.layers import Mosaic, Persistent, Transformer, mixer_family
 from memcore.spec.model import Model
 
 from . import mamba, mosaic, windowed
@@ -33,16 +33,7 @@ class State(eqx.Module, strict=True):
         return self.arrays[key]
 
 
-def kind(spec) -> str:
-    if isinstance(spec, (Transformer, BMojoF)):
-        return "windowed"
-    if isinstance(spec, Mamba):
-        return "mamba"
-    if isinstance(spec, Mosaic):
-        return "mosaic"
-    if isinstance(spec, Persistent):
-        return "persistent"
-    raise TypeError(f"spec must be a memcore layer spec, got {spec!r}")
+kind = mixer_family
 
 
 def grows(spec) -> bool:

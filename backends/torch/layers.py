@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import array_api_compat.torch as xp_torch
 import torch
-from memcore.spec.layers import BMojoF, Mamba, Mosaic, Persistent, Transformer
+from memcore.spec.layers import Mosaic, Transformer, mixer_family
 from memcore.spec.params import check_params
 from memcore.spec.reference import layers as ref_layers
 from memcore.spec.reference.layers import META, _check_input
@@ -43,18 +43,6 @@ def unalias_rings(arrays: dict) -> dict:
     return out
 
 
-def _kind(spec) -> str:
-    if isinstance(spec, (Transformer, BMojoF)):
-        return "windowed"
-    if isinstance(spec, Mamba):
-        return "mamba"
-    if isinstance(spec, Mosaic):
-        return "mosaic"
-    if isinstance(spec, Persistent):
-        return "persistent"
-    raise TypeError(f"spec must be a layer spec, got {spec!r}")
-
-
 class TorchLayer(nn.Module):
     """A layer spec realized in torch. Parameter names are ``memcore.init``'s names.
 
@@ -69,7 +57,7 @@ class TorchLayer(nn.Module):
         check_params(spec, params)
         self.spec = spec
         self.spec_id = spec.spec_id  # hashed once: states carry it at every step
-        self._kind = _kind(spec)
+        self._kind = mixer_family(spec)
         register_params(self, params)
         self.aux_loss = None
         self._shapes = {}

@@ -8,7 +8,7 @@ float64 for float64 inputs).
 
 from __future__ import annotations
 
-from ..layers import BMojoF, Mamba, Mosaic, Persistent, Transformer
+from ..layers import mixer_family
 from ..params import check_params
 from . import mamba, mosaic, windowed
 from ._xp import acc_dtype, cast_out, is_float, namespace, params_as
@@ -16,20 +16,8 @@ from ._xp import acc_dtype, cast_out, is_float, namespace, params_as
 META = ("pos", "spec_id")
 
 
-def _module(spec):
-    if isinstance(spec, (Transformer, BMojoF)):
-        return "windowed"
-    if isinstance(spec, Mamba):
-        return "mamba"
-    if isinstance(spec, Mosaic):
-        return "mosaic"
-    if isinstance(spec, Persistent):
-        return "persistent"
-    raise TypeError(f"spec must be a layer spec, got {spec!r}")
-
-
 def _arrays(xp, spec, batch: int, dtype, like):
-    kind = _module(spec)
+    kind = mixer_family(spec)
     if kind == "windowed":
         return windowed.init_state(xp, spec, batch, dtype, like)
     if kind == "mamba":
@@ -124,7 +112,7 @@ def forward_aux(spec, params, x, state=None):
     """Parallel form: x [B, T, D] -> (y [B, T, D], final state, aux). ``aux`` is bmojo's
     innovation loss (mean score of this call's tokens), None for other layers."""
     xp, xa, p, pos, arrays = _prepare(spec, params, x, state, False, "x")
-    kind = _module(spec)
+    kind = mixer_family(spec)
     aux = None
     if kind == "windowed":
         y, arrays, aux = windowed.forward(xp, spec, p, xa, arrays, pos)
@@ -141,7 +129,7 @@ def forward_aux(spec, params, x, state=None):
 def step_aux(spec, params, x_t, state=None):
     """Streaming form: x_t [B, D] -> (y_t [B, D], state, aux)."""
     xp, xa, p, pos, arrays = _prepare(spec, params, x_t, state, True, "x_t")
-    kind = _module(spec)
+    kind = mixer_family(spec)
     aux = None
     if kind == "windowed":
         y, arrays, aux = windowed.step(xp, spec, p, xa, arrays, pos)
