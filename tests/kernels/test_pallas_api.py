@@ -12,18 +12,7 @@ pytest.importorskip("jax.experimental.pallas")
 import jax.numpy as jnp  # noqa: E402
 from memcore.kernels.pallas import api  # noqa: E402
 from memcore.spec.reference import ops as reference  # noqa: E402
-
-ON_GPU = any(d.platform == "gpu" for d in jax.devices())
-
-
-def rel_rmse(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
-    if not np.isfinite(got).all():
-        return float("inf")
-    scale = np.sqrt(np.mean(want ** 2))
-    err = np.sqrt(np.mean((got - want) ** 2))
-    return float(err / scale) if scale > 0 else float(err)
+from pallascheck import ON_GPU, rel_rmse  # noqa: E402
 
 
 def test_device_rule(monkeypatch):
