@@ -49,7 +49,18 @@ def to_xp(xp, value, like):
 
 
 def params_as(xp, params: dict, like) -> dict:
-    return {name: to_xp(xp, value, like) for name, value in params.items()}
+    out = {}
+    for name, value in params.items():
+        try:
+            out[name] = to_xp(xp, value, like)
+        except (RuntimeError, TypeError) as e:
+            # e.g. a torch parameter that requires grad cannot become a numpy array
+            raise TypeError(
+                f"params[{name!r}] is a {type(value).__module__}.{type(value).__name__} and cannot "
+                f"join an input of {type(like).__module__}.{type(like).__name__}: pass the input "
+                f"in the parameters' array library (gradients cannot cross libraries), or detach "
+                f"the parameters ({e})") from e
+    return out
 
 
 def linear(xp, x, weight, bias=None):

@@ -68,7 +68,8 @@ def check_state(spec, state, batch: int, xp, dtype, name: str = "state") -> None
                              f"(batch {batch})")
         if got.dtype != ref.dtype:
             raise ValueError(f"{name}[{key!r}] has dtype {got.dtype}, expected {ref.dtype} "
-                             f"(the accumulation dtype of a {dtype} input)")
+                             f"(the accumulation dtype of a {dtype} input; make the state with "
+                             f"init_state(batch, like=x))")
 
 
 def _check_input(spec, x, streaming: bool, name: str):

@@ -28,13 +28,27 @@ class ReferenceLayer:
         self.params = dict(params)
         self.aux_loss = None
 
-    def init_state(self, batch_size: int, like=None):
-        """The empty state; ``like`` (default: a float32 numpy array) picks the array library,
-        device and dtype."""
+    def init_state(self, batch_size: int, like=None, dtype=None):
+        """The empty state for inputs like ``like`` (its array library, device and dtype); without
+        ``like``, numpy arrays of ``dtype`` (default: the parameters' dtype)."""
+        return L.init_state(self.spec, batch_size, self._like(like, dtype))
+
+    def _like(self, like, dtype):
         import numpy as np
 
-        like = np.zeros((1,), dtype=np.float32) if like is None else like
-        return L.init_state(self.spec, batch_size, like)
+        if like is not None:
+            if dtype is not None:
+                raise ValueError("init_state: give like or dtype, not both (like has a dtype)")
+            return like
+        if dtype is None:
+            dtype = next(iter(self.params.values())).dtype
+        if type(dtype).__module__ == "torch":  # torch dtypes name their numpy twin
+            dtype = str(dtype).removeprefix("torch.")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError as e:
+            raise TypeError(f"init_state: dtype must name a floating dtype, got {dtype!r}") from e
+        return np.zeros((1,), dtype=dtype)
 
     def __call__(self, x, state=None):
         y, state, self.aux_loss = L.forward_aux(self.spec, self.params, x, state)
@@ -51,11 +65,10 @@ class ReferenceLayer:
 class ReferenceModel(ReferenceLayer):
     """A model spec: token ids in, logits out; same call and step protocol as a layer."""
 
-    def init_state(self, batch_size: int, like=None):
-        import numpy as np
-
-        like = np.zeros((1,), dtype=self.params["embed.weight"].dtype) if like is None else like
-        return M.init_state(self.spec, batch_size, like)
+    def init_state(self, batch_size: int, like=None, dtype=None):
+        """The empty state; ``like`` and ``dtype`` as for a layer (``like`` is an embedding
+        output's stand-in: its dtype is the activations')."""
+        return M.init_state(self.spec, batch_size, self._like(like, dtype))
 
     def __call__(self, tokens, state=None):
         y, state, self.aux_loss = M.forward_aux(self.spec, self.params, tokens, state)

@@ -298,3 +298,39 @@ def test_growing_cache_length_must_match_pos(spec, keys, held):
         L.forward(spec, p, x, bad)
     with pytest.raises(ValueError, match=pattern):
         L.step(spec, p, x[:, 0], bad)
+
+
+def test_state_dtype_mismatch_says_how_to_make_one():
+    layer = memcore.realize(SPEC, backend="reference", params=P)
+    with pytest.raises(ValueError, match=r"has dtype float32, expected float64.*like=x"):
+        layer(X, layer.init_state(2, dtype=np.float32))
+
+
+def test_init_state_dtype_and_like():
+    """The realized layer's state follows ``dtype`` (numpy or torch names) or ``like``; both at
+    once is refused; a float64 state made that way runs a float64 input."""
+    torch = pytest.importorskip("torch")
+    layer = memcore.realize(SPEC, backend="reference", params=P)
+    assert layer.init_state(2)["k"].dtype == P["q_proj.weight"].dtype
+    for dtype in (np.float64, "float64", torch.float64):
+        state = layer.init_state(2, dtype=dtype)
+        assert state["k"].dtype == np.float64
+    y, _ = layer(X, layer.init_state(2, dtype=np.float64))
+    assert np.array_equal(y, layer(X)[0])
+    with pytest.raises(ValueError, match=r"init_state: give like or dtype, not both"):
+        layer.init_state(2, like=X, dtype=np.float64)
+    with pytest.raises(TypeError, match=r"init_state: dtype must name a floating dtype"):
+        layer.init_state(2, dtype=object())
+
+
+def test_params_needing_grad_with_numpy_input():
+    """Torch parameters that require grad cannot meet a numpy input: the error names the
+    parameter and both libraries, not torch's own message alone."""
+    torch = pytest.importorskip("torch")
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in P.items()}
+    layer = memcore.realize(SPEC, backend="reference", params=params)
+    with pytest.raises(TypeError, match=r"params\['[a-z_.]+'\] is a torch.Tensor and cannot join "
+                                        r"an input of numpy.ndarray"):
+        layer(X)
+    y, _ = layer(torch.tensor(X))  # the same parameters with a torch input keep their graph
+    assert y.requires_grad
