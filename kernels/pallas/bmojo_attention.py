@@ -46,12 +46,13 @@ def _acc(dtype):
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
-def _attn_kernel(*refs, W, off, Tk, scale, fading, store, pos, C, S, block, acc, precision):
+def _attn_kernel(*refs, W, off, Tk, scale, fading, store, C, S, block, acc, precision):
     refs = list(refs)
-    q_ref, k_ref, v_ref = refs[:3]
-    fk_ref, fv_ref = refs[3:5] if fading else (None, None)
+    meta_ref, q_ref, k_ref, v_ref = refs[:4]
+    fk_ref, fv_ref = refs[4:6] if fading else (None, None)
     sk_ref, sv_ref, sp_ref = refs[-5:-2] if store else (None, None, None)
     o_ref, lse_ref = refs[-2:]
+    pos, kstart = meta_ref[0], meta_ref[1]  # run-time scalars: one compilation serves any pos
     i0 = pl.program_id(2) * block
     q = q_ref[...].astype(acc)  # [BQ, E]
     i = i0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)  # query rows [BQ, 1]
@@ -75,14 +76,15 @@ def _attn_kernel(*refs, W, off, Tk, scale, fading, store, pos, C, S, block, acc,
 
     def visit(kr, vr, lo_off, hi_off, carry):
         """Keys j with i + off - hi_off < j <= i + off - lo_off (hi_off None: no lower bound)."""
-        first = 0 if hi_off is None else jnp.maximum(i0 + off - hi_off + 1, 0) // block
+        lo = kstart if hi_off is None else jnp.maximum(i0 + off - hi_off + 1, kstart)
+        first = lo // block
         last = jnp.minimum(i0 + block - 1 + off - lo_off, Tk - 1) // block  # may be < first
 
         def tile(t, carry):
             j = t * block + jj
             kt = kr[pl.ds(t * block, block), :].astype(acc)
             vt = vr[pl.ds(t * block, block), :].astype(acc)
-            vis = (j <= i + off - lo_off) & (j < Tk)
+            vis = (j <= i + off - lo_off) & (j < Tk) & (j >= kstart)
             if hi_off is not None:
                 vis = vis & (j > i + off - hi_off)
             return update(carry, scores(kt), vis, vt)
@@ -122,7 +124,7 @@ def _pad_bhte(x, T, E):
     return jnp.pad(x, [(0, 0), (0, 0), (0, T - x.shape[2]), (0, E - x.shape[3])])
 
 
-def _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block):
+def _forward(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, poison, block):
     B, Tq, H, E = q.shape
     Tk = k.shape[1]
     fading, store = fk is not None, sk is not None
@@ -133,9 +135,9 @@ def _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poiso
     sq = pl.squeezed
     qspec = pl.BlockSpec((sq, sq, block, Ep), lambda b, h, t: (b, h, t, 0))
     kspec = pl.BlockSpec((sq, sq, Tkp, Ep), lambda b, h, t: (b, h, 0, 0))
-    args = [_pad_bhte(q, Tqp, Ep)] + [_pad_bhte(a, Tkp, Ep)
-                                      for a in ((k, v, fk, fv) if fading else (k, v))]
-    in_specs = [qspec] + [kspec] * (len(args) - 1)
+    args = [meta, _pad_bhte(q, Tqp, Ep)] + [_pad_bhte(a, Tkp, Ep)
+                                            for a in ((k, v, fk, fv) if fading else (k, v))]
+    in_specs = [META_SPEC, qspec] + [kspec] * (len(args) - 2)
     S = 0
     if store:
         S, M = spos.shape[1], spos.shape[2]
@@ -151,7 +153,7 @@ def _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poiso
     lspec = pl.BlockSpec((sq, sq, block), lambda b, h, t: (b, h, t))
     kernel = functools.partial(
         _attn_kernel, W=window, off=Tk - Tq, Tk=Tk, scale=1.0 / math.sqrt(E), fading=fading,
-        store=store, pos=pos, C=chunk, S=S, block=block, acc=acc,
+        store=store, C=chunk, S=S, block=block, acc=acc,
         precision=lax.Precision.HIGHEST if acc == jnp.float32 else None)
     aliases = {}
     if poison:
@@ -173,41 +175,58 @@ def _skip_alias(kernel, *refs):
     kernel(*(refs[:-4] + refs[-2:]))
 
 
-_STATIC = (8, 9, 10, 11, 12, 13)  # window, chunk, pos, interpret, poison, block
+# meta: int32 [2] = (pos, key_start), read by the kernels at run time
+META_SPEC = pl.BlockSpec((2,), lambda *_: (0,))
+_STATIC = (9, 10, 11, 12, 13)  # window, chunk, interpret, poison, block
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=_STATIC)
-def _attention(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block):
-    return _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison,
+def _attention(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, poison, block):
+    return _forward(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, poison,
                     block)[0]
 
 
-def _attention_fwd(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison, block):
-    o, lse = _forward(q, k, v, fk, fv, sk, sv, spos, window, chunk, pos, interpret, poison,
+def _attention_fwd(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, poison, block):
+    o, lse = _forward(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, poison,
                       block)
-    return o, (q, k, v, fk, fv, sk, sv, spos, o, lse)
+    return o, (q, k, v, fk, fv, sk, sv, spos, meta, o, lse)
 
 
-def _attention_bwd(window, chunk, pos, interpret, poison, block, res, g):
-    q, k, v, fk, fv, sk, sv, spos, o, lse = res
+def _attention_bwd(window, chunk, interpret, poison, block, res, g):
+    q, k, v, fk, fv, sk, sv, spos, meta, o, lse = res
     if sk is None:
         from .bmojo_attention_bwd import backward
 
-        return backward(q, k, v, fk, fv, o, lse, g, window, interpret, poison, block) + (
-            None, None, None)
+        return backward(q, k, v, fk, fv, o, lse, g, meta, window, interpret, poison,
+                        block) + (None, None, None, None)
 
-    def f(q, k, v, fk, fv, sk, sv, spos):
-        return bmojo_attention_ref(q, k, v, window, fk, fv, sk, sv, spos, chunk, pos,
-                                   block=block)
+    def f(q, k, v, fk, fv, sk, sv):
+        return bmojo_attention_ref(q, k, v, window, fk, fv, sk, sv, spos, chunk, meta[0],
+                                   block=block, key_start=meta[1])
 
-    _, vjp = jax.vjp(f, q, k, v, fk, fv, sk, sv, spos)
-    return vjp(g)  # store positions are integers: their cotangent is float0
+    _, vjp = jax.vjp(f, q, k, v, fk, fv, sk, sv)
+    return vjp(g) + (None, None)  # store positions and meta are integers: no cotangent
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos):
+def _check_scalar(name, value):
+    """An int >= 0, or a 0-d integer array (a traced position inside jit)."""
+    if isinstance(value, bool):
+        raise TypeError(f"bmojo_attention: {name} must be an int >= 0, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"bmojo_attention: {name} must be an int >= 0, got {value}")
+        return
+    if not (hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)
+            and jnp.ndim(value) == 0):
+        raise TypeError(f"bmojo_attention: {name} must be an int >= 0 or a 0-d integer "
+                        f"array, got {value!r}")
+
+
+def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos,
+           key_start=0):
     if q.ndim != 4:
         raise ValueError(f"bmojo_attention: q must be [B, Tq, H, E], got shape {tuple(q.shape)}")
     B, Tq, H, E = q.shape
@@ -227,8 +246,8 @@ def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chu
                          "are given, got None")
     if Tq == 0:
         raise ValueError(f"bmojo_attention: q must hold at least one query, got {tuple(q.shape)}")
-    if not isinstance(pos, int) or pos < 0:
-        raise ValueError(f"bmojo_attention: pos must be an int >= 0, got {pos!r}")
+    _check_scalar("pos", pos)
+    _check_scalar("key_start", key_start)
     given = [a is not None for a in (store_k, store_v, store_pos)]
     if any(given) and not all(given):
         raise ValueError("bmojo_attention: give store_k, store_v and store_pos together, "
@@ -238,7 +257,10 @@ def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chu
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"bmojo_attention: chunk must be a positive int with a store, "
                          f"got {chunk!r}")
-    S = (pos + Tq - 1) // chunk - pos // chunk + 1  # chunks the queries fall in
+    if isinstance(pos, int):
+        S = (pos + Tq - 1) // chunk - pos // chunk + 1  # chunks the queries fall in
+    else:  # a run-time position: as many as any pos can need
+        S = -(-(Tq + chunk - 1) // chunk)
     if store_pos.ndim != 3 or store_pos.shape[0] != B or store_pos.shape[1] < S:
         raise ValueError(f"bmojo_attention: store_pos must be [B={B}, snapshots >= {S}, M], "
                          f"got {tuple(store_pos.shape)}")
@@ -250,32 +272,37 @@ def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chu
 
 
 def bmojo_attention(q, k, v, window, fading_k=None, fading_v=None, store_k=None, store_v=None,
-                    store_pos=None, chunk=None, pos=0, *, interpret=False, poison=False,
-                    block=BLOCK):
+                    store_pos=None, chunk=None, pos=0, *, key_start=0, interpret=False,
+                    poison=False, block=BLOCK):
     """One softmax over the raw window, the fading window and the visible store entries.
 
     q [B, Tq, H, E] at positions pos .. pos + Tq - 1; k, v, fading_k, fading_v [B, Tk, H, E];
     store_k, store_v [B, H, S, M, E] and store_pos [B, S, M] (negative: empty slot), snapshot s
     serving the queries of chunk pos // chunk + s; an entry at position p is visible from t
-    when p <= t - W. Returns o [B, Tq, H, E] in q's dtype. ``interpret`` runs the Pallas
+    when p <= t - W. ``pos`` and ``key_start`` may be 0-d integer arrays (traced inside jit);
+    keys before index ``key_start`` (an unfilled cache) are never visible, in any source.
+    Returns o [B, Tq, H, E] in q's dtype. ``interpret`` runs the Pallas
     interpreter (any device); ``poison`` hands the kernel a NaN-filled output buffer (tests);
     ``block`` is the tile size, a power of two (at least 16 when compiled for a GPU).
     """
-    _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos)
+    _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos,
+           key_start)
     if block < 1 or block & (block - 1):
         raise ValueError(f"bmojo_attention: block must be a power of two, got {block}")
     if store_k is None:
         chunk = None
-    return _attention(q, k, v, fading_k, fading_v, store_k, store_v, store_pos, window, chunk,
-                      pos, bool(interpret), bool(poison), int(block))
+    meta = jnp.stack([jnp.asarray(pos, jnp.int32), jnp.asarray(key_start, jnp.int32)])
+    return _attention(q, k, v, fading_k, fading_v, store_k, store_v, store_pos, meta, window,
+                      chunk, bool(interpret), bool(poison), int(block))
 
 
-@functools.partial(jax.jit, static_argnums=(3, 9, 10), static_argnames=("block",))
+@functools.partial(jax.jit, static_argnums=(3, 9), static_argnames=("block",))
 def bmojo_attention_ref(q, k, v, window, fading_k=None, fading_v=None, store_k=None,
-                        store_v=None, store_pos=None, chunk=None, pos=0, *, block=BLOCK):
+                        store_v=None, store_pos=None, chunk=None, pos=0, *, block=BLOCK,
+                        key_start=0):
     """The same function in plain JAX, banded: each tile of ``block`` queries gathers the
     BLOCK + span keys it can see (and each query its snapshot's store entries) and runs one
-    masked softmax over them."""
+    masked softmax over them. ``pos`` and ``key_start`` are traced (one compilation)."""
     B, Tq, H, E = q.shape
     Tk = k.shape[1]
     off = Tk - Tq
@@ -286,7 +313,7 @@ def bmojo_attention_ref(q, k, v, window, fading_k=None, fading_v=None, store_k=N
     # key index of band slot s for query tile t; slots before key 0 or past Tk are masked
     t0 = jnp.arange(n)[:, None] * block
     kidx = t0 + off - span + 1 + jnp.arange(band)[None, :]  # [n, band]
-    kok = (kidx >= 0) & (kidx < Tk)
+    kok = (kidx >= key_start) & (kidx >= 0) & (kidx < Tk)
     kclip = jnp.clip(kidx, 0, Tk - 1)
     qi = t0 + jnp.arange(block)[None, :]  # [n, block]
     qok = qi < Tq

@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from .bmojo_attention import _acc, _pad_bhte, _pow2
+from .bmojo_attention import META_SPEC, _acc, _pad_bhte, _pow2
 
 
 def _dot(a, b, acc, precision):
@@ -27,9 +27,10 @@ def _dot(a, b, acc, precision):
 
 
 def _dq_kernel(*refs, W, off, Tq, Tk, scale, fading, block, acc, precision):
-    q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref = refs[:6]
-    fk_ref, fv_ref = refs[6:8] if fading else (None, None)
+    meta_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref = refs[:7]
+    fk_ref, fv_ref = refs[7:9] if fading else (None, None)
     dq_ref = refs[-1]
+    kstart = meta_ref[1]
     i0 = pl.program_id(2) * block
     q = q_ref[...].astype(acc)
     do = do_ref[...].astype(acc)
@@ -39,14 +40,15 @@ def _dq_kernel(*refs, W, off, Tq, Tk, scale, fading, block, acc, precision):
     jj = lax.broadcasted_iota(jnp.int32, (1, block), 1)
 
     def visit(kr, vr, lo_off, hi_off, dq):
-        first = 0 if hi_off is None else jnp.maximum(i0 + off - hi_off + 1, 0) // block
+        lo = kstart if hi_off is None else jnp.maximum(i0 + off - hi_off + 1, kstart)
+        first = lo // block
         last = jnp.minimum(i0 + block - 1 + off - lo_off, Tk - 1) // block
 
         def tile(t, dq):
             j = t * block + jj
             kt = kr[pl.ds(t * block, block), :].astype(acc)
             vt = vr[pl.ds(t * block, block), :].astype(acc)
-            vis = (j <= i + off - lo_off) & (j < Tk) & (i < Tq)
+            vis = (j <= i + off - lo_off) & (j < Tk) & (i < Tq) & (j >= kstart)
             if hi_off is not None:
                 vis = vis & (j > i + off - hi_off)
             s = _dot(q, kt.T, acc, precision) * scale
@@ -62,9 +64,11 @@ def _dq_kernel(*refs, W, off, Tq, Tk, scale, fading, block, acc, precision):
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dk_ref, dv_ref, *, lo_off,
-                 hi_off, off, Tq, Tk, scale, block, acc, precision):
-    """Keys j of this tile are seen by queries i with lo_off <= i + off - j < hi_off."""
+def _dkdv_kernel(meta_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dk_ref, dv_ref, *,
+                 lo_off, hi_off, off, Tq, Tk, scale, block, acc, precision):
+    """Keys j of this tile are seen by queries i with lo_off <= i + off - j < hi_off, unless
+    they sit before the first key that exists (``key_start``)."""
+    kstart = meta_ref[1]
     j0 = pl.program_id(2) * block
     k = k_ref[...].astype(acc)  # [BK, E]
     v = v_ref[...].astype(acc)
@@ -83,7 +87,7 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dk_ref, dv_ref, *
         do = do_ref[sl, :].astype(acc)
         lse = lse_ref[sl][:, None]
         dl = dl_ref[sl][:, None]
-        vis = (j <= i + off - lo_off) & (j < Tk) & (i < Tq)
+        vis = (j <= i + off - lo_off) & (j < Tk) & (i < Tq) & (j >= kstart)
         if hi_off is not None:
             vis = vis & (j > i + off - hi_off)
         s = _dot(q, k.T, acc, precision) * scale  # [BQ, BK]
@@ -118,9 +122,10 @@ def _call(kernel, args, in_specs, out_shape, out_specs, grid, interpret, poison)
     )(*args)
 
 
-def backward(q, k, v, fk, fv, o, lse, do, window, interpret, poison, block):
+def backward(q, k, v, fk, fv, o, lse, do, meta, window, interpret, poison, block):
     """Gradients (dq, dk, dv, dfk, dfv) of the attention output o given its cotangent do;
-    lse [B, H, Tq padded] comes from the forward kernel. dfk, dfv are None without fading."""
+    lse [B, H, Tq padded] comes from the forward kernel, meta (pos, key_start) int32 [2] is
+    the forward's. dfk, dfv are None without fading."""
     B, Tq, H, E = q.shape
     Tk = k.shape[1]
     fading = fk is not None
@@ -145,15 +150,16 @@ def backward(q, k, v, fk, fv, o, lse, do, window, interpret, poison, block):
                   precision=precision)
 
     dq = _call(functools.partial(_dq_kernel, W=window, fading=fading, **common),
-               [qq, dd, lse, delta] + keys, [tile_spec, tile_spec, row_spec, row_spec]
-               + [whole_k] * len(keys), jax.ShapeDtypeStruct(qq.shape, q.dtype), tile_spec,
+               [meta, qq, dd, lse, delta] + keys,
+               [META_SPEC, tile_spec, tile_spec, row_spec, row_spec] + [whole_k] * len(keys),
+               jax.ShapeDtypeStruct(qq.shape, q.dtype), tile_spec,
                (B, H, Tqp // block), interpret, poison)
 
     def kv_grads(kk, vv, lo_off, hi_off):
         shape = jax.ShapeDtypeStruct(kk.shape, q.dtype)
         dk, dv = _call(functools.partial(_dkdv_kernel, lo_off=lo_off, hi_off=hi_off, **common),
-                       [qq, dd, lse, delta, kk, vv],
-                       [whole_q, whole_q, whole_r, whole_r, tile_spec, tile_spec],
+                       [meta, qq, dd, lse, delta, kk, vv],
+                       [META_SPEC, whole_q, whole_q, whole_r, whole_r, tile_spec, tile_spec],
                        (shape, shape), (tile_spec, tile_spec), (B, H, Tkp // block),
                        interpret, poison)
         return tuple(jnp.swapaxes(a[:, :, :Tk, :E], 1, 2) for a in (dk, dv))
@@ -165,11 +171,12 @@ def backward(q, k, v, fk, fv, o, lse, do, window, interpret, poison, block):
     return jnp.swapaxes(dq[:, :, :Tq, :E], 1, 2), dk, dv, dfk, dfv
 
 
-def backward_ref(q, k, v, fk, fv, do, window, block):
+def backward_ref(q, k, v, fk, fv, do, window, block, key_start=0):
     """The same gradients as the VJP of the plain-JAX ``bmojo_attention_ref``."""
     from .bmojo_attention import bmojo_attention_ref
 
     args = (q, k, v) if fk is None else (q, k, v, fk, fv)
-    _, vjp = jax.vjp(lambda *a: bmojo_attention_ref(*a[:3], window, *a[3:], block=block), *args)
+    _, vjp = jax.vjp(lambda *a: bmojo_attention_ref(*a[:3], window, *a[3:], block=block,
+                                                    key_start=key_start), *args)
     grads = vjp(do)
     return grads if fk is not None else grads + (None, None)

@@ -231,3 +231,36 @@ def test_lowers_to_triton_for_gpu(dtype):
                                            .astype(jnp.float32))))
     text = f.trace(q).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 4
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["windows", "store"])
+def test_traced_pos_and_key_start(store):
+    # A fixed-length cache whose first key_start entries are not filled yet (the JAX backend's
+    # rings early in a stream): with pos and key_start traced, the result and gradients equal
+    # those of the cache cut to its filled part with a static pos.
+    W, C, pos, cache, start = 3, 4, 2, 6, 4  # keys 0..3 sit before position 0
+    (q, k, v, fk, fv, sk, sv), spos = store_case(1, 9, 2, 3, W, C, 2, pos, False, seed=12)
+    r = np.random.default_rng(13)
+    k, v, fk, fv = (jnp.concatenate([jnp.asarray(r.standard_normal((1, cache, 2, 3))), a], 1)
+                    for a in (k, v, fk, fv))
+    st = (sk, sv, spos, C) if store else ()
+    g = jnp.asarray(r.standard_normal(q.shape))
+
+    def traced(q, k, v, fk, fv, p, s):
+        return jnp.sum(g * bmojo_attention(q, k, v, W, fk, fv, *st, pos=p, key_start=s,
+                                           interpret=True, poison=True))
+
+    def cut(q, k, v, fk, fv):
+        k, v, fk, fv = (a[:, start:] for a in (k, v, fk, fv))
+        return jnp.sum(g * bmojo_attention(q, k, v, W, fk, fv, *st, pos=pos, interpret=True))
+
+    args = (q, k, v, fk, fv)
+    p, s = jnp.int32(pos), jnp.int32(start)
+    got = jax.jit(jax.value_and_grad(traced, tuple(range(5))))(*args, p, s)
+    want = jax.jit(jax.value_and_grad(cut, tuple(range(5))))(*args)
+    check("loss", got[0], want[0], jnp.float64)
+    for name, a, b in zip(("q", "k", "v", "fading_k", "fading_v"), got[1], want[1], strict=True):
+        check(f"d{name}", a, b, jnp.float64)
+    # the unfilled keys matter when not masked: the check above can fail
+    loose = jax.jit(traced)(*args, p, jnp.int32(0))
+    assert abs(float(loose - want[0])) > 1e-3 * abs(float(want[0]))
