@@ -17,30 +17,42 @@ from ._util import acc_dtype, check_like_params, param_dict, register_params
 _FORMS = {
     "windowed": (mixers.windowed_forward, mixers.windowed_step),
     "mamba": (lambda s, p, x, st, pos: (*mixers.mamba_forward(s, p, x, st), None),
-              lambda s, p, x, st, pos, **kw: (*mixers.mamba_step(s, p, x, st), None)),
+              lambda s, p, x, st, pos, **kw: (*mixers.mamba_step(s, p, x, st, **kw), None)),
     "mosaic": (lambda s, p, x, st, pos: (*mixers.mosaic_forward(s, p, x, st, pos), None),
                lambda s, p, x, st, pos, **kw: (*mixers.mosaic_step(s, p, x, st, pos, **kw),
                                                None)),
     "persistent": (lambda s, p, x, st, pos: (*mixers.persistent_forward(s, p, x, st, pos), None),
-                   lambda s, p, x, st, pos, **kw: (*mixers.persistent_step(s, p, x, st, pos),
-                                                   None)),
+                   lambda s, p, x, st, pos, **kw: (*mixers.persistent_step(s, p, x, st, pos,
+                                                                           **kw), None)),
 }
-RINGS = ("k", "v", "fk", "fv", "mem_k", "mem_v")
 
 
-def unalias_rings(arrays: dict) -> dict:
-    """Rings written in place must own their memory: an empty state shares one zero tensor
-    between several arrays."""
-    out = dict(arrays)
-    for key in RINGS:
-        ring = out.get(key)
-        if ring is None or ring.numel() == 0:
+def own_storage(arrays: dict) -> dict:
+    """The arrays, each on memory of its own: a step in place writes every array, but an
+    empty state shares one zero tensor between several arrays (as the reference builds it),
+    and a parallel form may hand back views that share a buffer. Only those are copied."""
+    out, seen = dict(arrays), set()
+    for key, a in arrays.items():
+        if not a.numel():
             continue
-        ptr = ring.untyped_storage().data_ptr()
-        if any(isinstance(o, torch.Tensor) and o.numel()
-               and o.untyped_storage().data_ptr() == ptr for k, o in out.items() if k != key):
-            out[key] = ring.clone()
+        ptr = a.untyped_storage().data_ptr()
+        if ptr in seen:
+            out[key] = a.clone()
+        else:
+            seen.add(ptr)
     return out
+
+
+def private_state(state):
+    """A deep copy of a layer or model state whose arrays own contiguous memory of their own,
+    for a caller that will step it in place."""
+    if isinstance(state, dict):
+        return {k: private_state(v) for k, v in state.items()}
+    if isinstance(state, (tuple, list)):
+        return type(state)(private_state(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone(memory_format=torch.contiguous_format)
+    return state
 
 
 class TorchLayer(nn.Module):
@@ -72,7 +84,10 @@ class TorchLayer(nn.Module):
         accumulation dtype (float32, or float64 for float64 inputs)."""
         ref = self._param_ref()
         like = torch.zeros(1, dtype=dtype or ref.dtype, device=device or ref.device)
-        return ref_layers.init_state(self.spec, batch_size, like)
+        # Separate buffers, so that the state can be stepped in place from the first token.
+        state = ref_layers.init_state(self.spec, batch_size, like)
+        state.update(own_storage({k: v for k, v in state.items() if k not in META}))
+        return state
 
     def _expected(self, batch: int, acc: torch.dtype) -> dict:
         key = (batch, acc)
@@ -139,7 +154,7 @@ class TorchLayer(nn.Module):
         if not streaming:
             return _FORMS[self._kind][0](self.spec, p, x, arrays, pos)
         if inplace:
-            arrays = unalias_rings(arrays)
+            arrays = own_storage(arrays)
         return _FORMS[self._kind][1](self.spec, p, x, arrays, pos, inplace=inplace)
 
     def _call(self, x, state, streaming: bool, inplace: bool = False):
@@ -148,7 +163,8 @@ class TorchLayer(nn.Module):
         acc, xa, pos, arrays = self._prepare(x, state, streaming)
         y, arrays, aux = self.run(param_dict(self, acc), xa, arrays, pos, streaming, inplace)
         self.aux_loss = aux
-        new = {"pos": pos + (1 if streaming else x.shape[1]), "spec_id": self.spec_id}
+        new = state if inplace and state is not None else {}
+        new.update({"pos": pos + (1 if streaming else x.shape[1]), "spec_id": self.spec_id})
         new.update(arrays)
         return y.to(x.dtype), new
 
@@ -159,8 +175,13 @@ class TorchLayer(nn.Module):
     def step(self, x_t, state=None, *, inplace: bool = False):
         """Streaming form: x_t [B, D] -> (y_t [B, D], state).
 
-        ``inplace=True`` (under ``torch.no_grad()``) writes the new token into the state's
-        preallocated ring buffers instead of copying them, so the given state is updated too.
+        By default the step is functional: it returns a new state, leaves ``state`` as it
+        was, and is differentiable. ``inplace=True`` (under ``torch.no_grad()``, for
+        generation) updates ``state`` itself and returns it: every array is written into
+        the tensor that holds it (ring buffers, convolution window, recurrent states, store
+        slots), so no state tensor is reallocated or changes shape, except the caches that
+        grow by design (``transformer`` without a window, ``mosaic`` without a capacity).
+        Anything else sharing those tensors sees the update too.
         """
         return self._call(x_t, state, streaming=True, inplace=inplace)
 

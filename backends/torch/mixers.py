@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, store
-from ._util import l2_normalize, linear, rope, sub
+from ._util import l2_normalize, linear, rope, softplus, sub
 from .attention import (
     band_partial,
     band_sdpa,
@@ -52,18 +52,35 @@ def mamba_forward(spec, p, x, state):
     return out, {"conv": conv, "ssm": h}
 
 
-def mamba_step(spec, p, x_t, state):
+def mamba_step(spec, p, x_t, state, inplace: bool = False):
+    """One token; with ``inplace`` the convolution window and the SSM state are written
+    into ``state``'s own tensors."""
     Di = spec.d_inner
     xz = linear(x_t, p["in_proj.weight"])
     xi, z = xz[:, :Di], xz[:, Di:]
-    window = torch.cat([state["conv"], xi[:, :, None]], dim=-1)  # [B, Di, K]
+    conv = state["conv"]
+    window = torch.cat([conv, xi[:, :, None]], dim=-1)  # [B, Di, K]
     xc = F.silu((window * p["conv1d.weight"][:, 0, :]).sum(-1) + p["conv1d.bias"])
     dt_low, Bm, Cm = _split_x_dbl(spec, linear(xc, p["x_proj.weight"]))
     delta = linear(dt_low, p["dt_proj.weight"])
     A = -torch.exp(p["A_log"])
-    y, h = selective_state_update(state["ssm"], xc, delta, A, Bm, Cm, p["D"], z,
-                                  delta_bias=p["dt_proj.bias"], delta_softplus=True)
-    return linear(y, p["out_proj.weight"]), {"conv": window[:, :, 1:], "ssm": h}
+    if not inplace:
+        y, h = selective_state_update(state["ssm"], xc, delta, A, Bm, Cm, p["D"], z,
+                                      delta_bias=p["dt_proj.bias"], delta_softplus=True)
+        return linear(y, p["out_proj.weight"]), {"conv": window[:, :, 1:], "ssm": h}
+    conv.copy_(window[:, :, 1:])
+    y = _selective_update_(state["ssm"], xc, delta, A, Bm, Cm, p["D"], z, p["dt_proj.bias"])
+    return linear(y, p["out_proj.weight"]), {"conv": conv, "ssm": state["ssm"]}
+
+
+def _selective_update_(h, u, delta, A, B, C, D, z, delta_bias):
+    """``selective_state_update`` (softplus on, ungrouped B/C) with the new state written
+    into ``h`` [B, Dc, N]; everything already in the accumulation dtype. Returns y [B, Dc]."""
+    dt = softplus(delta + delta_bias[None, :])
+    h.mul_(torch.exp(dt[:, :, None] * A[None]))
+    h.addcmul_((dt * u)[:, :, None], B[:, None, :])
+    y = torch.matmul(h, C[:, :, None])[:, :, 0] + D[None, :] * u
+    return y * F.silu(z)
 
 
 # --- windowed readout: transformer, bmojo_f, bmojo ---------------------------------------------
@@ -182,6 +199,9 @@ def _store_forward(spec, st, p, x, s, q, k, v, state, pos, scale, want_part=True
 
 
 def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):
+    """One token. The readout sees the store as it was before this token; the store is
+    updated after it. With ``inplace`` every array (rings, Mamba state, ``s_last``, the
+    candidates and the store) is written into ``state``'s own tensors."""
     B, _ = x_t.shape
     W = spec.window
     fading = bool(getattr(spec, "fading", False))
@@ -193,20 +213,21 @@ def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):
     dev = x_t.device
     new = {}
     keys, vals, masks = [], [], []
-    if W is None:
+    if W is None:  # the KV cache grows by design
         new["k"] = torch.cat([state["k"], k], dim=2)
         new["v"] = torch.cat([state["v"], v], dim=2)
-        masks.append(torch.ones(1, 1, 1, pos + 1, dtype=torch.bool, device=dev))
+        masks.append(None)
     else:
         new["k"] = ring_write(state["k"], k[:, :, 0], pos, inplace)
         new["v"] = ring_write(state["v"], v[:, :, 0], pos, inplace)
-        masks.append((ring_slot_positions(pos + 1, W, dev) >= 0)[None, None, None, :])
+        masks.append(None if pos + 1 >= W else
+                     (ring_slot_positions(pos + 1, W, dev) >= 0)[None, None, None, :])
     keys.append(new["k"])
     vals.append(new["v"])
     s_t = None
     if fading:
         s_t, mstate = mamba_step(spec.fading_block, sub(p, "fading."), x_t,
-                                 {"conv": state["conv"], "ssm": state["ssm"]})
+                                 {"conv": state["conv"], "ssm": state["ssm"]}, inplace)
         new.update(mstate)
         wk, wv = _fading_weights(spec, p)
         fk = _heads_bhte(spec, s_t[:, None, :], wk, pos, True)
@@ -217,7 +238,7 @@ def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):
         keys.append(new["fk"])
         vals.append(new["fv"])
         masks.append(((sp >= 0) & (sp <= pos - W))[None, None, None, :])
-    aux = None
+    aux = score = None
     if st is not None:
         kept = _entries(state, "store_")
         keys.append(kept["k"])
@@ -227,21 +248,54 @@ def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):
         score = store.innovation_scores(x, state["s_last"][:, None, :] if fading else None,
                                         pred)  # [B, 1]
         aux = score.mean()
+    o = _step_readout(spec, q, keys, vals, masks)
+    if st is not None:  # after the readout, which sees the store before this token
         tok = {"k": k, "v": v, "score": score,
                "pos": torch.full((B, 1), pos, dtype=torch.int64, device=dev)}
-        cand = store.merge(_entries(state, "cand_"), tok, st.select)
-        if (pos + 1) % st.chunk == 0:
-            kept = store.merge(kept, cand, st.capacity)
-            cand = store.empty(B, spec.n_heads, st.select, spec.head_dim, x_t.dtype, dev)
-        new["s_last"] = s_t if fading else state["s_last"]
-        new.update({"cand_" + f: a for f, a in cand.items()})
-        new.update({"store_" + f: a for f, a in kept.items()})
-    S = [kk.shape[2] for kk in keys]
-    sc = (q @ torch.cat(keys, 2).transpose(-1, -2)) * default_scale(spec.head_dim)
-    mask = torch.cat([m.expand(B, spec.n_heads, 1, n) for m, n in zip(masks, S, strict=True)],
-                     dim=-1)
-    o = combine([partial(sc, mask, torch.cat(vals, 2))])
+        new.update(_store_step(spec, st, state, tok, s_t, pos, inplace))
     return _merge_heads(spec, p, o)[:, 0], new, aux
+
+
+def _step_readout(spec, q, keys, vals, masks):
+    """One softmax over the sources' keys (a mask of None: every key is visible)."""
+    B, H = q.shape[:2]
+    sc = (q @ torch.cat(keys, 2).transpose(-1, -2)) * default_scale(spec.head_dim)
+    if all(m is None for m in masks):
+        mask = torch.ones((), dtype=torch.bool, device=q.device).expand(sc.shape)
+    else:
+        mask = torch.cat([torch.ones((), dtype=torch.bool, device=q.device).expand(
+            B, H, 1, kk.shape[2]) if m is None else m.expand(B, H, 1, kk.shape[2])
+            for m, kk in zip(masks, keys, strict=True)], dim=-1)
+    return combine([partial(sc, mask, torch.cat(vals, 2))])
+
+
+def _store_step(spec, st, state, tok, s_t, pos, inplace):
+    """The token joins the chunk's candidates; at a chunk's end the candidates merge into the
+    store and the candidate slots empty. Returns the new store arrays (``state``'s own
+    tensors, updated, with ``inplace``)."""
+    cand, kept = _entries(state, "cand_"), _entries(state, "store_")
+    s_last = state["s_last"]
+    chunk_end = (pos + 1) % st.chunk == 0
+    if inplace:
+        store.merge_into(cand, tok)
+        if chunk_end:
+            store.merge_into(kept, cand)
+            store.clear(cand)
+        if s_t is not None:
+            s_last.copy_(s_t)
+    else:  # a new state shares no tensor with the given one (either may be stepped in place)
+        cand = store.merge(cand, tok, st.select)
+        if chunk_end:
+            kept = store.merge(kept, cand, st.capacity)
+            cand = store.empty(tok["k"].shape[0], spec.n_heads, st.select, spec.head_dim,
+                               tok["k"].dtype, tok["k"].device)
+        else:
+            kept = {f: a.clone() for f, a in kept.items()}
+        s_last = s_last.clone() if s_t is None else s_t
+    new = {"s_last": s_last}
+    new.update({"cand_" + f: a for f, a in cand.items()})
+    new.update({"store_" + f: a for f, a in kept.items()})
+    return new
 
 
 # --- Memory Mosaics ----------------------------------------------------------------------------
@@ -309,10 +363,23 @@ def mosaic_forward(spec, p, x, state, pos: int):
     return linear(y, p["o_proj.weight"]), new
 
 
+def _leaky_step(p, k_t, kbar, inplace: bool):
+    """kbar_t = k_t + exp(-10 |leak|) kbar_{t-1}: (kbar_t, new state); with ``inplace`` the
+    state tensor ``kbar`` itself is updated and is both."""
+    log_decay = -10.0 * p["leak"].abs()
+    if not inplace:
+        return leaky_average_step(k_t, log_decay, kbar)
+    kbar.mul_(torch.exp(log_decay)[None, :, None]).add_(k_t)
+    return kbar, kbar
+
+
 def mosaic_step(spec, p, x_t, state, pos: int, inplace: bool = False):
+    """One token. With ``inplace`` the leaky average, the last key/value and (with a
+    capacity) the memory ring are written into ``state``'s own tensors; without a capacity
+    the memory grows by one pair, by design."""
     B, D = x_t.shape
-    kbar, kbar_state = leaky_average_step(_split_heads(spec, linear(x_t, p["k_proj.weight"])),
-                                          -10.0 * p["leak"].abs(), state["kbar"])
+    kbar, kbar_state = _leaky_step(p, _split_heads(spec, linear(x_t, p["k_proj.weight"])),
+                                   state["kbar"], inplace)
     k = _key_scale(p["k_scale"])[:, None] * l2_normalize(kbar)  # [B, H, E]
     u = _split_heads(spec, linear(x_t, p["v_proj.weight"]))
     mem_k, mem_v = state["mem_k"], state["mem_v"]
@@ -324,14 +391,21 @@ def mosaic_step(spec, p, x_t, state, pos: int, inplace: bool = False):
         else:
             mem_k = ring_write(mem_k, state["k_last"], pos - 1, inplace)
             mem_v = ring_write(mem_v, v_prev, pos - 1, inplace)
+    elif not inplace:  # a new state shares no tensor with the given one
+        mem_k, mem_v = mem_k.clone(), mem_v.clone()
     S = mem_k.shape[2]
-    if spec.capacity is None:
-        valid = torch.ones(S, dtype=torch.bool, device=x_t.device)
+    sc = k[:, :, None, :] @ mem_k.transpose(-1, -2)  # [B, H, 1, S]
+    if spec.capacity is None or pos >= spec.capacity:
+        valid = torch.ones((), dtype=torch.bool, device=x_t.device)
     else:
         valid = ring_slot_positions(pos, spec.capacity, x_t.device) >= 0
-    sc = k[:, :, None, :] @ mem_k.transpose(-1, -2)  # [B, H, 1, S]
     y = combine([partial(sc, valid.expand(B, spec.n_heads, 1, S), mem_v)])[:, :, 0]
-    new = {"kbar": kbar_state, "k_last": k, "u_last": u, "mem_k": mem_k, "mem_v": mem_v}
+    if inplace:  # the previous pair is in the ring: k_last and u_last are free to overwrite
+        k_last, u_last = state["k_last"].copy_(k), state["u_last"].copy_(u)
+    else:
+        k_last, u_last = k, u
+    new = {"kbar": kbar_state, "k_last": k_last, "u_last": u_last, "mem_k": mem_k,
+           "mem_v": mem_v}
     return linear(y.reshape(B, D), p["o_proj.weight"]), new
 
 
@@ -352,8 +426,8 @@ def persistent_forward(spec, p, x, state, pos: int):
     return linear(y, p["o_proj.weight"]), {"kbar": kbar_T}
 
 
-def persistent_step(spec, p, x_t, state, pos: int):
-    kbar, kbar_state = leaky_average_step(_split_heads(spec, linear(x_t, p["k_proj.weight"])),
-                                          -10.0 * p["leak"].abs(), state["kbar"])
+def persistent_step(spec, p, x_t, state, pos: int, inplace: bool = False):
+    kbar, kbar_state = _leaky_step(p, _split_heads(spec, linear(x_t, p["k_proj.weight"])),
+                                   state["kbar"], inplace)
     y = _persistent_read(p, kbar).reshape(x_t.shape)
     return linear(y, p["o_proj.weight"]), {"kbar": kbar_state}

@@ -14,7 +14,7 @@ from memcore.spec.reference.model import _check_tokens
 from torch import nn
 
 from ._util import acc_dtype, gelu, layer_norm, linear, param_dict, register_params, rms_norm, sub
-from .layers import TorchLayer, check_inplace
+from .layers import TorchLayer, check_inplace, private_state
 
 
 class TorchModel(nn.Module):
@@ -104,7 +104,7 @@ class TorchModel(nn.Module):
             g = self._norm(h, p[pre + "norm1.weight"])
             y, arrays, a = block.mixer.run(sub(p, pre + "mixer."), g, _arrays(st), st["pos"],
                                            streaming, inplace)
-            new_layers.append(_state(block.mixer, arrays, st["pos"], h, streaming))
+            new_layers.append(_state(block.mixer, arrays, st, h, streaming, inplace))
             if a is not None:
                 aux = a if aux is None else aux + a
             h = h + y
@@ -117,11 +117,14 @@ class TorchModel(nn.Module):
                     st = state["ffn"][i]
                     y, arrays, _ = block.ffn.run(sub(p, pre + "ffn."), g, _arrays(st),
                                                  st["pos"], streaming, inplace)
-                    new_ffn.append(_state(block.ffn, arrays, st["pos"], h, streaming))
+                    new_ffn.append(_state(block.ffn, arrays, st, h, streaming, inplace))
                     h = h + y
         h = self._norm(h, p["norm_f.weight"])
         logits = linear(h, p["embed.weight"]) * self.spec.logit_scale
         n = 1 if streaming else tokens.shape[1]
+        if inplace:  # the layer states were updated where they are
+            state["pos"] = pos + n
+            return logits, state
         new = {"pos": pos + n, "spec_id": self.spec_id, "layers": tuple(new_layers)}
         if new_ffn:
             new["ffn"] = tuple(new_ffn)
@@ -133,8 +136,10 @@ class TorchModel(nn.Module):
         return self._run(tokens, state, streaming=False)
 
     def step(self, tokens_t, state=None, *, inplace: bool = False):
-        """tokens_t [B] ints -> (logits [B, V], state). ``inplace=True`` (under
-        ``torch.no_grad()``) updates the state's ring buffers in place."""
+        """tokens_t [B] ints -> (logits [B, V], state). Functional by default (a new state,
+        ``state`` untouched, differentiable); ``inplace=True`` (under ``torch.no_grad()``)
+        updates ``state`` itself and returns it, as ``TorchLayer.step`` does: no state
+        tensor is reallocated."""
         return self._run(tokens_t, state, streaming=True, inplace=inplace)
 
     @torch.no_grad()
@@ -142,8 +147,8 @@ class TorchModel(nn.Module):
                  generator: torch.Generator | None = None, state=None):
         """Continue ``tokens`` [B, T] by ``max_new_tokens``: greedy (argmax) with
         temperature 0, else sampling from softmax(logits / temperature) with ``generator``.
-        The prompt runs in the parallel form, each new token through ``step``, writing into
-        the state's preallocated ring buffers.
+        The prompt runs in the parallel form, each new token through ``step`` in place, on a
+        private copy of the state: ``state`` is left as it was.
         Returns [B, T + max_new_tokens]."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 max_new_tokens < 0:
@@ -156,6 +161,9 @@ class TorchModel(nn.Module):
             raise TypeError(f"generator must be a torch.Generator, got "
                             f"{type(generator).__name__}")
         logits, state = self(tokens, state)
+        # The parallel form may return arrays of the caller's state (e.g. a store that no
+        # chunk end changed) or views of one buffer: step a copy that owns its memory.
+        state = private_state(state)
         last = logits[:, -1]
         out = [tokens]
         for i in range(max_new_tokens):
@@ -178,7 +186,9 @@ def _arrays(state):
     return {k: v for k, v in state.items() if k not in ("pos", "spec_id")}
 
 
-def _state(layer, arrays, pos, h, streaming):
-    new = {"pos": pos + (1 if streaming else h.shape[1]), "spec_id": layer.spec_id}
+def _state(layer, arrays, old, h, streaming, inplace=False):
+    new = old if inplace else {}
+    new.update({"pos": old["pos"] + (1 if streaming else h.shape[1]),
+                "spec_id": layer.spec_id})
     new.update(arrays)
     return new

@@ -68,6 +68,21 @@ def merge(a: dict, b: dict, n: int) -> dict:
     return top(concat(a, b), n)
 
 
+def merge_into(dst: dict, b: dict) -> None:
+    """``merge(dst, b, n)`` with n = dst's slots, written into dst's own tensors (a streaming
+    step in place: the result is gathered first, so dst may be read while it is written)."""
+    best = merge(dst, b, dst["pos"].shape[-1])
+    for f in FIELDS:
+        dst[f].copy_(best[f])
+
+
+def clear(entries: dict) -> None:
+    """Empty every slot in place (zeros, position -1), as ``empty`` builds them."""
+    for f in ("k", "v", "score"):
+        entries[f].zero_()
+    entries["pos"].fill_(-1)
+
+
 def innovation_scores(x, s_prev, pred_weight):
     """r_t = mean((x_t - s_{t-1} Wpred^T)^2): x, s_prev [B, T, D] -> [B, T]."""
     xhat = torch.zeros_like(x) if pred_weight is None else s_prev @ pred_weight.T
