@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bmojo_attention import MIN_BLOCK, _dot
+from .bmojo_attention import MIN_BLOCK, _dot, gpu_tile
 from .buffers import acc_dtype, check_device, check_float, empty, interpreted
 
 
@@ -164,8 +164,9 @@ class _Cfg:
         self.cap = capacity if capacity is not None else 0
         self.BE = max(triton.next_power_of_2(self.E), MIN_BLOCK)
         self.BM = self.BN = MIN_BLOCK
-        if k.is_cuda and not interpreted(_readout_fwd_kernel):
-            self.BM = self.BN = 32 if (k.dtype == torch.float64 or self.BE > 128) else 64
+        # compiled kernels run on a GPU only; the interpreter gets the smallest legal tile
+        if not interpreted(_readout_fwd_kernel):
+            self.BM = self.BN = gpu_tile(k.dtype, self.BE)
         # float32 without tf32 (DESIGN 6); bfloat16 under the interpreter gets float32 copies
         self.ieee = 1 if k.dtype == torch.float32 else 0
         if k.dtype == torch.bfloat16 and interpreted(_readout_fwd_kernel):

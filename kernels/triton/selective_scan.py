@@ -30,6 +30,11 @@ from .buffers import acc_dtype, check_device, check_float, empty
 
 CHUNK = 32  # time steps per tile, and between saved states
 MAX_BLOCK_D = 8  # a program holds [BLOCK_D, N, chunk] tiles
+# Most channels x states a program holds in its [BLOCK_D, BLOCK_N, CHUNK] tiles. Compiled for
+# sm_90, wider tiles spill registers: at d_state 64 with 8 channels the forward kernel keeps
+# 1.1 KB of stack per thread and the backward 7.8 KB; 8 x 16 keeps 16 bytes. Narrower blocks
+# cost memory instead: the backward's partial sums of dB and dC are [B, Dc / BLOCK_D, N, T].
+MAX_TILE = 128
 
 
 @triton.jit
@@ -226,12 +231,13 @@ def _scan_bwd_kernel(
     tl.store(dbias_part + pid_b * Dc + d, dbias_acc, mask=d < Dc)
 
 
-def _block_d(Dc: int, G: int) -> int:
-    """The widest power of two <= MAX_BLOCK_D dividing the group width, so a block of channels
-    never straddles two groups and needs no channel mask."""
+def _block_d(Dc: int, G: int, block_n: int, tile: int) -> int:
+    """The widest power of two <= MAX_BLOCK_D dividing the group width, with at most ``tile``
+    channels x states per program, so a block of channels never straddles two groups and
+    needs no channel mask."""
     width = Dc // G
     bd = 1
-    while bd * 2 <= MAX_BLOCK_D and width % (bd * 2) == 0:
+    while (bd * 2 <= MAX_BLOCK_D and bd * 2 * block_n <= tile and width % (bd * 2) == 0):
         bd *= 2
     return bd
 
@@ -297,7 +303,8 @@ class _SelectiveScan(torch.autograd.Function):
         Bt, Dc, T = u.shape
         N, G = A.shape[1], Bg.shape[1]
         acc = acc_dtype(u.dtype)
-        bd = _block_d(Dc, G)
+        bn = triton.next_power_of_2(N)
+        bd = _block_d(Dc, G, bn, MAX_TILE)
         nchunk = triton.cdiv(T, chunk)
         ctx.chunk = chunk
         y = empty((Bt, Dc, T), u.dtype, u.device)
@@ -310,7 +317,7 @@ class _SelectiveScan(torch.autograd.Function):
             y, hT, ckpt, T, Dc, N, G, nchunk,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, BLOCK_D=bd,
-            BLOCK_N=triton.next_power_of_2(N), CHUNK=chunk, ACC=_tl_acc(u.dtype),
+            BLOCK_N=bn, CHUNK=chunk, ACC=_tl_acc(u.dtype),
         )
         ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, ckpt)
         ctx.plain_bc = B.ndim == 3
@@ -325,10 +332,10 @@ class _SelectiveScan(torch.autograd.Function):
         N, G = A.shape[1], Bg.shape[1]
         acc = acc_dtype(u.dtype)
         dev = u.device
-        bd = _block_d(Dc, G)
+        bn = triton.next_power_of_2(N)
+        bd = _block_d(Dc, G, bn, MAX_TILE)
         ndb = Dc // bd
         nchunk = ckpt.shape[2]
-        bn = triton.next_power_of_2(N)
         dy = torch.zeros_like(u) if dy is None else dy.contiguous()
         du = empty((Bt, Dc, T), acc, dev)
         ddelta = empty((Bt, Dc, T), acc, dev)
