@@ -51,20 +51,26 @@ def gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
-def rope(x, start: int):
+def rope_tables(start: int, T: int, E: int, dtype, device):
+    """(cos, sin) [1, T, 1, E // 2] of the rotation at positions start .. start+T-1, to share
+    between the projections rotated at the same positions."""
+    half = E // 2
+    inv_freq = ROPE_BASE ** (-torch.arange(half, dtype=dtype, device=device)
+                             * (2.0 / (2 * half)))
+    pos = torch.arange(start, start + T, device=device).to(dtype)
+    ang = pos[:, None] * inv_freq[None, :]
+    return torch.cos(ang)[None, :, None, :], torch.sin(ang)[None, :, None, :]
+
+
+def rope(x, start: int, tables=None):
     """x: [B, T, H, E] at absolute positions start .. start+T-1 (rotate-half, base 10000;
-    an odd last coordinate is left alone)."""
+    an odd last coordinate is left alone). ``tables``: ``rope_tables`` for these positions."""
     E = x.shape[-1]
     half = E // 2
     if half == 0:
         return x
-    T = x.shape[1]
-    inv_freq = ROPE_BASE ** (-torch.arange(half, dtype=x.dtype, device=x.device)
-                             * (2.0 / (2 * half)))
-    pos = torch.arange(start, start + T, device=x.device).to(x.dtype)
-    ang = pos[:, None] * inv_freq[None, :]
-    cos = torch.cos(ang)[None, :, None, :]
-    sin = torch.sin(ang)[None, :, None, :]
+    cos, sin = tables if tables is not None else rope_tables(start, x.shape[1], E, x.dtype,
+                                                             x.device)
     x1, x2 = x[..., :half], x[..., half:2 * half]
     parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
     if E % 2:
@@ -102,6 +108,23 @@ def param_dict(module: nn.Module, dtype: torch.dtype) -> dict:
     """The module's parameters by dotted name, cast to the compute dtype (a no-op cast keeps
     the parameter itself on the graph)."""
     return {n: (p if p.dtype == dtype else p.to(dtype)) for n, p in module.named_parameters()}
+
+
+def step_params(module: nn.Module, dtype: torch.dtype) -> dict:
+    """``param_dict`` for per-token calls, without walking the module tree each token: kept
+    while every parameter is the same object, with ``dtype`` (training updates parameters in
+    place, and ``.to()`` swaps their data, so the kept tensors stay current); never kept when
+    a cast is needed, as a cast copy would not follow the parameter."""
+    kept = module.__dict__.get("_step_params")
+    if kept is not None and kept[0] == dtype and all(
+            owner._parameters.get(leaf) is p and p.dtype == dtype for owner, leaf, p in kept[1]):
+        return kept[2]
+    entries = [(m, leaf, p) for _, m in module.named_modules()
+               for leaf, p in m._parameters.items() if p is not None]
+    params = param_dict(module, dtype)
+    if all(p.dtype == dtype for _, _, p in entries):
+        module.__dict__["_step_params"] = (dtype, entries, params)
+    return params
 
 
 def sub(p: dict, prefix: str) -> dict:

@@ -12,7 +12,7 @@ from memcore.spec.reference.layers import META, _check_input
 from torch import nn
 
 from . import mixers
-from ._util import acc_dtype, check_like_params, param_dict, register_params
+from ._util import acc_dtype, check_like_params, param_dict, register_params, step_params
 
 _FORMS = {
     "windowed": (mixers.windowed_forward, mixers.windowed_step),
@@ -161,7 +161,8 @@ class TorchLayer(nn.Module):
         if inplace:
             check_inplace()
         acc, xa, pos, arrays = self._prepare(x, state, streaming)
-        y, arrays, aux = self.run(param_dict(self, acc), xa, arrays, pos, streaming, inplace)
+        p = step_params(self, acc) if streaming else param_dict(self, acc)
+        y, arrays, aux = self.run(p, xa, arrays, pos, streaming, inplace)
         self.aux_loss = aux
         new = state if inplace and state is not None else {}
         new.update({"pos": pos + (1 if streaming else x.shape[1]), "spec_id": self.spec_id})

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, store
-from ._util import l2_normalize, linear, rope, softplus, sub
+from ._util import NEG_INF, l2_normalize, linear, rope, rope_tables, softplus, sub
 from .attention import (
     band_partial,
     band_sdpa,
@@ -207,9 +207,11 @@ def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):
     fading = bool(getattr(spec, "fading", False))
     st = _store_spec(spec)
     x = x_t[:, None, :]
-    q = _heads_bhte(spec, x, p["q_proj.weight"], pos, True)  # [B, H, 1, E]
-    k = _heads_bhte(spec, x, p["k_proj.weight"], pos, True)
-    v = _heads_bhte(spec, x, p["v_proj.weight"], pos, False)
+    tables = (rope_tables(pos, 1, spec.head_dim, x_t.dtype, x_t.device)
+              if spec.positions == "rope" and spec.head_dim > 1 else None)
+    q = _step_heads(spec, x_t, p["q_proj.weight"], tables)  # [B, H, 1, E]
+    k = _step_heads(spec, x_t, p["k_proj.weight"], tables)
+    v = _step_heads(spec, x_t, p["v_proj.weight"], None)
     dev = x_t.device
     new = {}
     keys, vals, masks = [], [], []
@@ -230,8 +232,8 @@ def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):
                                  {"conv": state["conv"], "ssm": state["ssm"]}, inplace)
         new.update(mstate)
         wk, wv = _fading_weights(spec, p)
-        fk = _heads_bhte(spec, s_t[:, None, :], wk, pos, True)
-        fv = _heads_bhte(spec, s_t[:, None, :], wv, pos, False)
+        fk = _step_heads(spec, s_t, wk, tables)
+        fv = _step_heads(spec, s_t, wv, None)
         new["fk"] = ring_write(state["fk"], fk[:, :, 0], pos, inplace)
         new["fv"] = ring_write(state["fv"], fv[:, :, 0], pos, inplace)
         sp = ring_slot_positions(pos + 1, 2 * W, dev)
@@ -256,17 +258,35 @@ def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):
     return _merge_heads(spec, p, o)[:, 0], new, aux
 
 
+def _step_heads(spec, x_t, weight, tables):
+    """One token's projection as heads [B, H, 1, E], rotated with ``tables`` if given."""
+    y = linear(x_t, weight).reshape(x_t.shape[0], 1, spec.n_heads, spec.head_dim)
+    if tables is not None:
+        y = rope(y, 0, tables)
+    return y.transpose(1, 2)
+
+
 def _step_readout(spec, q, keys, vals, masks):
-    """One softmax over the sources' keys (a mask of None: every key is visible)."""
+    """One softmax over the sources' keys for the query q [B, H, 1, E] (a mask of None: every
+    key of that source is visible). Scores are joined, values are read source by source:
+    the keys and values are never copied into one buffer."""
     B, H = q.shape[:2]
-    sc = (q @ torch.cat(keys, 2).transpose(-1, -2)) * default_scale(spec.head_dim)
-    if all(m is None for m in masks):
-        mask = torch.ones((), dtype=torch.bool, device=q.device).expand(sc.shape)
-    else:
-        mask = torch.cat([torch.ones((), dtype=torch.bool, device=q.device).expand(
-            B, H, 1, kk.shape[2]) if m is None else m.expand(B, H, 1, kk.shape[2])
-            for m, kk in zip(masks, keys, strict=True)], dim=-1)
-    return combine([partial(sc, mask, torch.cat(vals, 2))])
+    sc = torch.cat([q @ kk.transpose(-1, -2) for kk in keys], dim=-1)
+    sc = sc * default_scale(spec.head_dim)
+    if any(m is not None for m in masks):
+        ones = torch.ones((), dtype=torch.bool, device=q.device)
+        mask = torch.cat([(ones if m is None else m).expand(B, H, 1, kk.shape[2])
+                          for m, kk in zip(masks, keys, strict=True)], dim=-1)
+        sc = sc.masked_fill(~mask, NEG_INF)
+    m = sc.amax(-1, keepdim=True).detach()  # finite: the newest raw key is always visible
+    w = torch.exp(sc - m)
+    acc, start = None, 0
+    for vv in vals:
+        n = vv.shape[2]
+        part = w[..., start:start + n] @ vv
+        acc = part if acc is None else acc + part
+        start += n
+    return acc / w.sum(-1, keepdim=True)
 
 
 def _store_step(spec, st, state, tok, s_t, pos, inplace):

@@ -13,7 +13,17 @@ from memcore.spec.params import check_params
 from memcore.spec.reference.model import _check_tokens
 from torch import nn
 
-from ._util import acc_dtype, gelu, layer_norm, linear, param_dict, register_params, rms_norm, sub
+from ._util import (
+    acc_dtype,
+    gelu,
+    layer_norm,
+    linear,
+    param_dict,
+    register_params,
+    rms_norm,
+    step_params,
+    sub,
+)
 from .layers import TorchLayer, check_inplace, private_state
 
 
@@ -94,7 +104,7 @@ class TorchModel(nn.Module):
             state = self.init_state(B, tokens.device, acc)
         else:
             self._check_state(state, B, acc, tokens.device)
-        p = param_dict(self, acc)
+        p = step_params(self, acc) if streaming else param_dict(self, acc)
         h = p["embed.weight"][tokens]
         pos = state["pos"]
         new_layers, new_ffn, aux = [], [], None

@@ -15,7 +15,7 @@ import pytest
 import torch
 from memcore.spec.reference import layers as RL
 from memcore.spec.reference import model as RM
-from torchcheck import F64, assert_states_close, inputs, ref_steps, rel
+from torchcheck import F32, F64, assert_states_close, inputs, ref_steps, rel, rmse
 
 import memcore
 from memcore import spec as S
@@ -244,3 +244,25 @@ def test_generate_steps_in_place_on_a_private_state(monkeypatch):
         seq = torch.cat([seq, nxt[:, None]], 1)
         last, s = RM.step(MODEL, params, nxt, s)
     assert torch.equal(out, seq[:, 2:])
+
+
+def test_steps_follow_parameter_updates_and_replacements():
+    """Per-token calls keep the parameters between tokens: an in-place update (training),
+    a replaced parameter (load_state_dict(assign=True)) and a dtype change must all be seen."""
+    spec, params, layer, x = _setup("bmojo")
+    state = layer.init_state(2)
+    layer.step(x[:, 0], state)
+    with torch.no_grad():
+        layer.q_proj.weight.mul_(0.5)
+    p1 = {k: v.copy() for k, v in params.items()}
+    p1["q_proj.weight"] = p1["q_proj.weight"] * 0.5
+    y, _ = layer.step(x[:, 0], state)
+    assert rel(y, RL.step(spec, p1, x[:, 0], state)[0]) <= F64
+    p2 = memcore.init(spec, 1, dtype=np.float64)
+    layer.load_state_dict({k: torch.tensor(v) for k, v in p2.items()}, assign=True)
+    y, _ = layer.step(x[:, 0], state)
+    assert rel(y, RL.step(spec, p2, x[:, 0], state)[0]) <= F64
+    layer.float()
+    y32, _ = layer.step(x[:, 0].float(), layer.init_state(2))
+    ref32 = RL.step(spec, {k: v.astype(np.float32) for k, v in p2.items()}, x[:, 0].float())[0]
+    assert rmse(y32, ref32) <= F32
