@@ -78,6 +78,28 @@ def rope(x, start: int, tables=None):
     return torch.cat(parts, dim=-1)
 
 
+def append_in_place(cache, entry):
+    """``cat([cache, entry[:, :, None]], dim=2)`` for a cache [B, H, n, E] that grows by one
+    entry [B, H, E] per token, amortised: the cache is the first n slots of a larger buffer
+    that this function made, so an append writes one slot and returns a longer view of it; a
+    full buffer (or any other tensor) is copied once into one with room to spare. Memory
+    outside a tensor is only written when the buffer was made here, so a caller's slice of
+    their own tensor is never written past its end."""
+    B, H, n, E = cache.shape
+    base = cache._base
+    if (base is not None and getattr(base, "_memcore_growable", False) and n < base.shape[2]
+            and cache.storage_offset() == base.storage_offset()
+            and cache.stride() == base.stride() and base.shape[:2] == (B, H)
+            and base.shape[3] == E):
+        base[:, :, n] = entry
+        return base[:, :, :n + 1]
+    base = torch.empty(B, H, n + max(64, n // 2), E, dtype=cache.dtype, device=cache.device)
+    base._memcore_growable = True
+    base[:, :, :n] = cache
+    base[:, :, n] = entry
+    return base[:, :, :n + 1]
+
+
 # --- parameters ------------------------------------------------------------------------------
 
 class Holder(nn.Module):

@@ -181,8 +181,10 @@ class TorchLayer(nn.Module):
         generation) updates ``state`` itself and returns it: every array is written into
         the tensor that holds it (ring buffers, convolution window, recurrent states, store
         slots), so no state tensor is reallocated or changes shape, except the caches that
-        grow by design (``transformer`` without a window, ``mosaic`` without a capacity).
-        Anything else sharing those tensors sees the update too.
+        grow by design (``transformer`` without a window, ``mosaic`` without a capacity):
+        those become views of a buffer with spare room, copied only when it is full (a
+        geometric growth). Anything else sharing the state's tensors sees the update too; a
+        state from the parallel form may share tensors with the state given to it.
         """
         return self._call(x_t, state, streaming=True, inplace=inplace)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, store
-from ._util import NEG_INF, l2_normalize, linear, rope, rope_tables, softplus, sub
+from ._util import NEG_INF, append_in_place, l2_normalize, linear, rope, rope_tables, softplus, sub
 from .attention import (
     band_partial,
     band_sdpa,
@@ -215,9 +215,13 @@ def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):
     dev = x_t.device
     new = {}
     keys, vals, masks = [], [], []
-    if W is None:  # the KV cache grows by design
-        new["k"] = torch.cat([state["k"], k], dim=2)
-        new["v"] = torch.cat([state["v"], v], dim=2)
+    if W is None:  # the KV cache grows by design (amortised when in place)
+        if inplace:
+            new["k"] = append_in_place(state["k"], k[:, :, 0])
+            new["v"] = append_in_place(state["v"], v[:, :, 0])
+        else:
+            new["k"] = torch.cat([state["k"], k], dim=2)
+            new["v"] = torch.cat([state["v"], v], dim=2)
         masks.append(None)
     else:
         new["k"] = ring_write(state["k"], k[:, :, 0], pos, inplace)
@@ -405,7 +409,10 @@ def mosaic_step(spec, p, x_t, state, pos: int, inplace: bool = False):
     mem_k, mem_v = state["mem_k"], state["mem_v"]
     if pos >= 1:  # the pair (k_{pos-1}, v_{pos-1}) completes now
         v_prev = _value(p, u, state["u_last"])
-        if spec.capacity is None:
+        if spec.capacity is None and inplace:  # grows by design, amortised in place
+            mem_k = append_in_place(mem_k, state["k_last"])
+            mem_v = append_in_place(mem_v, v_prev)
+        elif spec.capacity is None:
             mem_k = torch.cat([mem_k, state["k_last"][:, :, None]], dim=2)
             mem_v = torch.cat([mem_v, v_prev[:, :, None]], dim=2)
         else:

@@ -266,3 +266,37 @@ def test_steps_follow_parameter_updates_and_replacements():
     y32, _ = layer.step(x[:, 0].float(), layer.init_state(2))
     ref32 = RL.step(spec, {k: v.astype(np.float32) for k, v in p2.items()}, x[:, 0].float())[0]
     assert rmse(y32, ref32) <= F32
+
+
+@pytest.mark.parametrize("name", list(GROWING))
+def test_growing_caches_append_in_place_amortised(name):
+    spec, params, layer, _ = _setup(name)
+    n = 150
+    x = inputs(spec, 2, n, seed=8)
+    grown = GROWING[name]
+    with torch.no_grad():
+        y_par, s_par = layer(x)
+        state = layer.init_state(2)
+        storages, ys = set(), []
+        for t in range(n):
+            ys.append(layer.step(x[:, t], state, inplace=True)[0])
+            storages.add(tuple(state[k].untyped_storage().data_ptr() for k in grown))
+    assert rel(torch.stack(ys, 1), y_par) <= F64
+    assert_states_close(state, s_par)
+    assert len(storages) <= 4, f"{len(storages)} buffers for {n} appends"
+
+
+@pytest.mark.parametrize("name", list(GROWING))
+def test_growing_cache_never_writes_past_a_callers_slice(name):
+    spec, params, layer, x = _setup(name)
+    with torch.no_grad():
+        _, state = layer(x[:, :6])
+        n = {k: state[k].shape[2] for k in GROWING[name]}
+        mine = {k: torch.cat([state[k], torch.full_like(state[k], 7.0)], dim=2)
+                for k in GROWING[name]}
+        state.update({k: mine[k][:, :, :n[k]] for k in GROWING[name]})
+        y, _ = layer.step(x[:, 6], state, inplace=True)
+        y_ref, _ = layer(x[:, :7])
+    assert rel(y, y_ref[:, 6]) <= F64
+    for k in GROWING[name]:
+        assert bool((mine[k][:, :, n[k]:] == 7.0).all()), f"{k}: written past the slice"
