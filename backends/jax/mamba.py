@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from . import dispatch
 from ._base import linear, silu
 from .scan import selective_scan_core, selective_step_core
 
@@ -36,9 +37,9 @@ def forward(spec, p, x, st):
     xc = silu(conv)
     dt_low, Bm, Cm = _split(spec, linear(jnp.swapaxes(xc, 1, 2), p["x_proj.weight"]))
     delta = jnp.swapaxes(linear(dt_low, p["dt_proj.weight"]), 1, 2)
-    y, h = selective_scan_core(xc, delta, -jnp.exp(p["A_log"]), jnp.swapaxes(Bm, 1, 2),
-                               jnp.swapaxes(Cm, 1, 2), p["D"], z, p["dt_proj.bias"], True,
-                               st["ssm"])
+    scan = dispatch.selective_scan if dispatch.use_kernels(xc) else selective_scan_core
+    y, h = scan(xc, delta, -jnp.exp(p["A_log"]), jnp.swapaxes(Bm, 1, 2),
+                jnp.swapaxes(Cm, 1, 2), p["D"], z, p["dt_proj.bias"], True, st["ssm"])
     out = linear(jnp.swapaxes(y, 1, 2), p["out_proj.weight"])
     new_conv = xcat[:, :, xcat.shape[-1] - (K - 1):] if K > 1 else st["conv"]
     return out, {"conv": new_conv, "ssm": h}

@@ -28,6 +28,7 @@ from memcore.spec.layers import LAYER_KINDS
 from memcore.spec.model import Model
 from memcore.spec.params import check_params, init
 
+from . import dispatch
 from . import state as S
 from ._base import POS_DTYPE, acc_dtype, is_traced
 from .model import layer_forward, layer_step, run
@@ -38,16 +39,20 @@ def _cast(params: dict, dtype) -> dict:
     return {k: v.astype(dtype) for k, v in params.items()}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _layer_core(spec, params, x, arrays, pos, streaming):
+# ``kernels`` (dispatch.use_kernels, taken per call outside the jit) is static, so a compiled
+# core never serves the other path.
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _layer_core(spec, params, x, arrays, pos, streaming, kernels):
     p = _cast(params, x.dtype)
     fn = layer_step if streaming else layer_forward
-    return fn(spec, p, x, arrays, pos)
+    with dispatch.decided(kernels):
+        return fn(spec, p, x, arrays, pos)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _model_core(spec, params, tokens, arrays, pos, streaming, acc):
-    return run(spec, _cast(params, acc), tokens, arrays, pos, streaming)
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _model_core(spec, params, tokens, arrays, pos, streaming, acc, kernels):
+    with dispatch.decided(kernels):
+        return run(spec, _cast(params, acc), tokens, arrays, pos, streaming)
 
 
 def _check_room(spec, state, n: int, y):
@@ -126,7 +131,8 @@ class JaxLayer(eqx.Module, strict=True):
         B, T, _ = x.shape
         state = _prepare_state(self.spec, state, B, T, x.dtype, False)
         xa = x.astype(acc_dtype(x.dtype))
-        y, arrays, aux = _layer_core(self.spec, self.params, xa, state.arrays, state.pos, False)
+        y, arrays, aux = _layer_core(self.spec, self.params, xa, state.arrays, state.pos, False,
+                                     dispatch.use_kernels(xa))
         y = _check_room(self.spec, state, T, y).astype(x.dtype)
         return y, State(state.pos + T, arrays, self.spec.spec_id), aux
 
@@ -138,7 +144,8 @@ class JaxLayer(eqx.Module, strict=True):
         x_t = _check_x(self.spec, x_t, True, "x_t")
         state = _prepare_state(self.spec, state, x_t.shape[0], 1, x_t.dtype, True)
         xa = x_t.astype(acc_dtype(x_t.dtype))
-        y, arrays, aux = _layer_core(self.spec, self.params, xa, state.arrays, state.pos, True)
+        y, arrays, aux = _layer_core(self.spec, self.params, xa, state.arrays, state.pos, True,
+                                     dispatch.use_kernels(xa))
         y = _check_room(self.spec, state, 1, y).astype(x_t.dtype)
         return y, State(state.pos + 1, arrays, self.spec.spec_id), aux
 
@@ -171,7 +178,8 @@ class JaxModel(eqx.Module, strict=True):
         B, T = tokens.shape
         state = _prepare_state(self.spec, state, B, T, self.dtype, False)
         logits, arrays, aux = _model_core(self.spec, self.params, tokens, state.arrays,
-                                          state.pos, False, self.dtype)
+                                          state.pos, False, self.dtype,
+                                          dispatch.use_kernels(self.params["embed.weight"]))
         logits = _check_room(self.spec, state, T, logits)
         return logits, State(state.pos + T, arrays, self.spec.spec_id), aux
 
@@ -183,7 +191,8 @@ class JaxModel(eqx.Module, strict=True):
         tokens_t = _check_tokens(self.spec, tokens_t, True)
         state = _prepare_state(self.spec, state, tokens_t.shape[0], 1, self.dtype, True)
         logits, arrays, aux = _model_core(self.spec, self.params, tokens_t, state.arrays,
-                                          state.pos, True, self.dtype)
+                                          state.pos, True, self.dtype,
+                                          dispatch.use_kernels(self.params["embed.weight"]))
         logits = _check_room(self.spec, state, 1, logits)
         return logits, State(state.pos + 1, arrays, self.spec.spec_id), aux
 

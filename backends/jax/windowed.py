@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from . import mamba, store
+from . import dispatch, mamba, store
 from ._base import POS_DTYPE, combine, linear, partial, rope
 from .banded import banded_partial, dense_partial, refill_ring, ring_positions, unroll_ring
 
@@ -83,6 +83,7 @@ def forward(spec, p, x, st, pos):
     qpos = pos + jnp.arange(T)
     q, k, v = _qkv(spec, p["q_proj.weight"], p["k_proj.weight"], p["v_proj.weight"], x, qpos)
     new, parts = {}, []
+    kernel = W is not None and dispatch.use_kernels(q)  # all sources in one kernel call
     if W is None:
         slot = pos + jnp.arange(T)
         new["k"] = st["k"].at[:, :, slot].set(k, mode="drop")
@@ -93,7 +94,9 @@ def forward(spec, p, x, st, pos):
         kx = jnp.concatenate([unroll_ring(st["k"], pos, W), k], axis=2)
         vx = jnp.concatenate([unroll_ring(st["v"], pos, W), v], axis=2)
         valid = (pos - W + jnp.arange(W + T)) >= 0
-        parts.append(banded_partial(q, kx, vx, jnp.broadcast_to(valid, (B, W + T)), W, scale))
+        if not kernel:
+            parts.append(banded_partial(q, kx, vx, jnp.broadcast_to(valid, (B, W + T)), W,
+                                        scale))
         new["k"] = refill_ring(kx, pos - W, pos + T, W)
         new["v"] = refill_ring(vx, pos - W, pos + T, W)
 
@@ -107,12 +110,13 @@ def forward(spec, p, x, st, pos):
         fkx = jnp.concatenate([unroll_ring(st["fk"], pos, 2 * W), fk], axis=2)
         fvx = jnp.concatenate([unroll_ring(st["fv"], pos, 2 * W), fv], axis=2)
         valid = (pos - 2 * W + jnp.arange(2 * W + T)) >= 0
-        parts.append(banded_partial(q, fkx, fvx, jnp.broadcast_to(valid, (B, 2 * W + T)), W,
-                                    scale))
+        if not kernel:
+            parts.append(banded_partial(q, fkx, fvx, jnp.broadcast_to(valid, (B, 2 * W + T)),
+                                        W, scale))
         new["fk"] = refill_ring(fkx, pos - 2 * W, pos + T, 2 * W)
         new["fv"] = refill_ring(fvx, pos - 2 * W, pos + T, 2 * W)
 
-    aux = None
+    aux, seen = None, None
     if sts is not None:
         if fading:
             s_prev = jnp.concatenate([st["s_last"][:, None, :], s[:, :T - 1]], axis=1)
@@ -122,13 +126,20 @@ def forward(spec, p, x, st, pos):
         aux = jnp.mean(scores)
         snap, layout, cand, kept = store.parallel(k, v, scores, st, pos, sts.chunk, sts.select,
                                                   sts.capacity)
-        if sts.capacity > 0:
+        if sts.capacity > 0 and kernel:
+            seen = snap
+        elif sts.capacity > 0:
             parts.append(_store_partial(q, snap, layout, W, sts.chunk, scale))
         new["s_last"] = s[:, T - 1] if fading else st["s_last"]
         new.update({"cand_" + f: a for f, a in cand.items()})
         new.update({"store_" + f: a for f, a in kept.items()})
 
-    return _out(spec, p, combine(parts)), new, aux
+    if kernel:
+        o = dispatch.windowed_readout(q, pos, W, (kx, vx), (fkx, fvx) if fading else None, seen,
+                                      None if sts is None else sts.chunk)
+    else:
+        o = combine(parts)
+    return _out(spec, p, o), new, aux
 
 
 def _store_partial(q, snap, layout, W: int, C: int, scale: float):
