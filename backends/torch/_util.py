@@ -51,12 +51,16 @@ def gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
+def rope_inv_freq(E: int, dtype, device):
+    """The rotation's frequencies [E // 2] (base 10000, rotate-half)."""
+    half = E // 2
+    return ROPE_BASE ** (-torch.arange(half, dtype=dtype, device=device) * (2.0 / (2 * half)))
+
+
 def rope_tables(start: int, T: int, E: int, dtype, device):
     """(cos, sin) [1, T, 1, E // 2] of the rotation at positions start .. start+T-1, to share
     between the projections rotated at the same positions."""
-    half = E // 2
-    inv_freq = ROPE_BASE ** (-torch.arange(half, dtype=dtype, device=device)
-                             * (2.0 / (2 * half)))
+    inv_freq = rope_inv_freq(E, dtype, device)
     pos = torch.arange(start, start + T, device=device).to(dtype)
     ang = pos[:, None] * inv_freq[None, :]
     return torch.cos(ang)[None, :, None, :], torch.sin(ang)[None, :, None, :]

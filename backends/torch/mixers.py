@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, store
-from ._util import NEG_INF, append_in_place, l2_normalize, linear, rope, rope_tables, softplus, sub
+from ._util import (
+    NEG_INF,
+    append_in_place,
+    l2_normalize,
+    linear,
+    rope,
+    rope_inv_freq,
+    softplus,
+    sub,
+)
 from .attention import (
     band_partial,
     band_sdpa,
@@ -207,7 +216,7 @@ def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):
     fading = bool(getattr(spec, "fading", False))
     st = _store_spec(spec)
     x = x_t[:, None, :]
-    tables = (rope_tables(pos, 1, spec.head_dim, x_t.dtype, x_t.device)
+    tables = (_step_rope(pos, spec.head_dim, x_t.dtype, x_t.device)
               if spec.positions == "rope" and spec.head_dim > 1 else None)
     q = _step_heads(spec, x_t, p["q_proj.weight"], tables)  # [B, H, 1, E]
     k = _step_heads(spec, x_t, p["k_proj.weight"], tables)
@@ -260,6 +269,20 @@ def windowed_step(spec, p, x_t, state, pos: int, inplace: bool = False):
                "pos": torch.full((B, 1), pos, dtype=torch.int64, device=dev)}
         new.update(_store_step(spec, st, state, tok, s_t, pos, inplace))
     return _merge_heads(spec, p, o)[:, 0], new, aux
+
+
+_INV_FREQ = {}
+
+
+def _step_rope(pos: int, E: int, dtype, device):
+    """``rope_tables(pos, 1, E, ...)``, with the frequencies made once per width, dtype and
+    device (the angle is the same product; a position below 2^24 is exact in float32)."""
+    key = (E, dtype, device)
+    inv_freq = _INV_FREQ.get(key)
+    if inv_freq is None:
+        inv_freq = _INV_FREQ[key] = rope_inv_freq(E, dtype, device)
+    ang = (inv_freq * float(pos))[None, None, None, :]
+    return torch.cos(ang), torch.sin(ang)
 
 
 def _step_heads(spec, x_t, weight, tables):
