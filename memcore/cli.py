@@ -200,8 +200,10 @@ def _task_args(p, default_log_every: int = 50) -> None:
     """Options every training task shares."""
     p.add_argument("--out", metavar="DIR", help="write results, logs, checkpoints and plots here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--backend", default="torch", help="torch (jax: not yet supported)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N], for either backend")
+    p.add_argument("--backend", default="torch",
+                   help="torch (default) or jax (needs jax, equinox, optax)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints under --out")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -215,7 +217,7 @@ def _task_args(p, default_log_every: int = 50) -> None:
 def _threads_arg(p) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: torch's choice; 1 is often fastest on a "
-                        "busy machine)")
+                        "busy machine); torch backend only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-examples", type=int, help="examples in the test set")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="train N models at a time, each in its own single-thread process")
+                   help="train N models at a time, each in its own single-thread process "
+                        "(jax: XLA's multi-threaded Eigen off)")
     p.set_defaults(func=cmd_mqar)
 
     from memcore.tasks.lm import MODELS as LM_MODELS
@@ -270,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", nargs="+", type=int, default=[1, 3], help="default: 1 3")
     p.add_argument("--out", metavar="DIR", help="write results and the plot here")
     p.add_argument("--seed", type=int, default=100, help="default: 100 (the paper's)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--backend", default="torch", help="torch (jax: not yet supported)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N], for either backend")
+    p.add_argument("--backend", default="torch",
+                   help="torch (default) or jax (needs jax, equinox, optax)")
     p.add_argument("--log-every", type=int, default=50, metavar="N")
     p.add_argument("--steps", type=int, help="training steps (default 500)")
     p.add_argument("--batch", type=int, help="batch size (default 64)")
@@ -288,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default: all of {', '.join(RB_MODELS)}")
     p.add_argument("--out", metavar="DIR", help="write results and the plot here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--backend", default="torch", help="torch (jax: not yet supported)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N], for either backend")
+    p.add_argument("--backend", default="torch",
+                   help="torch (default) or jax (needs jax, equinox, optax)")
     p.add_argument("--log-every", type=int, default=50, metavar="N")
     p.add_argument("--steps", type=int, help="training steps (default 400)")
     p.add_argument("--batch", type=int, help="batch size (default 16)")
@@ -306,6 +313,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     threads = getattr(args, "threads", None)
     if threads is not None:
+        if getattr(args, "backend", "torch") == "jax":
+            # XLA sizes its own thread pool when JAX starts; ignoring the option would differ
+            # silently from what was asked.
+            print(f"memcore {args.command}: --threads sets torch's CPU threads; it has no "
+                  f"effect under --backend jax (leave it out)", file=sys.stderr)
+            return 2
         if threads < 1:
             print(f"memcore {args.command}: --threads must be >= 1, got {threads}",
                   file=sys.stderr)

@@ -106,6 +106,22 @@ def _windows(data: np.ndarray, n: int, length: int, rng: np.random.Generator):
     return np.stack([data[s:s + length] for s in starts])
 
 
+def loss_by_position_jax(model, data: np.ndarray, cfg: LMConfig, seed: int) -> np.ndarray:
+    """``loss_by_position`` for a ``jax_stack.JaxNextByte`` (the same windows)."""
+    from memcore.tasks.jax_stack import logits_at
+
+    T = cfg.eval_factor * cfg.seq_len
+    w = _windows(data, cfg.eval_windows, T + 1, np.random.default_rng([seed, 9]))
+    total = np.zeros(T, dtype=np.float64)
+    for s in range(0, len(w), 4):
+        xb = w[s:s + 4]
+        logits = torch.as_tensor(logits_at(model, xb[:, :-1]))
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.as_tensor(xb[:, 1:]),
+                                                reduction="none")
+        total += nll.sum(0).double().numpy()
+    return total / len(w)
+
+
 @torch.no_grad()
 def loss_by_position(model, data: np.ndarray, cfg: LMConfig, seed: int) -> np.ndarray:
     """Mean next-byte loss (nats) at each position 0 .. eval_factor * L - 1 of held-out
@@ -137,10 +153,9 @@ def run(text: str, models, cfg: LMConfig = LMConfig(), seed: int = 0, device: st
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.time()
     results = {"text": os.path.abspath(text), "config": asdict(cfg), "seed": seed,
-               "models": {}}
+               "backend": backend, "models": {}}
     for name in models:
         spec = lm_spec(name, cfg)
-        model = NextByte(memcore.realize(spec, backend="torch", params=memcore.init(spec, seed)))
 
         def batches(step, L=cfg.seq_len):
             w = _windows(train_data, cfg.batch_size, L + 1, np.random.default_rng([seed, step]))
@@ -150,16 +165,28 @@ def run(text: str, models, cfg: LMConfig = LMConfig(), seed: int = 0, device: st
         tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=seed, log_every=log_every,
                            warmup=min(50, cfg.steps // 10), min_lr_ratio=0.1, out_dir=sub,
                            checkpoint_every=checkpoint_every, device=device)
-        res = train(model, batches, tcfg, resume=resume, name=name, quiet=quiet)
-        per = loss_by_position(model, test_data, cfg, seed)
+        if backend == "jax":
+            from memcore.tasks import jax_train
+            from memcore.tasks.jax_stack import JaxNextByte, n_params
+
+            res = jax_train.train(JaxNextByte(spec, seed=seed), batches, tcfg, resume=resume,
+                                  name=name, quiet=quiet)
+            model = res["model"]
+            per = loss_by_position_jax(model, test_data, cfg, seed)
+            params = n_params(model)
+        else:
+            model = NextByte(memcore.realize(spec, backend="torch",
+                                             params=memcore.init(spec, seed)))
+            res = train(model, batches, tcfg, resume=resume, name=name, quiet=quiet)
+            per = loss_by_position(model, test_data, cfg, seed)
+            params = sum(p.numel() for p in model.parameters())
         L = cfg.seq_len
         results["models"][name] = {
             "train_loss": float(np.mean(res["losses"][-10:])) if res["losses"] else None,
             "loss_within_L": float(per[:L].mean()),
             "loss_L_to_4L": float(per[L:].mean()),
             "loss_by_position": [round(float(v), 5) for v in per],
-            "params": sum(p.numel() for p in model.parameters()),
-            "seconds": round(res["seconds"], 1)}
+            "params": params, "seconds": round(res["seconds"], 1)}
         say(f"[{name}] held-out loss (nats/byte): positions < L {per[:L].mean():.3f}, "
             f"L..4L {per[L:].mean():.3f}")
     results["seconds"] = round(time.time() - t0, 1)

@@ -132,6 +132,37 @@ def rollout_error(model, seqs: np.ndarray, contexts, horizon: int = 25) -> np.nd
     return np.array(errs)
 
 
+def clipped_loss_jax(model, x, y):
+    """``clipped_loss`` for the JAX twin (``jax_stack.JaxMoonsMemory``)."""
+    import jax.numpy as jnp
+
+    err = jnp.clip(model(x) - y, -0.5, 0.5)
+    loss = jnp.mean(err * err)
+    return loss, loss
+
+
+def rollout_error_jax(model, seqs: np.ndarray, contexts, horizon: int = 25,
+                      bucket: int = 128) -> np.ndarray:
+    """``rollout_error`` for the JAX twin. Each context runs on a buffer of c + horizon steps
+    rounded up to ``bucket`` (causal, so the tail does not matter), which keeps the compiled
+    shapes few."""
+    import jax.numpy as jnp
+
+    from memcore.tasks.jax_stack import extend_sequence
+
+    errs = []
+    for c in contexts:
+        n = min(seqs.shape[1], -(-(c + horizon) // bucket) * bucket)
+        buf = jnp.asarray(seqs[:, :n])
+        gen = []
+        for i in range(horizon):
+            buf, y = extend_sequence(model, buf, jnp.asarray(c - 1 + i, jnp.int32))
+            gen.append(np.asarray(y))
+        g = np.stack(gen, 1)
+        errs.append(float(np.abs(g - seqs[:, c:c + horizon]).mean()))
+    return np.array(errs)
+
+
 @dataclass(frozen=True)
 class MoonsConfig:
     length: int = 800
@@ -165,7 +196,8 @@ def run(cfg: MoonsConfig = MoonsConfig(), heads=(1, 3), seed: int = 100, device:
     eval_sets = {"train " + _name(train_sets[0]): train_sets[0], "held-out " + _name(held): held}
     eval_data = {k: sample(erng, [ps] * cfg.eval_sequences, cfg.length) for k, ps in
                  eval_sets.items()}
-    results = {"config": asdict(cfg), "seed": seed, "train_sets": [_name(s) for s in train_sets],
+    results = {"config": asdict(cfg), "seed": seed, "backend": backend,
+               "train_sets": [_name(s) for s in train_sets],
                "held_out": _name(held), "contexts": contexts,
                "marks": {k: {"periods": [float(p) * STEPS_PER_UNIT for p in ps],
                              "lcm": float(lcm(ps)) * STEPS_PER_UNIT}
@@ -173,7 +205,12 @@ def run(cfg: MoonsConfig = MoonsConfig(), heads=(1, 3), seed: int = 100, device:
                "models": {}}
     t0 = time.time()
     for h in heads:
-        model = MoonsMemory(h, seed)
+        if backend == "jax":
+            from memcore.tasks.jax_stack import JaxMoonsMemory
+
+            model = JaxMoonsMemory(h, seed, beta=BETA)
+        else:
+            model = MoonsMemory(h, seed)
 
         def batches(step):
             rng = np.random.default_rng([seed, step])
@@ -187,9 +224,17 @@ def run(cfg: MoonsConfig = MoonsConfig(), heads=(1, 3), seed: int = 100, device:
                            grad_clip=None, log_every=log_every, device=device,
                            out_dir=os.path.join(out_dir, name.replace(" ", "_"))
                            if out_dir else None)
-        res = train(model, batches, tcfg, name=name, quiet=quiet, loss_fn=clipped_loss)
-        model.to("cpu")
-        errs = {k: [round(float(e), 5) for e in rollout_error(model, d, contexts, cfg.horizon)]
+        if backend == "jax":
+            from memcore.tasks import jax_train
+
+            res = jax_train.train(model, batches, tcfg, name=name, quiet=quiet,
+                                  loss_fn=clipped_loss_jax)
+            model, rollout = res["model"], rollout_error_jax
+        else:
+            res = train(model, batches, tcfg, name=name, quiet=quiet, loss_fn=clipped_loss)
+            model.to("cpu")
+            rollout = rollout_error
+        errs = {k: [round(float(e), 5) for e in rollout(model, d, contexts, cfg.horizon)]
                 for k, d in eval_data.items()}
         results["models"][name] = {"final_loss": res["losses"][-1], "error": errs,
                                    "seconds": round(res["seconds"], 1)}

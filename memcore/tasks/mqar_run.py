@@ -142,21 +142,28 @@ def _batches(cfg: MQARConfig, seed: int):
     return fixed
 
 
-def evaluator(cfg: MQARConfig, seed: int, batch: int = 256):
+def evaluator(cfg: MQARConfig, seed: int, batch: int = 256, backend: str = "torch"):
     x, y = mqar.generate(cfg.test_examples, cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs,
                          np.random.default_rng([seed, 4]),
                          random_non_queries=cfg.random_non_queries)
 
-    @torch.no_grad()
-    def evaluate(model):
+    def logits_torch(model, xb, mask):
         dev = next(model.parameters()).device
+        with torch.no_grad():
+            out = model(torch.as_tensor(xb, device=dev), torch.as_tensor(mask, device=dev))
+        return out.cpu().numpy()
+
+    if backend == "jax":
+        from memcore.tasks.jax_stack import logits_at as logits_of
+    else:
+        logits_of = logits_torch
+
+    def evaluate(model):
         preds = np.full(y.shape, -1, dtype=np.int64)
         for s in range(0, len(x), batch):
-            xb = torch.as_tensor(x[s:s + batch], device=dev)
-            mask = torch.as_tensor(y[s:s + batch] != mqar.IGNORE, device=dev)
-            logits = model(xb, mask)
+            mask = y[s:s + batch] != mqar.IGNORE
             pb = np.full(mask.shape, -1, dtype=np.int64)
-            pb[mask.cpu().numpy()] = logits.argmax(-1).cpu().numpy()
+            pb[mask] = logits_of(model, x[s:s + batch], mask).argmax(-1)
             preds[s:s + batch] = pb
         return mqar.accuracy(preds, y)
     return evaluate, x
@@ -164,27 +171,37 @@ def evaluator(cfg: MQARConfig, seed: int, batch: int = 256):
 
 def run_one(name: str, cfg: MQARConfig, seed: int = 0, device: str = "cpu",
             out_dir: str | None = None, resume: bool = False, checkpoint_every: int = 0,
-            log_every: int = 50, quiet: bool = False) -> dict:
+            log_every: int = 50, quiet: bool = False, backend: str = "torch") -> dict:
     spec = model_spec(name, cfg)
-    model = TaskLM(spec, seed=seed, short_conv=cfg.short_conv)
     tcfg = TrainConfig(steps=cfg.total_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                        seed=seed, aux_weight=cfg.aux_weight, log_every=log_every,
                        eval_every=cfg.eval_every, early_stop=cfg.early_stop,
                        checkpoint_every=checkpoint_every, out_dir=out_dir, device=device)
-    evaluate, x_test = evaluator(cfg, seed)
+    evaluate, x_test = evaluator(cfg, seed, backend=backend)
     if resume and not (out_dir and os.path.exists(os.path.join(out_dir, CHECKPOINT))):
         if not out_dir:
             raise ValueError("--resume needs --out (the folder holding the checkpoints)")
         resume = False  # this model had not written a checkpoint yet: it starts afresh
-    res = train(model, _batches(cfg, seed), tcfg, eval_fn=evaluate, resume=resume, name=name,
-                quiet=quiet)
-    model.to("cpu")
-    return {"accuracy": res["metric"],
-            "state_bytes": model.state_bytes(torch.as_tensor(x_test[:1])),
-            "params": sum(p.numel() for p in model.parameters()),
+    if backend == "jax":
+        from memcore.tasks import jax_train
+        from memcore.tasks.jax_stack import JaxTaskLM, n_params
+
+        res = jax_train.train(JaxTaskLM(spec, seed=seed, short_conv=cfg.short_conv),
+                              _batches(cfg, seed), tcfg, eval_fn=evaluate, resume=resume,
+                              name=name, quiet=quiet)
+        model = res["model"]
+        state_bytes, params = model.state_bytes(x_test[:1]), n_params(model)
+    else:
+        model = TaskLM(spec, seed=seed, short_conv=cfg.short_conv)
+        res = train(model, _batches(cfg, seed), tcfg, eval_fn=evaluate, resume=resume,
+                    name=name, quiet=quiet)
+        model.to("cpu")
+        state_bytes = model.state_bytes(torch.as_tensor(x_test[:1]))
+        params = sum(p.numel() for p in model.parameters())
+    return {"accuracy": res["metric"], "state_bytes": state_bytes, "params": params,
             "steps": res["steps"], "seconds": round(res["seconds"], 1),
             "final_loss": res["losses"][-1] if res["losses"] else None,
-            "spec": json.loads(spec.to_json())}
+            "backend": backend, "spec": json.loads(spec.to_json())}
 
 
 def full_plan(models) -> list:
@@ -206,6 +223,10 @@ def full_plan(models) -> list:
 
 def _one_thread():
     torch.set_num_threads(1)
+    # XLA reads its flags when JAX starts, which in a fresh worker is after this.
+    flag = "--xla_cpu_multi_thread_eigen=false"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 
 def _run_one_args(args):
@@ -255,7 +276,8 @@ def run(models, quick: bool = True, seed: int = 0, device: str = "cpu",
     models = check_models(models)
     t0 = time.time()
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    results: dict = {"models": {}, "deviations": [], "seed": seed, "device": device}
+    results: dict = {"models": {}, "deviations": [], "seed": seed, "device": device,
+                     "backend": backend}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(overrides) - set(MQARConfig.__dataclass_fields__))
     if unknown:
@@ -272,7 +294,7 @@ def run(models, quick: bool = True, seed: int = 0, device: str = "cpu",
         for dv in results["deviations"]:
             say(f"  - {dv}")
         jobs_args = [(name, cfg, seed, device, os.path.join(out_dir, name) if out_dir else None,
-                      resume, checkpoint_every, log_every, quiet) for name in models]
+                      resume, checkpoint_every, log_every, quiet, backend) for name in models]
         for name, res in _map(jobs_args, jobs):
             results["models"][name] = res
             say(f"[{name}] accuracy {res['accuracy']:.4f}")
@@ -287,7 +309,7 @@ def run(models, quick: bool = True, seed: int = 0, device: str = "cpu",
             tag = f"{name}-L{cfg.seq_len}-d{cfg.d_model}-lr{cfg.lr:.2e}"
             sub = os.path.join(out_dir, tag) if out_dir else None
             r = run_one(name, cfg, seed, device, sub, resume, checkpoint_every, log_every,
-                        quiet)
+                        quiet, backend)
             runs.append({"model": name, "seq_len": cfg.seq_len, "num_kv_pairs": cfg.num_kv_pairs,
                          "d_model": cfg.d_model, "lr": cfg.lr, **r})
         results["runs"] = runs

@@ -218,6 +218,23 @@ def make_data(cfg: RegBenchConfig, seed: int):
     return train_items, test_items
 
 
+TIME_BUCKET = 64  # --backend jax: batch lengths are rounded up to a multiple of this
+
+
+@torch.no_grad()
+def _probs_torch(model, x: np.ndarray) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    return torch.softmax(model(torch.as_tensor(x, device=dev)).float(), -1).cpu()
+
+
+def _probs_jax(model, x: np.ndarray) -> torch.Tensor:
+    from memcore.tasks.jax_stack import logits_at
+
+    T = x.shape[1]
+    xp = np.pad(x, ((0, 0), (0, -T % TIME_BUCKET)), constant_values=PAD)  # causal: exact
+    return torch.softmax(torch.as_tensor(logits_at(model, xp)[:, :T]), -1)
+
+
 def run(models, cfg: RegBenchConfig = RegBenchConfig(), seed: int = 0, device: str = "cpu",
         out_dir: str | None = None, backend: str = "torch", log_every: int = 50,
         quiet: bool = False) -> dict:
@@ -227,11 +244,10 @@ def run(models, cfg: RegBenchConfig = RegBenchConfig(), seed: int = 0, device: s
         raise ValueError(f"--models: unknown model(s) {unknown}; choose among {list(MODELS)}")
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     train_items, test_items = make_data(cfg, seed)
-    results = {"config": asdict(cfg), "seed": seed, "models": {}}
+    results = {"config": asdict(cfg), "seed": seed, "backend": backend, "models": {}}
     t0 = time.time()
     for name in models:
         spec = model_spec(name, cfg)
-        model = NextByte(memcore.realize(spec, backend="torch", params=memcore.init(spec, seed)))
 
         def batches(step):
             order = np.random.default_rng([seed, step]).permutation(len(train_items))
@@ -242,22 +258,34 @@ def run(models, cfg: RegBenchConfig = RegBenchConfig(), seed: int = 0, device: s
         tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=seed, log_every=log_every,
                            warmup=max(1, cfg.steps // 10), min_lr_ratio=0.1, out_dir=sub,
                            device=device)
-        res = train(model, batches, tcfg, name=name, quiet=quiet)
-        model.eval()
+        if backend == "jax":
+            from memcore.tasks import jax_train
+            from memcore.tasks.jax_stack import JaxNextByte, n_params
+
+            # Batches vary in length: padded with PAD to a multiple of TIME_BUCKET (unlabelled),
+            # so that few shapes compile.
+            res = jax_train.train(JaxNextByte(spec, seed=seed), batches, tcfg, name=name,
+                                  quiet=quiet, time_multiple=TIME_BUCKET, pad_token=PAD)
+            model = res["model"]
+            probs_of, params = _probs_jax, n_params(model)
+            results["time_bucket"] = TIME_BUCKET
+        else:
+            model = NextByte(memcore.realize(spec, backend="torch",
+                                             params=memcore.init(spec, seed)))
+            res = train(model, batches, tcfg, name=name, quiet=quiet)
+            model.eval()
+            probs_of, params = _probs_torch, sum(p.numel() for p in model.parameters())
         accs, tvds, ns = [], [], []
-        with torch.no_grad():
-            for s in range(0, len(test_items), 8):
-                x, y, valid = encode_batch(test_items[s:s + 8])
-                dev = next(model.parameters()).device
-                probs = torch.softmax(model(torch.as_tensor(x, device=dev)).float(), -1)
-                a, t = metrics(probs, valid, y)
-                n = int((y != IGNORE).sum())
-                accs.append(a * n)
-                tvds.append(t * n)
-                ns.append(n)
+        for s in range(0, len(test_items), 8):
+            x, y, valid = encode_batch(test_items[s:s + 8])
+            a, t = metrics(probs_of(model, x), valid, y)
+            n = int((y != IGNORE).sum())
+            accs.append(a * n)
+            tvds.append(t * n)
+            ns.append(n)
         results["models"][name] = {"accuracy": sum(accs) / sum(ns), "tvd": sum(tvds) / sum(ns),
                                    "final_loss": res["losses"][-1],
-                                   "params": sum(p.numel() for p in model.parameters()),
+                                   "params": params,
                                    "seconds": round(res["seconds"], 1)}
         r = results["models"][name]
         say(f"[{name}] accuracy {r['accuracy']:.3f}, TVD {r['tvd']:.3f}")

@@ -71,16 +71,22 @@ class TrainConfig:
 
 
 def check_backend(backend: str) -> None:
-    """torch trains here; the JAX backend's loop cannot yet: ``memcore.backends.jax.train``
-    computes next-token cross-entropy on every position, without label masks, short
-    convolutions or exact resume."""
+    """torch trains with ``train`` below, jax with ``memcore.tasks.jax_train`` (same
+    configuration and behaviour). JAX needs jax, equinox and optax installed, and runs in one
+    process: torchrun's data parallel (WORLD_SIZE > 1) is torch only."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "jax":
-        raise NotImplementedError(
-            "--backend jax is not yet supported by the tasks: memcore.backends.jax.train "
-            "trains next-token loss on every position and has no label masks; use --backend "
-            "torch")
+        import importlib.util
+
+        missing = [m for m in ("jax", "equinox", "optax") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"--backend jax needs jax, equinox and optax installed "
+                             f"(pip install 'memcore[jax]'); missing: {', '.join(missing)}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            raise ValueError(f"--backend jax runs in one process; torchrun data parallel "
+                             f"(WORLD_SIZE={world}) needs --backend torch")
 
 
 def check_device(device: str) -> torch.device:
