@@ -4,10 +4,11 @@ The decision is taken per call from the tensor by ``memcore.kernels.triton.api.k
 (CUDA tensors with triton installed use the kernels; ``MEMCORE_KERNELS=triton|torch`` forces
 either). Kernel modules import triton, so they are imported only once the kernels are chosen:
 a CPU-only install never imports triton. Routed here: the selective scan (mamba and fading
-blocks), the leaky average (mosaic and persistent key extractors), the mosaic readout
-(``mosaic_readout``; without a capacity only on a first call, since a stored cache would be
-re-read as queries) and the windowed readout with a window (raw, fading and store sources in
-one kernel). Full causal attention and the one-token step forms stay on the torch path.
+blocks; mamba-ssm's CUDA function instead where ``MEMCORE_SCAN`` picks it), the leaky
+average (mosaic and persistent key extractors), the mosaic readout (``mosaic_readout``;
+without a capacity only on a first call, since a stored cache would be re-read as queries)
+and the windowed readout with a window (raw, fading and store sources in one kernel). Full
+causal attention and the one-token step forms stay on the torch path.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ def use_kernels(x) -> bool:
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                    return_final_state):
-    """The Triton selective scan (same arguments and results as the torch one)."""
-    from memcore.kernels.triton.selective_scan import selective_scan as kernel
+    """The Triton selective scan, or mamba-ssm's CUDA one where ``MEMCORE_SCAN`` (or the
+    default) picks it and it can serve the call (no initial state); same arguments and
+    results as the torch one. See ``memcore.kernels.triton.api.scan_path``."""
+    from memcore.kernels.triton.api import scan_kernel
 
+    kernel = scan_kernel(u, initial_state)
     return kernel(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                   delta_softplus=delta_softplus, initial_state=initial_state,
                   return_final_state=return_final_state)

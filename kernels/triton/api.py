@@ -5,6 +5,13 @@ tensors the torch backend. ``MEMCORE_KERNELS=triton`` or ``=torch`` forces one p
 the device (tests force the kernels on the CPU under ``TRITON_INTERPRET=1``). The decision is
 made per call from the tensor, never from what happened to import.
 
+The selective scan has a second choice among GPU paths, ``scan_path``: the Triton kernel or
+mamba-ssm's CUDA ``selective_scan_fn`` (``memcore.kernels.triton.mamba_ssm_scan``), which
+serves only calls without an initial state. ``MEMCORE_SCAN=triton`` or ``=mamba_ssm`` picks
+one; unset, ``DEFAULT_SCAN`` decides. It is the Triton kernel until a GPU run of
+``python -m benchmarks gpu`` (which prints the path this picks and both timings) shows
+mamba-ssm faster; none has been measured yet.
+
 The functions keep the signatures of ``memcore.spec.reference.ops`` (``selective_scan``,
 ``leaky_average``, ``windowed_attention``, ``associative_readout``, ``store_top``,
 ``store_merge``, ``innovation_scores``), so a caller can swap them in; ``bmojo_attention``
@@ -23,6 +30,11 @@ import torch
 
 ENV = "MEMCORE_KERNELS"
 CHOICES = ("triton", "torch")
+SCAN_ENV = "MEMCORE_SCAN"
+SCAN_CHOICES = ("triton", "mamba_ssm")
+# No GPU benchmark has compared the two yet (benchmarks/gpu.py does): the Triton kernel, which
+# serves every call, until one shows mamba-ssm's faster.
+DEFAULT_SCAN = "triton"
 
 
 def triton_available() -> bool:
@@ -44,6 +56,36 @@ def kernels_enabled(tensor) -> bool:
     return isinstance(tensor, torch.Tensor) and tensor.is_cuda and triton_available()
 
 
+def scan_path(u, initial_state=None) -> str:
+    """Which GPU path runs a selective scan that takes the kernels: "triton" or "mamba_ssm".
+
+    mamba-ssm's is taken only where chosen (``MEMCORE_SCAN``, else ``DEFAULT_SCAN``), importable,
+    and able to compute the call (``mamba_ssm_scan.servable``: no initial state). Asked for by
+    name but not importable, it raises; as the default, it falls back to the Triton kernel."""
+    from . import mamba_ssm_scan
+
+    mode = os.environ.get(SCAN_ENV, "").strip().lower()
+    if mode not in SCAN_CHOICES + ("",):
+        raise ValueError(f"{SCAN_ENV} must be one of {SCAN_CHOICES} or unset, got {mode!r}")
+    if (mode or DEFAULT_SCAN) != "mamba_ssm":
+        return "triton"
+    if mamba_ssm_scan.mamba_ssm_scan_fn() is None:
+        if mode:
+            raise ImportError(f"{SCAN_ENV}=mamba_ssm asks for mamba-ssm's selective_scan_fn, "
+                              f"which does not import (pip install mamba-ssm, built with CUDA)")
+        return "triton"
+    return "mamba_ssm" if mamba_ssm_scan.servable(u, initial_state) else "triton"
+
+
+def scan_kernel(u, initial_state):
+    """The selective scan that runs a call taking the kernels."""
+    if scan_path(u, initial_state) == "mamba_ssm":
+        from .mamba_ssm_scan import selective_scan as kernel
+    else:
+        from .selective_scan import selective_scan as kernel
+    return kernel
+
+
 def _torch_ops():
     from memcore.backends.torch import ops
 
@@ -54,7 +96,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    initial_state=None, return_final_state=False):
     """DESIGN 2.1; see ``memcore.spec.reference.scan.selective_scan``."""
     if kernels_enabled(u):
-        from .selective_scan import selective_scan as kernel
+        kernel = scan_kernel(u, initial_state)
     else:
         kernel = _torch_ops().selective_scan
     return kernel(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
