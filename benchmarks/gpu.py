@@ -3,7 +3,9 @@
 1. selective scan (B=4, Dc=2048, T=4096, N=16; forward and forward+backward; bf16 and fp32)
    against mamba-ssm's CUDA ``selective_scan_fn``, with the bandwidth achieved against the HBM
    floor (every input read once, every output written once). Goals: >= 1.0x mamba-ssm's speed,
-   >= 70% of the floor.
+   >= 70% of the floor. Then the path the torch backend's dispatch picks for a scan
+   (``MEMCORE_SCAN``, ``memcore.kernels.triton.api.DEFAULT_SCAN``) and whether these timings
+   say the default should be mamba-ssm's.
 2. B'MOJO attention (raw window W plus fading window W) against attention over a sliding window
    of the same total span 2W: SDPA with an explicit band mask, flash_attn's ``window_size`` where
    flash_attn is installed, and SDPA's causal flash path over everything for scale.
@@ -150,6 +152,37 @@ def scan_section(args, peak):
                  "floor MB", "GB/s", "of peak"], rows))
     print("  rel err: memcore's output against mamba-ssm's (the torch backend's without it)")
     print("  goals: speed-up >= 1.0, of peak >= 0.70")
+    print_scan_path(rows)
+
+
+def print_scan_path(rows):
+    """Which path the torch backend's dispatch takes for a scan on this device, and what the
+    timings above say about memcore.kernels.triton.api.DEFAULT_SCAN."""
+    import os
+
+    from memcore.kernels.triton import api
+
+    u = torch.zeros(1, 1, 1, device="cuda", dtype=torch.bfloat16)
+    h0 = torch.ones(1, 1, 1, device="cuda")
+    env = os.environ.get(api.SCAN_ENV) or "unset"
+    try:
+        picks = (f"without an initial state: {api.scan_path(u)}; with one: "
+                 f"{api.scan_path(u, h0)}")
+    except (ImportError, ValueError) as e:
+        picks = f"none ({e})"
+    print(f"  dispatch ({api.SCAN_ENV}={env}, DEFAULT_SCAN={api.DEFAULT_SCAN!r}) picks, for a "
+          f"scan {picks}")
+    # speed-up < 1 means mamba-ssm's is faster; fwd+bwd is what training runs
+    slower = [f"{r[0]} {r[1]}" for r in rows if r[1] == "fwd+bwd" and r[4] < 1.0]
+    timed = [r for r in rows if r[1] == "fwd+bwd" and not math.isnan(r[4])]
+    if not timed:
+        print("  no mamba-ssm timing: DEFAULT_SCAN stays 'triton'")
+    elif slower:
+        print(f"  mamba-ssm is faster in {', '.join(slower)}: DEFAULT_SCAN = 'mamba_ssm' would "
+              f"serve calls without an initial state faster")
+    else:
+        print("  the Triton kernel is at least as fast in every fwd+bwd row: DEFAULT_SCAN = "
+              "'triton' is right")
 
 
 # ---------------------------------------------------------------- 2. attention
