@@ -19,6 +19,17 @@ import torch.nn.functional as F
 from ._util import NEG_INF
 
 MIN_BLOCK = 16
+# Scores per group of query blocks: each group's temporaries (scores, weights and their
+# gradients) stay under glibc's largest mmap threshold (32 MiB), so they are reused from the
+# heap instead of being mapped, and page-faulted, afresh; measured 1.5-2x faster at T = 8192.
+SCORE_ELEMENTS = 1 << 22
+
+
+def block_len(T: int, sources) -> int:
+    """Queries per block: half the widest band (a block of Q reads Q + band - 1 keys, so the
+    share of masked scores falls as Q shrinks, until the matrix products get too small)."""
+    widest = max(s[4] - s[3] for s in sources)
+    return min(T, max(MIN_BLOCK, -(-widest // 2)))
 
 
 # --- rings: slot p % R holds position p ----------------------------------------------------
@@ -90,7 +101,7 @@ def combine(parts):
 def _band_windows(q, pos: int, sources, block: int | None):
     """Blocked queries and, per source, the key/value window of each block and its mask."""
     B, H, T, E = q.shape
-    Q = block or min(T, max(MIN_BLOCK, max(s[4] - s[3] for s in sources)))
+    Q = block or block_len(T, sources)
     nB = -(-T // Q)
     qb = F.pad(q, (0, 0, 0, nB * Q - T)).reshape(B, H, nB, Q, E)
     dev = q.device
@@ -123,7 +134,19 @@ def band_partial(q, pos: int, sources, scale: float, block: int | None = None):
     """Partial softmax of queries q [B, H, T, E] at positions pos .. pos+T-1 over banded
     sources, each ``(k, v, base, lo, hi)``: k, v [B, H, S, E] at positions base .. base+S-1,
     with ``base <= pos - hi + 1``. Sources in one call share one softmax.
-    Returns (m, l, acc) over [B, H, T]."""
+    Returns (m, l, acc) over [B, H, T]. Queries go in groups of blocks (SCORE_ELEMENTS)."""
+    B, H, T, E = q.shape
+    Q = block or block_len(T, sources)
+    keys = sum(Q + hi - lo - 1 for _, _, _, lo, hi in sources)
+    span = Q * max(1, SCORE_ELEMENTS // max(1, B * H * Q * keys))  # queries per group
+    if span >= T:
+        return _band_partial(q, pos, sources, scale, Q)
+    parts = [_band_partial(q[:, :, t0:t0 + span], pos + t0, sources, scale, Q)
+             for t0 in range(0, T, span)]
+    return tuple(torch.cat(x, dim=2) for x in zip(*parts, strict=True))
+
+
+def _band_partial(q, pos: int, sources, scale: float, block: int):
     B, H, T, E = q.shape
     qb, kw, vw, mask = _band_windows(q, pos, sources, block)
     m, l, acc = partial((qb @ kw.transpose(-1, -2)) * scale, mask, vw)

@@ -109,20 +109,10 @@ def _time_first(M):
     return M.permute(3, 0, 1, 2).contiguous()
 
 
-def _scan(dt, w, A, B, C, h0):
-    """The O(T Dc N) scan of ``ssm_scan`` from the reference's layout: dt, w [Bt, Dc, T];
-    B, C [Bt, (G,) N, T]; A [Dc, N]; h0 [Bt, Dc, N] -> (y [Bt, Dc, T], h_T)."""
-    Bt, Dc, T = dt.shape
-    N = A.shape[1]
-    Bm, Cm = _time_first(B), _time_first(C)
-    G = Bm.shape[2]
-
-    def chan(a):  # [Bt, Dc, T] -> [T, Bt, G, Dc/G]
-        return a.permute(2, 0, 1).reshape(T, Bt, G, Dc // G).contiguous()
-
-    y, hT = selective_scan_core(chan(dt), chan(w), A.reshape(G, Dc // G, N), Bm, Cm,
-                                h0.reshape(Bt, G, Dc // G, N))
-    return y.reshape(T, Bt, Dc).permute(1, 2, 0), hT.reshape(Bt, Dc, N)
+def _softplus(x):
+    # log(1 + e^x), fused; above the threshold it returns x, off by log1p(e^-40) ~ 4e-18
+    # relative, far below every tolerance (the reference's formula takes seven kernels).
+    return torch.nn.functional.softplus(x, threshold=40.0)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -132,31 +122,45 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     u, delta, z: [Bt, Dc, T]; A: [Dc, N]; B, C: [Bt, N, T] or [Bt, G, N, T]; D, delta_bias:
     [Dc]; initial_state: [Bt, Dc, N]. Returns y [Bt, Dc, T] in u's dtype (and h_T in the
     accumulation dtype).
+
+    The elementwise work runs time first ([T, Bt, Dc], contiguous): delta and z usually come
+    out of a linear layer as transposed views of that layout, so reading them is free, and
+    every elementwise kernel (and its backward) then walks contiguous memory.
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
     if u.shape[2] > 0 and dispatch.use_kernels(u):
         return dispatch.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                        initial_state, return_final_state)
     acc = acc_dtype(u.dtype)
-    u_, dt, A_, B_, C_, D_, z_, db = _cast(acc, u, delta, A, B, C, D, z, delta_bias)
     Bt, Dc, T = u.shape
     N = A.shape[1]
-    if db is not None:
-        dt = dt + db[None, :, None]
-    if delta_softplus:
-        dt = softplus(dt)
     h0 = (torch.zeros(Bt, Dc, N, dtype=acc, device=u.device) if initial_state is None
           else initial_state.to(acc))
     if T == 0:
-        y = torch.zeros(Bt, Dc, 0, dtype=acc, device=u.device)
-        hT = h0
-    else:
-        y, hT = _scan(dt, dt * u_, A_, B_, C_, h0)
-    if D_ is not None:
-        y = y + D_[None, :, None] * u_
-    if z_ is not None:
-        y = y * torch.nn.functional.silu(z_)
-    y = y.to(u.dtype)
+        y = torch.zeros(Bt, Dc, 0, dtype=u.dtype, device=u.device)
+        return (y, h0) if return_final_state else y
+
+    def tf(a):  # [Bt, Dc, T] -> [T, Bt, Dc], contiguous
+        return a.to(acc).permute(2, 0, 1).contiguous()
+
+    u_ = tf(u)
+    dt = tf(delta)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(acc)
+    if delta_softplus:
+        dt = _softplus(dt)
+    Bm, Cm = _time_first(B.to(acc)), _time_first(C.to(acc))
+    G = Bm.shape[2]
+    y, hT = selective_scan_core(dt.view(T, Bt, G, Dc // G), (dt * u_).view(T, Bt, G, Dc // G),
+                                A.to(acc).reshape(G, Dc // G, N), Bm, Cm,
+                                h0.reshape(Bt, G, Dc // G, N))
+    y = y.reshape(T, Bt, Dc)
+    if D is not None:
+        y = torch.addcmul(y, u_, D.to(acc))
+    if z is not None:
+        y = y * torch.nn.functional.silu(tf(z))
+    y = y.permute(1, 2, 0).to(u.dtype)
+    hT = hT.reshape(Bt, Dc, N)
     return (y, hT) if return_final_state else y
 
 

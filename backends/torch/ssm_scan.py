@@ -1,6 +1,6 @@
 """Selective scan ``h_t = exp(dt_t A) h_{t-1} + w_t B_t``, ``y_t = C_t . h_t`` in O(T Dc N).
 
-Two levels over chunks of L steps (L about sqrt(T)):
+Two levels over chunks of L steps (L about sqrt(T), a divisor of T when one is close):
 
 1. a loop over the L positions of a chunk that advances every chunk at once from a zero start
    (vectorised over the T/L chunks), keeping only each chunk's end state;
@@ -13,8 +13,9 @@ a_{t+1} g_{t+1}``), with the same two levels; states are recomputed per group of
 the saved entering states, so memory stays O(T (Dc + N) + group) instead of autograd's
 O(T Dc N) per intermediate.
 
-Layout (time first, so that one position of every chunk is one contiguous row):
-dt, w [T, Bt, G, Dg]; A [G, Dg, N]; Bm, Cm [T, Bt, G, N]; h0 [Bt, G, Dg, N].
+Layout (time first): dt, w [T, Bt, G, Dg]; A [G, Dg, N]; Bm, Cm [T, Bt, G, N];
+h0 [Bt, G, Dg, N]. Time is viewed as [chunks, L] without a copy: position l of every chunk is
+a strided slice whose rows (Bt G Dg values) stay contiguous.
 """
 
 from __future__ import annotations
@@ -23,29 +24,31 @@ import math
 
 import torch
 
+# Every buffer here stays well under glibc's largest mmap threshold (32 MiB): smaller blocks
+# are reused from the heap, larger ones are mapped afresh on every call and pay a page fault
+# per 4 KiB page, which costs more than the arithmetic.
 GROUP_ELEMENTS = 1 << 23  # states kept at once by the backward (per group of chunks)
+SAVE_ELEMENTS = 1 << 27  # decays kept from the forward for the backward, at most
+LOG2E = 1.0 / math.log(2.0)
 
 
 def _chunk_len(T: int) -> int:
-    return math.isqrt(T - 1) + 1 if T > 1 else 1
+    """About sqrt(T); a divisor of T within a factor 2 of it is preferred (no padding copy)."""
+    if T <= 1:
+        return 1
+    root = math.isqrt(T - 1) + 1
+    for d in sorted(range(max(1, root // 2), 2 * root + 1), key=lambda d: (abs(d - root), d)):
+        if T % d == 0:
+            return d
+    return root
 
 
-def _by_position(x, L: int, nC: int):
-    """[T, ...] -> [L, nC, ...] (zero padded): row l holds position l of every chunk, one
-    contiguous block, so the loops below touch contiguous memory."""
+def _chunked(x, L: int, nC: int):
+    """[T, ...] -> [nC, L, ...], zero padded at the end (a view when L divides T)."""
     pad = nC * L - x.shape[0]
     if pad:
         x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])], dim=0)
-    return x.reshape(nC, L, *x.shape[1:]).transpose(0, 1).contiguous()
-
-
-def _from_position(x, T: int):
-    L, nC = x.shape[:2]
-    return x.transpose(0, 1).reshape(nC * L, *x.shape[2:])[:T]
-
-
-LOG2E = 1.0 / math.log(2.0)
-SAVE_ELEMENTS = 1 << 27  # decays kept from the forward for the backward, at most
+    return x.contiguous().view(nC, L, *x.shape[1:])
 
 
 def _decay(dt_l, A2, out=None):
@@ -76,65 +79,82 @@ class _SelectiveScan(torch.autograd.Function):
         L = _chunk_len(T)
         nC = -(-T // L)
         # dt = 0 (decay 1) and w = 0 leave the state unchanged over the padding.
-        dtc, wc, Bc, Cc = (_by_position(x, L, nC) for x in (dt, w, Bm, Cm))
+        dtc, wc, Bc, Cc = (_chunked(x, L, nC) for x in (dt, w, Bm, Cm))
         with torch.no_grad():
             A2 = A * LOG2E
-            tot = _decay(dtc.sum(0), A2)  # decay over each whole chunk
-            # Level 1: every chunk from a zero start, all chunks at once. One decay row per
-            # in-chunk position, kept for level 3 (and the backward, within SAVE_ELEMENTS).
-            h = torch.zeros(nC, *h0.shape, dtype=h0.dtype, device=h0.device)
-            decays = []
+            tot = _decay(dtc.sum(1), A2)  # decay over each whole chunk
+            # One decay row per in-chunk position, kept for level 3 and the backward (within
+            # SAVE_ELEMENTS), one block per row (see GROUP_ELEMENTS).
+            save = nC * L * h0.numel() <= SAVE_ELEMENTS
+            dec = [] if save else None
+            buf = None if save else torch.empty_like(tot)
+
+            def decay(l):
+                if not save:
+                    return _decay(dtc[:, l], A2, out=buf)
+                if len(dec) == l:
+                    dec.append(_decay(dtc[:, l], A2))
+                return dec[l]
+
+            # Level 1: every chunk from a zero start, all chunks at once.
+            h = torch.zeros_like(tot)
             for l in range(L):
-                decays.append(_decay(dtc[l], A2))
-                _advance(h, decays[l], wc[l], Bc[l])
+                _advance(h, decay(l), wc[:, l], Bc[:, l])
             H = _carry(tot, h, h0)
             hT = torch.addcmul(h[-1], tot[-1], H[-1])
             # Level 3: again from the true entering states, reading y_t = C_t . h_t out.
             h.copy_(H)
-            y = dt.new_empty(L, nC, *dt.shape[1:])
+            y = dt.new_empty(nC, L, *dt.shape[1:])
             for l in range(L):
-                _advance(h, decays[l], wc[l], Bc[l])
-                y[l] = (Cc[l][..., None, :] @ h.transpose(-1, -2))[..., 0, :]
+                _advance(h, decay(l), wc[:, l], Bc[:, l])
+                # [1, N] @ [N, Dg]: this orientation runs several times faster than [Dg, N] @ [N, 1]
+                y[:, l] = (Cc[:, l, ..., None, :] @ h.transpose(-1, -2))[..., 0, :]
         ctx.save_for_backward(dtc, wc, A, Bc, Cc, H, tot)
-        ctx.decays = decays if L * h.numel() <= SAVE_ELEMENTS else None
+        ctx.decays = dec
         ctx.T = T
-        return _from_position(y, T), hT
+        return y.view(nC * L, *dt.shape[1:])[:T], hT
 
     @staticmethod
     def backward(ctx, gy, ghT):
         dtc, wc, A, Bc, Cc, H, tot = ctx.saved_tensors
-        decays, ctx.decays = ctx.decays, None
-        L, nC = dtc.shape[:2]
+        dec, ctx.decays = ctx.decays, None
+        nC, L = dtc.shape[:2]
+        T = ctx.T
         if gy is None:
-            gy = dtc.new_zeros(ctx.T, *dtc.shape[2:])
+            gy = dtc.new_zeros(T, *dtc.shape[2:])
         if ghT is None:
             ghT = torch.zeros_like(H[0])
-        gyc = _by_position(gy, L, nC)
+        gyc = _chunked(gy, L, nC)
         with torch.no_grad():
-            if decays is None:
-                A2 = A * LOG2E
-                decays = [_decay(dtc[l], A2) for l in range(L)]
+            A2 = A * LOG2E
             # Level 1, reversed: e after position 0 of a chunk is a_0 g_0 from a zero end.
             e = torch.zeros_like(H)
+            buf = None if dec is not None else torch.empty_like(H)
             for l in range(L - 1, -1, -1):
-                e.addcmul_(gyc[l][..., None], Cc[l][..., None, :]).mul_(decays[l])
+                a = dec[l] if dec is not None else _decay(dtc[:, l], A2, out=buf)
+                e.addcmul_(gyc[:, l, ..., None], Cc[:, l, ..., None, :]).mul_(a)
             # Level 2: E_c, the adjoint arriving at the end of chunk c from later chunks.
             E = torch.empty_like(H)
             E[-1] = ghT
             for c in range(nC - 1, 0, -1):
                 torch.addcmul(e[c], tot[c], E[c], out=E[c - 1])
             gh0 = torch.addcmul(e[0], tot[0], E[0])
-            grads = _backward_groups(decays, dtc, wc, A, Bc, Cc, H, E, gyc)
-        T = ctx.T
-        return (*(_from_position(g, T) for g in grads[:2]), grads[2],
-                *(_from_position(g, T) for g in grads[3:]), gh0)
+            del e
+            grads = _backward_groups(dec, dtc, wc, A, A2, Bc, Cc, H, E, gyc)
+        gdt, gw, gA, gB, gC = grads
+        return (_unchunk(gdt, T), _unchunk(gw, T), gA, _unchunk(gB, T), _unchunk(gC, T), gh0)
 
 
-def _backward_groups(decays, dtc, wc, A, Bc, Cc, H, E, gyc):
+def _unchunk(x, T: int):
+    nC, L = x.shape[:2]
+    return x.view(nC * L, *x.shape[2:])[:T]
+
+
+def _backward_groups(dec, dtc, wc, A, A2, Bc, Cc, H, E, gyc):
     """Gradients from the entering states H and arriving adjoints E, per group of chunks:
     states recomputed forward (kept for the group, row by row), then the adjoint run in
     reverse."""
-    L, nC = dtc.shape[:2]
+    nC, L = dtc.shape[:2]
     per_chunk = L * H[0].numel()
     step = max(1, min(nC, GROUP_ELEMENTS // max(1, per_chunk)))
     gdt, gw = torch.empty_like(dtc), torch.empty_like(wc)
@@ -142,24 +162,28 @@ def _backward_groups(decays, dtc, wc, A, Bc, Cc, H, E, gyc):
     gA = torch.zeros_like(A)
     for c0 in range(0, nC, step):
         sl = slice(c0, min(nC, c0 + step))
+        if dec is not None:
+            a_grp = [d[sl] for d in dec]
+        else:
+            a_grp = [_decay(dtc[sl, l], A2) for l in range(L)]
         hs = [H[sl]]  # hs[l] is the state before position l
         for l in range(L):
-            h = torch.mul(hs[-1], decays[l][sl])
-            hs.append(h.addcmul_(wc[l, sl][..., None], Bc[l, sl][..., None, :]))
+            hs.append(torch.mul(hs[l], a_grp[l]).addcmul_(
+                wc[sl, l, ..., None], Bc[sl, l, ..., None, :]))
         e = E[sl].clone()
-        dlog = torch.empty_like(e)
         # sum over positions of d(log a) * dt, per chunk: summed over chunks once at the end
         dlog_dt = torch.zeros_like(e)
         for l in range(L - 1, -1, -1):
-            gy_l = gyc[l, sl]
-            gC[l, sl] = (gy_l[..., None, :] @ hs[l + 1])[..., 0, :]
-            g = e.addcmul_(gy_l[..., None], Cc[l, sl][..., None, :])  # g_l, in e's memory
-            gw[l, sl] = torch.einsum("cbgdn,cbgn->cbgd", g, Bc[l, sl])
-            gB[l, sl] = (wc[l, sl][..., None, :] @ g)[..., 0, :]
-            e = g.mul_(decays[l][sl])  # a_l g_l
-            torch.mul(e, hs[l], out=dlog)  # d/d(log a_l) = g_l a_l h_{l-1}
-            dlog_dt.addcmul_(dlog, dtc[l, sl][..., None])
-            gdt[l, sl] = torch.einsum("cbgdn,gdn->cbgd", dlog, A)
+            gy_l, w_l = gyc[sl, l], wc[sl, l]
+            gC[sl, l] = (gy_l[..., None, :] @ hs[l + 1])[..., 0, :]
+            g = e.addcmul_(gy_l[..., None], Cc[sl, l, ..., None, :])  # g_l, in e's memory
+            gw[sl, l] = (Bc[sl, l, ..., None, :] @ g.transpose(-1, -2))[..., 0, :]
+            gB[sl, l] = (w_l[..., None, :] @ g)[..., 0, :]
+            e = g.mul_(a_grp[l])  # a_l g_l
+            # d/d(log a_l) = g_l a_l h_{l-1}, into h_l's memory (h_l is no longer needed)
+            dlog = torch.mul(e, hs[l], out=hs[l + 1])
+            dlog_dt.addcmul_(dlog, dtc[sl, l, ..., None])
+            gdt[sl, l] = dlog.mul_(A).sum(-1)
         gA += dlog_dt.sum((0, 1))
     return gdt, gw, gA, gB, gC
 
