@@ -15,6 +15,8 @@ import pytest
 import torch
 from memcore.spec.reference import layers as RL
 from memcore.spec.reference import model as RM
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torchcheck import F32, F64, assert_states_close, inputs, ref_steps, rel, rmse
 
 import memcore
@@ -300,3 +302,48 @@ def test_growing_cache_never_writes_past_a_callers_slice(name):
     assert rel(y, y_ref[:, 6]) <= F64
     for k in GROWING[name]:
         assert bool((mine[k][:, :, n[k]:] == 7.0).all()), f"{k}: written past the slice"
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest new storage any operator returns (outputs that alias an input,
+    views and in-place results, allocate nothing)."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                 if isinstance(a, torch.Tensor)}
+        for o in tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in given:
+                self.largest = max(self.largest, o.untyped_storage().nbytes())
+        return out
+
+
+def _largest_allocation(layer, x, state, inplace: bool) -> int:
+    """The largest block one operator allocates over the steps of x [B, T, D]."""
+    log = _LargestAllocation()
+    with torch.no_grad(), log:
+        for t in range(x.shape[1]):
+            _, state = layer.step(x[:, t], state, inplace=inplace)
+    return log.largest
+
+
+@pytest.mark.parametrize("spec", [
+    S.bmojo(32, 2, window=64, chunk=16, select=2, capacity=32, d_state=2),
+    S.mosaic(32, 2, capacity=64),
+], ids=["bmojo", "mosaic_capacity"])
+def test_inplace_steps_allocate_nothing_the_size_of_a_ring(spec):
+    """Temporaries stay smaller than one ring buffer: no ring, store or joined key/value
+    buffer is rebuilt per token (the functional step, which copies rings, is the control)."""
+    layer = memcore.realize(spec, backend="torch", params=memcore.init(spec, 0, np.float64))
+    x = inputs(spec, 1, 170, seed=3)
+    with torch.no_grad():
+        state = layer.init_state(1)
+        for t in range(150):  # rings wrapped, store full
+            layer.step(x[:, t], state, inplace=True)
+    ring = state["k" if "k" in state else "mem_k"]
+    ring_bytes = ring.numel() * ring.element_size()
+    copy = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    assert _largest_allocation(layer, x[:, 150:], copy, inplace=False) >= ring_bytes
+    assert _largest_allocation(layer, x[:, 150:], state, inplace=True) < ring_bytes
