@@ -6,7 +6,7 @@ One program owns a block of the head width of one (batch, head) and walks the se
 chunk: a chunk is a [time, width] tile scanned with ``tl.associative_scan``, the state carried
 between chunks in float32 (float64 for float64 input). The forward saves the state entering
 every chunk; the backward walks chunks in reverse, rebuilds kbar_{t-1} from the saved state with
-a shifted scan, and runs the adjoint ``g_t = dkbar_t + lambda g_{t+1}`` as a reverse scan,
+a shifted scan, and runs the adjoint ``g_t = dkbar_t + lambda g_{t+1}`` as a suffix scan,
 which gives dk, d(initial state) and d(log_decay) = lambda * sum_t g_t . kbar_{t-1}.
 """
 
@@ -26,6 +26,16 @@ MAX_BLOCK_E = 32  # a program holds [chunk, BLOCK_E] tiles
 def _combine(a1, b1, a2, b2):
     # (a1, b1) then (a2, b2) as one step of h = a h + b
     return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _suffix_scan(a, b, AXIS: tl.constexpr):
+    """g_t = b_t + a_t g_{t+1} along AXIS (and the products of a from t on), as a forward
+    scan of the flipped tiles. Not ``associative_scan(reverse=True)``: with a combine that
+    does not commute, its order of arguments on GPUs has not matched the interpreter's, whose
+    reverse is exactly this flip, scan, flip (triton#4362, triton#8412)."""
+    a_c, b_c = tl.associative_scan((tl.flip(a, AXIS), tl.flip(b, AXIS)), AXIS, _combine)
+    return tl.flip(a_c, AXIS), tl.flip(b_c, AXIS)
 
 
 @triton.jit
@@ -89,12 +99,12 @@ def _leaky_bwd_kernel(k, log_decay, dy, dhT, ckpt, dk, dlog_part, dh0, T, H, E,
         kp, ap, _ = _tile(k, pid_b, pid_h, tl.where(i == 0, -1, t - 1), e, T, H, E, lam, ACC)
         ap_cum, bp_cum = tl.associative_scan((ap, kp), 0, _combine)
         h_prev = ap_cum * h_in[None, :] + bp_cum
-        # g_t = dy_t + lambda_{t+1} g_{t+1}: a reverse scan with the next steps' decays
+        # g_t = dy_t + lambda_{t+1} g_{t+1}: a suffix scan with the next steps' decays
         _, an, _ = _tile(k, pid_b, pid_h, tl.where(i == CHUNK - 1, -1, t + 1), e, T, H, E, lam,
                          ACC)
         off = ((pid_b * T + t[:, None]) * H + pid_h) * E + e[None, :]
         dy_t = tl.load(dy + off, mask=ok, other=0.0).to(ACC)
-        an_cum, g_in = tl.associative_scan((an, dy_t), 0, _combine, reverse=True)
+        an_cum, g_in = _suffix_scan(an, dy_t, 0)
         gs = g_in + an_cum * carry[None, :]
         tl.store(dk + off, gs, mask=ok)
         dl += tl.sum(tl.where(ok, gs * h_prev, 0.0), axis=0)

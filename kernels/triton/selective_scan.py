@@ -11,7 +11,7 @@ A chunk is loaded as [channels, time] tiles (contiguous along time) and scanned 
 with ``tl.associative_scan`` over the pairs (exp(dt A), dt u B) of ``h = a h + b``; the state
 carries from chunk to chunk in float32. The forward saves the state entering every chunk; the
 backward walks the chunks in reverse, rebuilds h_{t-1} from the chunk's saved state with a
-shifted scan, and gets ``g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}`` from a reverse
+shifted scan, and gets ``g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}`` from a suffix
 scan, carrying ``exp(dt A) g`` into the chunk before. Gradients reach u, delta, A, B, C, D, z,
 delta_bias and the initial state, and flow in from the final state.
 
@@ -68,6 +68,16 @@ def _load_dt(delta, bias_d, off, valid, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.con
 def _combine(a1, b1, a2, b2):
     # (a1, b1) then (a2, b2) as one step of h = a h + b
     return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _suffix_scan(a, b, AXIS: tl.constexpr):
+    """g_t = b_t + a_t g_{t+1} along AXIS (and the products of a from t on), as a forward
+    scan of the flipped tiles. Not ``associative_scan(reverse=True)``: with a combine that
+    does not commute, its order of arguments on GPUs has not matched the interpreter's, whose
+    reverse is exactly this flip, scan, flip (triton#4362, triton#8412)."""
+    a_c, b_c = tl.associative_scan((tl.flip(a, AXIS), tl.flip(b, AXIS)), AXIS, _combine)
+    return tl.flip(a_c, AXIS), tl.flip(b_c, AXIS)
 
 
 @triton.jit
@@ -198,13 +208,12 @@ def _scan_bwd_kernel(
             tl.store(dz + row[:, None] + t[None, :], dy_t * yr * sz * (1.0 + z_t * (1.0 - sz)),
                      mask=ok)
             dyr = dy_t * z_t * sz
-        # g_t = dL/dh_t = C_t dyr_t + a_{t+1} g_{t+1}: a reverse scan with the decays of the
+        # g_t = dL/dh_t = C_t dyr_t + a_{t+1} g_{t+1}: a suffix scan with the decays of the
         # next steps (the chunk's last column gets the identity and the carry instead)
         a_n, _, _, _, _, _, _ = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok,
                                             tl.where(i == CHUNK - 1, -1, t + 1), T, HAS_BIAS,
                                             SOFTPLUS, ACC)
-        an_cum, g_in = tl.associative_scan((a_n, dyr[:, None, :] * c_t[None, :, :]), 2,
-                                           _combine, reverse=True)
+        an_cum, g_in = _suffix_scan(a_n, dyr[:, None, :] * c_t[None, :, :], 2)
         gs = g_in + an_cum * carry[:, :, None]  # [BD, BN, BT]
         tl.store(dC_part + part_row[:, None] + t[None, :],
                  tl.sum(dyr[:, None, :] * hs, axis=0), mask=n_ok[:, None] & (t < T)[None, :])
