@@ -105,7 +105,7 @@ def masked_loss(model, inputs, positions, targets, weights, aux_weight: float):
 
 
 def _clip(grads, max_norm):
-    norm = optax.global_norm(grads)
+    norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grads)))
     scale = jnp.minimum(1.0, max_norm / (norm + CLIP_EPS)).astype(F32)
     return jax.tree_util.tree_map(lambda g: g * scale, grads)
 
@@ -159,9 +159,10 @@ def save_checkpoint(path: str, model, opt_state, step: int, cfg: TrainConfig,
                     history: dict) -> None:
     from safetensors.numpy import save_file
 
-    tensors = {f"model.{k}": np.ascontiguousarray(v) for k, v in model.state_dict().items()}
+    # np.array, not np.ascontiguousarray: the latter turns the 0-d step counts into [1].
+    tensors = {f"model.{k}": np.array(v) for k, v in model.state_dict().items()}
     for k, v in _opt_leaves(opt_state).items():
-        tensors[k] = np.ascontiguousarray(np.asarray(v))
+        tensors[k] = np.array(v)
     meta = {"step": step, "backend": "jax", "config": asdict(cfg), "history": history}
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -197,8 +198,13 @@ def load_checkpoint(path: str, model, opt_state):
         raise ValueError(f"checkpoint {path} holds another optimizer state: entries "
                          f"{sorted(set(own) ^ set(got))[:5]} differ")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
-    new = [jnp.asarray(got["optim" + jax.tree_util.keystr(p)], dtype=jnp.asarray(leaf).dtype)
-           for p, leaf in leaves]
+    new = []
+    for p, leaf in leaves:
+        key, a = "optim" + jax.tree_util.keystr(p), np.asarray(leaf)
+        if got[key].shape != a.shape:
+            raise ValueError(f"checkpoint {path}: {key} has shape {got[key].shape}, expected "
+                             f"{a.shape}")
+        new.append(jnp.asarray(got[key], dtype=a.dtype))
     return model, jax.tree_util.tree_unflatten(treedef, new), meta
 
 
