@@ -28,16 +28,18 @@ _FORMS = {
 
 
 def own_storage(arrays: dict) -> dict:
-    """The arrays, each on memory of its own: a step in place writes every array, but an
-    empty state shares one zero tensor between several arrays (as the reference builds it),
-    and a parallel form may hand back views that share a buffer. Only those are copied."""
+    """The arrays, each on memory of its own and off any autograd graph: a step in place
+    writes every array, but an empty state shares one zero tensor between several arrays (as
+    the reference builds it), a parallel form may hand back views that share a buffer, and
+    a state from a differentiable call may be saved for its backward. Only those are
+    copied (once: the copies are what the state holds afterwards)."""
     out, seen = dict(arrays), set()
     for key, a in arrays.items():
         if not a.numel():
             continue
         ptr = a.untyped_storage().data_ptr()
-        if ptr in seen:
-            out[key] = a.clone()
+        if ptr in seen or a.requires_grad:
+            out[key] = a.detach().clone()
         else:
             seen.add(ptr)
     return out

@@ -347,3 +347,22 @@ def test_inplace_steps_allocate_nothing_the_size_of_a_ring(spec):
     copy = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
     assert _largest_allocation(layer, x[:, 150:], copy, inplace=False) >= ring_bytes
     assert _largest_allocation(layer, x[:, 150:], state, inplace=True) < ring_bytes
+
+
+def test_inplace_steps_leave_a_training_graph_intact():
+    """A state from a differentiable call is copied off its graph by the first in-place step,
+    so the graph's backward still works and gives the reference's gradients."""
+    spec, params, layer, x = _setup("bmojo")
+    xb = x[:, :9].clone().requires_grad_(True)
+    y, state = layer(xb)
+    with torch.no_grad():
+        for t in range(9, 14):
+            layer.step(x[:, t], state, inplace=True)
+    (y * y).sum().backward()
+    xr = x[:, :9].clone().requires_grad_(True)
+    (RL.forward(spec, params, xr)[0] ** 2).sum().backward()
+    assert rel(xb.grad, xr.grad) <= F64
+    with torch.no_grad():
+        y_full, _ = layer(x[:, :15])
+        y_next, _ = layer.step(x[:, 14], state, inplace=True)
+    assert rel(y_next, y_full[:, 14]) <= F64
