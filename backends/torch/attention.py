@@ -98,16 +98,17 @@ def combine(parts):
     return acc / torch.where(l > 0, l, torch.ones_like(l))
 
 
-def _band_windows(q, pos: int, sources, block: int | None):
-    """Blocked queries and, per source, the key/value window of each block and its mask."""
+def _band_slices(q, pos: int, sources, Q: int):
+    """Blocked queries [B, H, nB, Q, E]; per source the run of keys/values that its blocks'
+    windows cover (block j reads Lw = Q + hi - lo - 1 of them from offset j Q) and Lw; and
+    the mask of every block's window [nB, Q, sum Lw]."""
     B, H, T, E = q.shape
-    Q = block or block_len(T, sources)
     nB = -(-T // Q)
     qb = F.pad(q, (0, 0, 0, nB * Q - T)).reshape(B, H, nB, Q, E)
     dev = q.device
     a = torch.arange(Q, device=dev)
     jstart = torch.arange(nB, device=dev) * Q
-    keys, values, masks = [], [], []
+    runs, masks = [], []
     for k, v, base, lo, hi in sources:
         Lw = Q + hi - lo - 1
         s0 = pos - hi + 1 - base
@@ -116,18 +117,89 @@ def _band_windows(q, pos: int, sources, block: int | None):
         if kk.shape[2] < need:
             kk = F.pad(kk, (0, 0, 0, need - kk.shape[2]))
             vv = F.pad(vv, (0, 0, 0, need - vv.shape[2]))
-        keys.append(kk.unfold(2, Lw, Q).transpose(-1, -2))  # [B, H, nB, Lw, E]
-        values.append(vv.unfold(2, Lw, Q).transpose(-1, -2))
+        runs.append((kk, vv, Lw))
         b = torch.arange(Lw, device=dev)
         d = a[:, None] - b[None, :] + (hi - 1)  # t - p within a block
         rel = (d >= lo) & (d < hi)  # [Q, Lw]
         kpos = (pos - hi + 1) + jstart[:, None] + b[None, :]  # [nB, Lw]
         masks.append(rel[None] & (kpos >= 0)[:, None, :])
-    return qb, _cat(keys, -2), _cat(values, -2), _cat(masks, -1)
+    return qb, runs, _cat(masks, -1)
+
+
+def _windows(run, Q: int):
+    """[B, H, need, E] -> the overlapping windows [B, H, nB, Lw, E] (a view)."""
+    x, Lw = run
+    return x.unfold(2, Lw, Q).transpose(-1, -2)
+
+
+def _band_windows(q, pos: int, sources, block: int | None):
+    """Blocked queries and, per source, the key/value window of each block and its mask."""
+    Q = block or block_len(q.shape[2], sources)
+    qb, runs, mask = _band_slices(q, pos, sources, Q)
+    keys = [_windows((kk, Lw), Q) for kk, _, Lw in runs]
+    values = [_windows((vv, Lw), Q) for _, vv, Lw in runs]
+    return qb, _cat(keys, -2), _cat(values, -2), mask
 
 
 def _cat(xs, dim):
     return torch.cat(xs, dim) if len(xs) > 1 else xs[0]
+
+
+def _fold(gw, Q: int):
+    """Adjoint of ``_windows``: window gradients [B, H, nB, Lw, E] summed back onto the run
+    [B, H, (nB - 1) Q + Lw, E], one strided add per block-sized slice of the window."""
+    B, H, nB, Lw, E = gw.shape
+    R = -(-Lw // Q)
+    out = gw.new_zeros(B, H, (nB + R - 1) * Q, E)
+    ov = out.view(B, H, nB + R - 1, Q, E)
+    for r in range(R):
+        w = min(Q, Lw - r * Q)
+        ov[:, :, r:r + nB, :w] += gw[:, :, :, r * Q:r * Q + w]
+    return out[:, :, :(nB - 1) * Q + Lw]
+
+
+class _BandSoftmax(torch.autograd.Function):
+    """(m, l, acc) of ``partial`` over every block's windows, with a hand-written backward:
+    the weights are made in place in the score buffer and kept, and the window gradients are
+    folded back onto the key/value runs directly. About half the memory passes of autograd
+    over the same operations. m carries no gradient (a stabiliser, as in ``partial``)."""
+
+    @staticmethod
+    def forward(ctx, Q, Lws, mask, qs, *runs):
+        with torch.no_grad():
+            K = _cat([_windows((r, Lw), Q) for r, Lw in zip(runs[0::2], Lws, strict=True)], -2)
+            V = _cat([_windows((r, Lw), Q) for r, Lw in zip(runs[1::2], Lws, strict=True)], -2)
+            K, V = K.contiguous(), V.contiguous()
+            s = qs @ K.transpose(-1, -2)
+            s.masked_fill_(~mask, NEG_INF)
+            m = s.amax(-1, keepdim=True) if s.shape[-1] else torch.full_like(s[..., :1],
+                                                                              NEG_INF)
+            p = s.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m))).exp_()
+            l = p.sum(-1, keepdim=True)
+            acc = p @ V
+        ctx.save_for_backward(qs, K, V, p)
+        ctx.Q, ctx.Lws = Q, Lws
+        ctx.mark_non_differentiable(m)
+        return m, l, acc
+
+    @staticmethod
+    def backward(ctx, gm, gl, gacc):
+        qs, K, V, p = ctx.saved_tensors
+        Q, Lws = ctx.Q, ctx.Lws
+        with torch.no_grad():
+            if gacc is None:
+                gacc = torch.zeros(*p.shape[:-1], V.shape[-1], dtype=p.dtype, device=p.device)
+            gs = gacc @ V.transpose(-1, -2)
+            if gl is not None:
+                gs.add_(gl)
+            gs.mul_(p)  # d/ds = p (gl + gacc . v); masked scores have p = 0
+            gq = gs @ K
+            gK = gs.transpose(-1, -2) @ qs
+            gV = p.transpose(-1, -2) @ gacc
+            grads = []
+            for gk, gv in zip(gK.split(list(Lws), -2), gV.split(list(Lws), -2), strict=True):
+                grads += [_fold(gk, Q), _fold(gv, Q)]
+        return (None, None, None, gq, *grads)
 
 
 def band_partial(q, pos: int, sources, scale: float, block: int | None = None):
@@ -148,8 +220,10 @@ def band_partial(q, pos: int, sources, scale: float, block: int | None = None):
 
 def _band_partial(q, pos: int, sources, scale: float, block: int):
     B, H, T, E = q.shape
-    qb, kw, vw, mask = _band_windows(q, pos, sources, block)
-    m, l, acc = partial((qb @ kw.transpose(-1, -2)) * scale, mask, vw)
+    qb, runs, mask = _band_slices(q, pos, sources, block)
+    flat = [x for kk, vv, _ in runs for x in (kk, vv)]
+    m, l, acc = _BandSoftmax.apply(block, tuple(Lw for *_, Lw in runs), mask, qb * scale,
+                                   *flat)
     n = qb.shape[2] * qb.shape[3]
     return (m.reshape(B, H, n, 1)[:, :, :T], l.reshape(B, H, n, 1)[:, :, :T],
             acc.reshape(B, H, n, E)[:, :, :T])

@@ -78,3 +78,65 @@ def test_groups_bound_the_scores(monkeypatch):
 def test_block_length_is_half_the_widest_band(T, band, expected):
     k = torch.zeros(1, 1, 1, 1)
     assert attention.block_len(T, [(k, k, 0, 0, band), (k, k, 0, band, band + 3)]) == expected
+
+
+def _band_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    W, T = 3, 9
+    q = torch.randn(1, 2, T, 2, generator=g, dtype=torch.float64)
+    kv = [torch.randn(1, 2, T + 2 * W, 2, generator=g, dtype=torch.float64) for _ in range(4)]
+    return W, q, kv
+
+
+def _sources(W, k, v, fk, fv):
+    return [(k[:, :, W:], v[:, :, W:], -W, 0, W), (fk, fv, -2 * W, W, 2 * W)]
+
+
+def test_band_softmax_passes_gradcheck():
+    # The hand-written backward, through the normalised readout (m is a stabiliser only).
+    W, q, kv = _band_inputs(3)
+    inputs = tuple(a.requires_grad_(True) for a in (q, *kv))
+
+    def f(q, k, v, fk, fv):
+        return attention.combine([attention.band_partial(q, 0, _sources(W, k, v, fk, fv),
+                                                         0.7, block=4)])
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_band_softmax_through_l_or_acc_alone(which):
+    # One output without a gradient: the same as autograd through ``partial`` on the
+    # windows (both hold m fixed).
+    W, q, kv = _band_inputs(4)
+    g = torch.Generator().manual_seed(9)
+
+    def grads(fn):
+        inputs = [a.detach().requires_grad_(True) for a in (q, *kv)]
+        out = fn(inputs[0], _sources(W, *inputs[1:]))[which]
+        weight = torch.randn(out.shape, generator=g.manual_seed(9), dtype=out.dtype)
+        return torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True,
+                                   materialize_grads=True)
+
+    def autograd_partial(q, srcs):
+        qb, kw, vw, mask = attention._band_windows(q, 0, srcs, 4)
+        m, l, acc = attention.partial((qb @ kw.transpose(-1, -2)) * 0.7, mask, vw)
+        T = q.shape[2]
+        return (None, l.reshape(1, 2, -1, 1)[:, :, :T], acc.reshape(1, 2, -1, 2)[:, :, :T])
+
+    ours = grads(lambda q, srcs: attention.band_partial(q, 0, srcs, 0.7, block=4))
+    expected = grads(autograd_partial)
+    for name, a, b in zip("q k v fk fv".split(), ours, expected, strict=True):
+        assert rel(a, b) <= F64, name
+
+
+def test_fold_is_the_adjoint_of_the_windows():
+    # <windows(x), g> == <x, fold(g)> for every x and g: fold is unfold's transpose.
+    g = torch.Generator().manual_seed(0)
+    Q, Lw, nB = 4, 11, 5
+    x = torch.randn(1, 2, (nB - 1) * Q + Lw, 3, generator=g, dtype=torch.float64)
+    gw = torch.randn(1, 2, nB, Lw, 3, generator=g, dtype=torch.float64)
+    lhs = (attention._windows((x, Lw), Q) * gw).sum()
+    rhs = (x * attention._fold(gw, Q)).sum()
+    assert attention._fold(gw, Q).shape == x.shape
+    assert abs(float(lhs - rhs)) <= F64 * abs(float(lhs))
