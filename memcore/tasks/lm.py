@@ -115,7 +115,7 @@ def loss_by_position_jax(model, data: np.ndarray, cfg: LMConfig, seed: int) -> n
     total = np.zeros(T, dtype=np.float64)
     for s in range(0, len(w), 4):
         xb = w[s:s + 4]
-        logits = torch.as_tensor(logits_at(model, xb[:, :-1]))
+        logits = torch.from_numpy(np.array(logits_at(model, xb[:, :-1])))
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.as_tensor(xb[:, 1:]),
                                                 reduction="none")
         total += nll.sum(0).double().numpy()

@@ -232,7 +232,7 @@ def _probs_jax(model, x: np.ndarray) -> torch.Tensor:
 
     T = x.shape[1]
     xp = np.pad(x, ((0, 0), (0, -T % TIME_BUCKET)), constant_values=PAD)  # causal: exact
-    return torch.softmax(torch.as_tensor(logits_at(model, xp)[:, :T]), -1)
+    return torch.softmax(torch.from_numpy(np.array(logits_at(model, xp)[:, :T])), -1)
 
 
 def run(models, cfg: RegBenchConfig = RegBenchConfig(), seed: int = 0, device: str = "cpu",
