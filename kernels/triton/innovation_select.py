@@ -94,9 +94,10 @@ def _top_kernel(sa, pa, sb, pb, out_idx, out_pos, NA, NB, N,
 @triton.jit
 def _chunk_top_kernel(score, cand_score, cand_pos, pick_idx, pick_pos, T, POS0, FIRST, C, K, M,
                       NCH, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (b, c): the K best of chunk c's candidates, in order, as [B, NCH, K]."""
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1).to(tl.int64)
+    """Program (c, b): the K best of chunk c's candidates, in order, as [B, NCH, K]. Chunks
+    run along the grid's first axis, the only one that holds more than 65535 programs."""
+    c = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     ik = tl.arange(0, BLOCK_K)
     ok_k = ik < K
     # the candidates carried in belong to the first chunk; later chunks start from empty slots
@@ -292,7 +293,7 @@ def select_indices(score, pos, chunk, select, store_score, store_pos, cand_score
     pick_idx = empty((Bt, nch, K), torch.int64, dev)
     pick_pos = empty((Bt, nch, K), torch.int64, dev)
     if K > 0:
-        _chunk_top_kernel[(Bt, nch)](score_c, cand_s, cand_pos.to(torch.int64).contiguous(),
+        _chunk_top_kernel[(nch, Bt)](score_c, cand_s, cand_pos.to(torch.int64).contiguous(),
                                      pick_idx, pick_pos, T, pos, first, chunk, K, M, nch,
                                      BLOCK_K=_block(K), BLOCK_C=_block(chunk))
     out = {"snap_idx": empty((Bt, nch, M), torch.int64, dev),

@@ -12,9 +12,9 @@ hardware limit, shared memory over the target's), or when it spills more than
 ``MAX_STACK`` bytes of registers per thread.
 
 The kernel modules must be imported without TRITON_INTERPRET, which this directory's conftest
-sets, so the compiling runs in child processes (one per target, side by side): this file run
-as a script, ``python tests/kernels/test_triton_compile.py ARCH OUT.json [CASE ...]``. Each
-child starts with an empty triton cache, as CI does, so the time measured is the real one.
+sets, so the compiling runs in two child processes side by side: this file run as a script,
+``python tests/kernels/test_triton_compile.py OUT.json sm90-CASE sm80-CASE ...``. The children
+start with an empty triton cache, as CI does, so the time measured is the real one.
 """
 
 from __future__ import annotations
@@ -133,9 +133,9 @@ CASES = {
     "readout_f32_e128": ((80,), lambda: _readout(f32, 2, 8192, 16, 128, None)),
     "readout_f32_e16": ((90,), lambda: _readout(f32, 2, 8192, 16, 16, None)),
     "innovation_f32": ((90,), lambda: _innovation(f32, 4, 8192, 128, 8, 64)),
+    # more chunks than a grid's second axis holds (65535)
+    "innovation_f64_many_chunks": ((90,), lambda: _innovation(f64, 2, BIG_T, 8, 2, 4)),
 }
-KERNEL_MODULES = ("selective_scan", "leaky_average", "bmojo_attention", "associative_readout",
-                  "innovation_select")
 
 
 @triton.jit
@@ -177,27 +177,41 @@ def _compile_case(name, arch):
 
 
 def _modules():
+    """Every module of memcore.kernels.triton, so that a new kernel is found without a list."""
     import importlib
+    import pkgutil
 
-    return [importlib.import_module(f"memcore.kernels.triton.{m}") for m in KERNEL_MODULES]
+    import memcore.kernels.triton as pkg
+
+    return [importlib.import_module(f"{pkg.__name__}.{m.name}")
+            for m in pkgutil.iter_modules(pkg.__path__)]
 
 
-def _child(arch, out, names):
+def _child(out, jobs):
+    """Compiles the cases ``jobs`` ("sm90-name") and writes the report to ``out``."""
     from memcore.kernels.triton import aot
 
-    report = {"cases": {}, "kernels": sorted(n for m in _modules() for n in aot.kernels_of(m))}
-    for name in names:
-        report["cases"][name] = _compile_case(name, arch)
+    report = {"cases": {}, "bad": {},
+              "kernels": sorted(n for m in _modules() for n in aot.kernels_of(m))}
+    for job in jobs:
+        arch, name = _job(job)
+        report["cases"][job] = _compile_case(name, arch)
     # the check that the check can fail: a kernel the compiler must refuse
-    bad = aot.Launch("_bad_kernel", _bad_kernel, (1,), (torch.empty(3, device=META),),
-                     {"BLOCK": 3})
-    try:
-        aot.compile_launch(bad, arch)
-        report["bad"] = None
-    except Exception as e:  # noqa: BLE001
-        report["bad"] = f"{type(e).__name__}: {e}"[-500:]
+    for arch in sorted({_job(job)[0] for job in jobs}):
+        bad = aot.Launch("_bad_kernel", _bad_kernel, (1,), (torch.empty(3, device=META),),
+                         {"BLOCK": 3})
+        try:
+            aot.compile_launch(bad, arch)
+            report["bad"][arch] = None
+        except Exception as e:  # noqa: BLE001
+            report["bad"][arch] = f"{type(e).__name__}: {e}"[-500:]
     with open(out, "w") as f:
         json.dump(report, f)
+
+
+def _job(job):
+    arch, name = job.split("-", 1)
+    return int(arch[2:]), name
 
 
 # --- the tests -------------------------------------------------------------------------------
@@ -216,9 +230,13 @@ def _offline_compile_missing() -> str | None:
     return None
 
 
+CASE_IDS = [f"sm{arch}-{name}" for name, (archs, _) in CASES.items() for arch in archs]
+WORKERS = 2  # child processes side by side, the cases dealt round-robin
+
+
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    """{arch: report} from one child process per target, run side by side."""
+    """{"cases": {case id: report}, "kernels": [...], "bad": {arch: error}} from the children."""
     why = _offline_compile_missing()
     if why:
         pytest.skip(why)
@@ -230,34 +248,32 @@ def reports(tmp_path_factory):
     here = os.path.dirname(os.path.abspath(__file__))
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(here)),
                                          env.get("PYTHONPATH", "")])
-    procs = {}
-    for arch in (90, 80):
-        names = [n for n, (archs, _) in CASES.items() if arch in archs]
-        out = root / f"sm{arch}.json"
-        procs[arch] = (subprocess.Popen([sys.executable, os.path.abspath(__file__), str(arch),
-                                         str(out), *names], env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True), out)
-    found = {}
-    for arch, (proc, out) in procs.items():
-        log, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"sm_{arch} compile process failed:\n{log[-4000:]}"
+    procs = []
+    for w in range(WORKERS):
+        out = root / f"worker{w}.json"
+        cmd = [sys.executable, os.path.abspath(__file__), str(out), *CASE_IDS[w::WORKERS]]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True), out))
+    found = {"cases": {}, "bad": {}, "kernels": []}
+    for proc, out in procs:
+        log, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"a compile process failed:\n{log[-4000:]}"
         with open(out) as f:
-            found[arch] = json.load(f)
+            rep = json.load(f)
+        found["cases"].update(rep["cases"])
+        found["bad"].update({int(k): v for k, v in rep["bad"].items()})
+        found["kernels"] = rep["kernels"]
     return found
-
-
-CASE_IDS = [f"sm{arch}-{name}" for name, (archs, _) in CASES.items() for arch in archs]
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_kernels_compile(reports, case):
-    arch, name = case.split("-", 1)
-    rep = reports[int(arch[2:])]["cases"][name]
-    assert "build_error" not in rep, f"{name}: the launcher failed:\n{rep['build_error']}"
+    rep = reports["cases"][case]
+    assert "build_error" not in rep, f"{case}: the launcher failed:\n{rep['build_error']}"
     rows = rep["launches"]
-    assert rows, f"{name}: the launchers launched no kernel"
+    assert rows, f"{case}: the launchers launched no kernel"
     for row in rows:
-        what = f"{name} {row['kernel']} {row['constexprs']} grid {row['grid']} for {arch}"
+        what = f"{case}: {row['kernel']} {row['constexprs']} grid {row['grid']}"
         assert "error" not in row, f"{what} does not compile:\n{row['error']}"
         assert row["ptx_entry"] and row["cubin_bytes"] > 0, f"{what}: no PTX entry or cubin"
         assert not row["problems"], f"{what} would not launch: {row['problems']}"
@@ -266,32 +282,36 @@ def test_kernels_compile(reports, case):
                                                f"per thread, {row['regs']} registers")
 
 
+def _launches(reports, arch=None):
+    return [row for case, rep in reports["cases"].items()
+            if arch is None or _job(case)[0] == arch for row in rep["launches"]]
+
+
 def test_every_kernel_is_compiled(reports):
-    rep = reports[90]
-    compiled = {row["kernel"] for case in rep["cases"].values() for row in case["launches"]}
-    assert rep["kernels"], "no kernel found in memcore.kernels.triton"
-    missing = sorted(set(rep["kernels"]) - compiled)
+    compiled = {row["kernel"] for row in _launches(reports, 90)}
+    assert reports["kernels"], "no kernel found in memcore.kernels.triton"
+    missing = sorted(set(reports["kernels"]) - compiled)
     assert not missing, f"kernels no case compiles for sm_90: {missing}"
 
 
 def test_every_source_and_mode_is_compiled(reports):
     # the attention's three key sources and the readout's capacity are constexpr branches
-    seen = {(row["kernel"], tuple(sorted(row["constexprs"].items())))
-            for rep in reports.values() for case in rep["cases"].values()
-            for row in case["launches"]}
-    modes = {dict(c).get("MODE") for k, c in seen if k == "_attn_dkdv_kernel"}
+    seen = [(row["kernel"], row["constexprs"]) for row in _launches(reports)]
+    modes = {c.get("MODE") for k, c in seen if k == "_attn_dkdv_kernel"}
     assert modes >= {"0", "1", "2"}, f"key/value gradient modes compiled: {modes}"
-    flags = {(dict(c)["HAS_FADING"], dict(c)["HAS_STORE"]) for k, c in seen
-             if k == "_attn_fwd_kernel"}
+    flags = {(c["HAS_FADING"], c["HAS_STORE"]) for k, c in seen if k == "_attn_fwd_kernel"}
     assert ("True", "True") in flags and ("False", "False") in flags, flags
-    caps = {dict(c)["HAS_CAP"] for k, c in seen if k == "_readout_fwd_kernel"}
+    caps = {c["HAS_CAP"] for k, c in seen if k == "_readout_fwd_kernel"}
     assert caps == {"True", "False"}, caps
+    dtypes = {c["ACC"] for k, c in seen if k == "_scan_fwd_kernel"}
+    assert dtypes == {"fp32"}, dtypes  # float32 accumulation for every input dtype
 
 
 def test_compiler_refusal_is_caught(reports):
-    for arch, rep in reports.items():
-        assert rep["bad"], f"sm_{arch}: a tile of 3 compiled; the check would pass anything"
+    for arch in (90, 80):
+        assert reports["bad"].get(arch), (f"sm_{arch}: a tile of 3 compiled, or was not tried; "
+                                          f"the check would pass anything")
 
 
 if __name__ == "__main__":
-    _child(int(sys.argv[1]), sys.argv[2], sys.argv[3:])
+    _child(sys.argv[1], sys.argv[2:])
