@@ -224,6 +224,14 @@ def _offline_compile_missing() -> str | None:
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as e:
         return f"this triton has no CUDA backend or no ASTSource/GPUTarget to compile with ({e})"
+    try:
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+    except ImportError as e:
+        return (f"triton {triton.__version__} lacks the launch binder that "
+                f"memcore.kernels.triton.aot specialises arguments with ({e})")
+    if not hasattr(JITFunction, "_pack_args"):
+        return (f"triton {triton.__version__}'s JITFunction has no _pack_args, which "
+                f"memcore.kernels.triton.aot uses to build a launch's signature")
     ptxas = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
     if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
         return f"this triton ships no ptxas ({ptxas} is missing) and TRITON_PTXAS_PATH is unset"
