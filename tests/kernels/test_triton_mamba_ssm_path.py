@@ -149,6 +149,18 @@ def test_mamba_ssm_path_passes_every_argument(calls, monkeypatch, device, option
         assert_close(f"d{k}", got[2][k], want[2][k], torch.float32)
 
 
+def test_api_entry_routes_too(calls, device):
+    # memcore.kernels.triton.api.selective_scan, the entry with the reference's signature
+    inp = _inputs(device, torch.float32)
+    y, hT = api.selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"],
+                               D=inp["D"], return_final_state=True)
+    assert calls == {"mamba_ssm": 1, "triton": 0}, calls
+    want_y, want_h = k_scan.selective_scan_ref(inp["u"], inp["delta"], inp["A"], inp["B"],
+                                               inp["C"], D=inp["D"], return_final_state=True)
+    assert_close("y", y, want_y, torch.float32)
+    assert_close("final state", hT, want_h, torch.float32)
+
+
 def test_argument_order_is_checked(calls, monkeypatch, device):
     # the comparison above must see a swapped argument: B and C exchanged differ in y
     inp = _inputs(device, torch.float32)
