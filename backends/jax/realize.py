@@ -40,7 +40,8 @@ def _cast(params: dict, dtype) -> dict:
 
 
 # ``kernels`` (dispatch.use_kernels, taken per call outside the jit) is static, so a compiled
-# core never serves the other path.
+# core never serves the other path. The streaming forms have no kernel path: they pass False
+# and compile once.
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _layer_core(spec, params, x, arrays, pos, streaming, kernels):
     p = _cast(params, x.dtype)
@@ -145,7 +146,7 @@ class JaxLayer(eqx.Module, strict=True):
         state = _prepare_state(self.spec, state, x_t.shape[0], 1, x_t.dtype, True)
         xa = x_t.astype(acc_dtype(x_t.dtype))
         y, arrays, aux = _layer_core(self.spec, self.params, xa, state.arrays, state.pos, True,
-                                     dispatch.use_kernels(xa))
+                                     False)
         y = _check_room(self.spec, state, 1, y).astype(x_t.dtype)
         return y, State(state.pos + 1, arrays, self.spec.spec_id), aux
 
@@ -191,8 +192,7 @@ class JaxModel(eqx.Module, strict=True):
         tokens_t = _check_tokens(self.spec, tokens_t, True)
         state = _prepare_state(self.spec, state, tokens_t.shape[0], 1, self.dtype, True)
         logits, arrays, aux = _model_core(self.spec, self.params, tokens_t, state.arrays,
-                                          state.pos, True, self.dtype,
-                                          dispatch.use_kernels(self.params["embed.weight"]))
+                                          state.pos, True, self.dtype, False)
         logits = _check_room(self.spec, state, 1, logits)
         return logits, State(state.pos + 1, arrays, self.spec.spec_id), aux
 

@@ -152,3 +152,23 @@ def test_decision_is_per_call_and_checked(kernels):
     kernels("cuda")
     with pytest.raises(ValueError, match="MEMCORE_KERNELS must be one of"):
         dispatch.use_kernels(jnp.zeros(3))
+
+
+def test_model_forward_routes_and_streaming_does_not(kernels):
+    # traced only (no compilation): a model's parallel call holds the kernels exactly when
+    # they are chosen, its one-token step never does
+    spec = S.model([S.mamba(6, d_state=3, d_conv=3)], vocab_size=11)
+    model = memcore.realize(spec, backend="jax", params=memcore.init(spec, 0, dtype=np.float32))
+    tokens = jnp.arange(10, dtype=jnp.int32).reshape(2, 5)
+    state = model.init_state(2)
+    for mode, want in (("jax", 0), ("pallas", 1)):
+        kernels(mode)
+
+        def forward(params, tokens):
+            return type(model)(params, spec)(tokens)[0]
+
+        def step(params, tokens_t):
+            return type(model)(params, spec).step(tokens_t, state)[0]
+
+        assert str(jax.make_jaxpr(forward)(model.params, tokens)).count("pallas_call[") == want
+        assert str(jax.make_jaxpr(step)(model.params, tokens[:, 0])).count("pallas_call[") == 0
