@@ -113,15 +113,17 @@ def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initi
 
 
 def bmojo_attention(q, k, v, window, fading_k=None, fading_v=None, store_k=None, store_v=None,
-                    store_pos=None, chunk=None, pos=0):
+                    store_pos=None, chunk=None, pos=0, key_start=0):
     """All three sources; see ``memcore.kernels.pallas.bmojo_attention.bmojo_attention``. The
     JAX backend has no store-source twin, so off the kernels this runs the banded plain-JAX
     ``bmojo_attention_ref``."""
     from . import bmojo_attention as mod
 
     if not kernels_enabled(q):
-        mod._check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos)
+        mod._check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos,
+                   key_start)
         return mod.bmojo_attention_ref(q, k, v, window, fading_k, fading_v, store_k, store_v,
-                                       store_pos, chunk if store_k is not None else None, pos)
+                                       store_pos, chunk if store_k is not None else None, pos,
+                                       key_start=key_start)
     return mod.bmojo_attention(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos,
-                               chunk, pos, interpret=not _on_gpu(q))
+                               chunk, pos, key_start=key_start, interpret=not _on_gpu(q))

@@ -84,3 +84,19 @@ def test_bmojo_attention_both_paths(monkeypatch):
     assert rel_rmse(outs["pallas"], outs["jax"]) <= 1e-9
     # the store is seen: without it the result differs
     assert rel_rmse(api.bmojo_attention(q, k, v, 2, fk, fv), outs["jax"]) > 1e-3
+
+
+def test_bmojo_attention_key_start_both_paths(monkeypatch):
+    # 4 queries after 6 cached keys at pos 3: the first 3 keys sit before position 0
+    r = np.random.default_rng(3)
+    q = jnp.asarray(r.standard_normal((1, 4, 1, 3)))
+    k, v, fk, fv = (jnp.asarray(r.standard_normal((1, 10, 1, 3))) for _ in range(4))
+    outs = {}
+    for mode in api.CHOICES:
+        monkeypatch.setenv(api.ENV, mode)
+        outs[mode] = api.bmojo_attention(q, k, v, 3, fk, fv, pos=3, key_start=3)
+    assert rel_rmse(outs["pallas"], outs["jax"]) <= 1e-9
+    cut = api.bmojo_attention(q, *(a[:, 3:] for a in (k, v)), 3, *(a[:, 3:] for a in (fk, fv)),
+                              pos=3)
+    assert rel_rmse(outs["jax"], cut) <= 1e-9  # the same as the keys never given
+    assert rel_rmse(api.bmojo_attention(q, k, v, 3, fk, fv, pos=3), outs["jax"]) > 1e-3
