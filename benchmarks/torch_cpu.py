@@ -78,15 +78,16 @@ def state_bytes(state) -> int:
     return total
 
 
-def step_latency(module, t: int, steps: int, batch: int = 1):
-    """Median per-token step time after a prefix of t tokens (built by the parallel form)."""
+def step_latency(module, t: int, steps: int, batch: int = 1, inplace: bool = False):
+    """Median per-token step time after a prefix of t tokens (built by the parallel form);
+    ``inplace``: the step writes into the state's own tensors (``step(..., inplace=True)``)."""
     with torch.no_grad():
         _, state = module(torch.randn(batch, t, D))
         x = torch.randn(batch, D)
 
         def run():
             nonlocal state
-            _, state = module.step(x, state)
+            _, state = module.step(x, state, inplace=inplace)
 
         # Generous warm-up: the first steps pay for allocations the later ones reuse.
         latency = median_time(run, repeat=steps, warmup=10)
@@ -97,10 +98,14 @@ def streaming_table(short: int, long: int, steps: int):
     rows = []
     for name in ("bmojo", "bmojo_f", "mamba"):
         mod = layer(specs()[name])
-        t1, b1 = step_latency(mod, short, steps)
-        t2, b2 = step_latency(mod, long, steps)
-        rows.append([name, t1 * 1e3, t2 * 1e3, t2 / t1, b1, b2])
+        row = [name]
+        for inplace in (False, True):
+            t1, b1 = step_latency(mod, short, steps, inplace=inplace)
+            t2, b2 = step_latency(mod, long, steps, inplace=inplace)
+            row += [t1 * 1e3, t2 * 1e3, t2 / t1]
+        rows.append(row + [b1, b2])
     return table(["layer", f"step ms @t={short}", f"step ms @t={long}", "ratio",
+                  f"in-place ms @t={short}", f"in-place ms @t={long}", "in-place ratio",
                   f"state bytes @{short}", f"state bytes @{long}"], rows)
 
 
@@ -169,7 +174,7 @@ def main(argv=None):
             print(f"bmojo / attention at T=8192: {r:.2f}x (goal <= 0.5x)")
         print()
     if "streaming" not in args.skip:
-        print("streaming step latency (batch 1):")
+        print("streaming step latency (batch 1; functional step, then step(..., inplace=True)):")
         print(streaming_table(args.stream[0], args.stream[1], args.steps))
         print()
     if "mosaic" not in args.skip:

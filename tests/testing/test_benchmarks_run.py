@@ -1,0 +1,33 @@
+"""The CPU benchmarks run end to end on tiny shapes and print their tables (their figures are
+not checked here: benchmarks are measured side by side, never timed in tests)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+
+def test_torch_cpu_benchmark_prints_every_table(capsys):
+    pytest.importorskip("torch")
+    from benchmarks import torch_cpu
+
+    torch_cpu.main(["--threads", "1", "--lengths", "128", "--repeat", "1", "--layers", "mamba",
+                    "--stream", "8", "16", "--steps", "2", "--skip", "mosaic"])
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ")
+    assert re.search(r"^\| 128 \|", out, re.M), out  # the training row at T=128
+    for name in ("bmojo", "bmojo_f", "mamba"):
+        row = re.search(rf"^\| {name} \|(.*)$", out, re.M)
+        assert row, f"no streaming row for {name}:\n{out}"
+        cells = [c.strip() for c in row.group(1).split("|") if c.strip()]
+        assert len(cells) == 8 and cells[-1] == cells[-2], cells  # state bytes constant
+
+
+def test_benchmark_entry_point_rejects_unknown_layer(capsys):
+    pytest.importorskip("torch")
+    from benchmarks import torch_cpu
+
+    with pytest.raises(SystemExit):
+        torch_cpu.main(["--layers", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
