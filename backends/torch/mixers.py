@@ -43,21 +43,34 @@ def _split_x_dbl(spec, x_dbl):
     return x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:R + 2 * N]
 
 
+def _causal_conv(xcat, weight, bias, T: int):
+    """Depthwise causal convolution in time-first layout: xcat [B, K-1+T, Di] (the state's
+    K-1 inputs, then this call's), weight [Di, 1, K] -> [B, T, Di], as conv1d computes it
+    (out_t = bias + sum_j w_j xcat_{t+j}). K shifted multiply-adds over contiguous rows: no
+    transposes around the convolution, and the output feeds x_proj and the scan as is."""
+    w = weight[:, 0, :].t()  # [K, Di]
+    y = torch.addcmul(bias, xcat[:, 0:T], w[0])
+    for j in range(1, w.shape[0]):
+        y = torch.addcmul(y, xcat[:, j:j + T], w[j])
+    return y
+
+
 def mamba_forward(spec, p, x, state):
     Di, K = spec.d_inner, spec.d_conv
-    xz = linear(x, p["in_proj.weight"])
-    xi = xz[..., :Di].transpose(1, 2)  # [B, Di, T]
-    z = xz[..., Di:].transpose(1, 2)
-    xcat = torch.cat([state["conv"], xi], dim=-1)
-    xc = F.silu(F.conv1d(xcat, p["conv1d.weight"], p["conv1d.bias"], groups=Di))
-    dt_low, Bm, Cm = _split_x_dbl(spec, linear(xc.transpose(1, 2), p["x_proj.weight"]))
+    B, T, _ = x.shape
+    xz = linear(x, p["in_proj.weight"])  # [B, T, 2 Di]
+    z = xz[..., Di:].transpose(1, 2)  # [B, Di, T], a view
+    xcat = torch.cat([state["conv"].transpose(1, 2), xz[..., :Di]], dim=1)  # [B, K-1+T, Di]
+    xc = F.silu(_causal_conv(xcat, p["conv1d.weight"], p["conv1d.bias"], T))  # [B, T, Di]
+    dt_low, Bm, Cm = _split_x_dbl(spec, linear(xc, p["x_proj.weight"]))
     delta = linear(dt_low, p["dt_proj.weight"]).transpose(1, 2)
     A = -torch.exp(p["A_log"])
-    y, h = selective_scan(xc, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), p["D"], z,
-                          delta_bias=p["dt_proj.bias"], delta_softplus=True,
-                          initial_state=state["ssm"], return_final_state=True)
+    y, h = selective_scan(xc.transpose(1, 2), delta, A, Bm.transpose(1, 2),
+                          Cm.transpose(1, 2), p["D"], z, delta_bias=p["dt_proj.bias"],
+                          delta_softplus=True, initial_state=state["ssm"],
+                          return_final_state=True)
     out = linear(y.transpose(1, 2), p["out_proj.weight"])
-    conv = xcat[:, :, xcat.shape[-1] - (K - 1):] if K > 1 else state["conv"]
+    conv = (xcat[:, xcat.shape[1] - (K - 1):].transpose(1, 2) if K > 1 else state["conv"])
     return out, {"conv": conv, "ssm": h}
 
 
