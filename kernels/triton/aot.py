@@ -81,18 +81,25 @@ def kernels_of(module) -> dict:
 
 
 @contextlib.contextmanager
-def capture(*modules):
+def capture(*modules, arch: int | None = None):
     """Within the block, the kernels of ``modules`` record their launches into the list
-    yielded instead of running."""
+    yielded instead of running. With ``arch``, the launchers size their tiles for that
+    target's shared memory (``buffers.shared_memory_per_block``), as on such a GPU."""
+    from . import buffers
+
     sink: list = []
     saved = []
     for module in modules:
         for name, fn in kernels_of(module).items():
             saved.append((module, name, fn))
             setattr(module, name, _Recorder(fn, sink))
+    limit = buffers.shared_memory_per_block
+    if arch is not None:
+        buffers.shared_memory_per_block = lambda device: MAX_SHARED.get(arch)
     try:
         yield sink
     finally:
+        buffers.shared_memory_per_block = limit
         for module, name, fn in saved:
             setattr(module, name, fn)
 

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import buffers
 from .bmojo_attention import MIN_BLOCK, _dot, gpu_tile
 from .buffers import acc_dtype, check_device, check_float, empty, interpreted
 
@@ -166,7 +167,8 @@ class _Cfg:
         self.BM = self.BN = MIN_BLOCK
         # compiled kernels run on a GPU only; the interpreter gets the smallest legal tile
         if not interpreted(_readout_fwd_kernel):
-            self.BM = self.BN = gpu_tile(k.dtype, self.BE)
+            self.BM = self.BN = gpu_tile(k.dtype, self.BE,
+                                         buffers.shared_memory_per_block(k.device))
         # float32 without tf32 (DESIGN 6); bfloat16 under the interpreter gets float32 copies
         self.ieee = 1 if k.dtype == torch.float32 else 0
         if k.dtype == torch.bfloat16 and interpreted(_readout_fwd_kernel):

@@ -26,20 +26,30 @@ import torch
 import triton
 import triton.language as tl
 
+from . import buffers
 from .buffers import acc_dtype, check_device, check_float, empty, interpreted
 
 RAW, FADING, STORE = 0, 1, 2
 MIN_BLOCK = 16  # tl.dot needs tiles of at least 16 on GPUs
 
 
-def gpu_tile(dtype: torch.dtype, block_e: int) -> int:
-    """Query and key tile length on a GPU: FlashAttention's 64 while a row of the tile takes
-    at most 256 bytes (16-bit heads up to 128, float32 up to 64), else 32. The key and value
-    kernel keeps four such tiles and their pipelined copies in shared memory: float32 at
-    width 128 with 64-row tiles needs 214 KB, over the 163 KB of an A100 (sm_80)."""
+BIG_SHARED = 160 * 1024  # A100 and H100 let a block have 163 and 227 KB; sm_86/89 have 99
+
+
+def gpu_tile(dtype: torch.dtype, block_e: int, shared: int | None = None) -> int:
+    """Query and key tile length on a GPU whose blocks may have ``shared`` bytes of shared
+    memory (None: an A100 or newer data-centre GPU). The key and value kernel keeps several
+    [tile, block_e] tiles and their pipelined copies there, about 8 * tile * row bytes: a row
+    of 256 bytes (bfloat16 at width 128) with 64-row tiles takes 132 KB. So FlashAttention's
+    64 while a row takes at most 256 bytes (128 where the GPU has 99 KB), else 32, and 16
+    for rows over 256 bytes on the smaller GPUs (float32 at width 128 with 32-row tiles needs
+    103 KB)."""
     if dtype == torch.float64:
-        return 32
-    return 64 if dtype.itemsize * block_e <= 256 else 32
+        return 32 if shared is None or shared >= BIG_SHARED else 16
+    row = dtype.itemsize * block_e
+    if shared is None or shared >= BIG_SHARED:
+        return 64 if row <= 256 else 32
+    return 64 if row <= 128 else 32 if row <= 256 else 16
 
 
 @triton.jit
@@ -299,7 +309,8 @@ class _Cfg:
         # interpreted: the smallest legal tile; compiled (on a GPU): see gpu_tile
         self.BM = self.BN = MIN_BLOCK
         if not interpreted(_attn_fwd_kernel):
-            self.BM = self.BN = gpu_tile(q.dtype, self.BE)
+            self.BM = self.BN = gpu_tile(q.dtype, self.BE,
+                                         buffers.shared_memory_per_block(q.device))
         self.ieee = 1 if q.dtype == torch.float32 else 0
         if q.dtype == torch.bfloat16 and interpreted(_attn_fwd_kernel):
             self.ieee = 2

@@ -8,6 +8,7 @@ allocator left there.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -47,3 +48,19 @@ def check_device(where: str, ref: torch.Tensor, **tensors) -> None:
 def interpreted(kernel) -> bool:
     """Whether ``kernel`` runs under TRITON_INTERPRET (decided when it was decorated)."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+def shared_memory_per_block(device) -> int | None:
+    """Most shared memory (bytes) one block may use on ``device``, as triton checks it at
+    launch; None off CUDA. ``memcore.kernels.triton.aot`` replaces it with a target's."""
+    if not isinstance(device, torch.device) or device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _max_shared(index)
+
+
+@functools.cache
+def _max_shared(index: int) -> int:
+    from triton.compiler.compiler import max_shared_mem
+
+    return int(max_shared_mem(index))
