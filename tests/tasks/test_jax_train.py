@@ -14,7 +14,7 @@ pytest.importorskip("equinox")
 pytest.importorskip("optax")
 
 from memcore.tasks import jax_train, mqar, mqar_run  # noqa: E402
-from memcore.tasks.jax_stack import JaxTaskLM  # noqa: E402
+from memcore.tasks.jax_stack import JaxTaskLM, logits_at  # noqa: E402
 from memcore.tasks.stack import TaskLM  # noqa: E402
 from memcore.tasks.train import CHECKPOINT, TrainConfig, check_backend, lr_at, train  # noqa: E402
 
@@ -185,3 +185,19 @@ def jax_log_softmax(logits):
     import jax
 
     return jax.nn.log_softmax(logits, axis=-1)
+
+
+def test_logits_at_labelled_positions_are_rows_of_the_full_logits():
+    model = _jax_model(seed=4)
+    x, y = _batches(1)
+    mask = y != mqar.IGNORE
+    full = np.asarray(model(jax_numpy().asarray(x)))
+    got = logits_at(model, x, mask)
+    assert got.shape == (int(mask.sum()), V)
+    np.testing.assert_allclose(got, full[mask], rtol=1e-5, atol=1e-6)
+
+
+def jax_numpy():
+    import jax.numpy as jnp
+
+    return jnp
