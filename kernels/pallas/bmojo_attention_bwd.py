@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
-from .bmojo_attention import META_SPEC, _acc, _pad_bhte, _pow2
+from .bmojo_attention import META_SPEC, _acc, _pad_bhte, _pow2, compiler_params
 
 
 def _dot(a, b, acc, precision):
@@ -102,7 +101,7 @@ def _dkdv_kernel(meta_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dk_ref,
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _call(kernel, args, in_specs, out_shape, out_specs, grid, interpret, poison):
+def _call(kernel, args, in_specs, out_shape, out_specs, grid, interpret, poison, params):
     aliases = {}
     if poison:
         # NaN-filled output buffers: any element the kernel fails to write stays NaN
@@ -118,7 +117,7 @@ def _call(kernel, args, in_specs, out_shape, out_specs, grid, interpret, poison)
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
         input_output_aliases=aliases, interpret=interpret,
-        compiler_params=pl_triton.CompilerParams(num_warps=4),  # the Triton lowering on GPUs
+        compiler_params=params,  # the Triton lowering on GPUs
     )(*args)
 
 
@@ -153,7 +152,7 @@ def backward(q, k, v, fk, fv, o, lse, do, meta, window, interpret, poison, block
                [meta, qq, dd, lse, delta] + keys,
                [META_SPEC, tile_spec, tile_spec, row_spec, row_spec] + [whole_k] * len(keys),
                jax.ShapeDtypeStruct(qq.shape, q.dtype), tile_spec,
-               (B, H, Tqp // block), interpret, poison)
+               (B, H, Tqp // block), interpret, poison, compiler_params(block, Ep))
 
     def kv_grads(kk, vv, lo_off, hi_off):
         shape = jax.ShapeDtypeStruct(kk.shape, q.dtype)
@@ -161,7 +160,7 @@ def backward(q, k, v, fk, fv, o, lse, do, meta, window, interpret, poison, block
                        [meta, qq, dd, lse, delta, kk, vv],
                        [META_SPEC, whole_q, whole_q, whole_r, whole_r, tile_spec, tile_spec],
                        (shape, shape), (tile_spec, tile_spec), (B, H, Tkp // block),
-                       interpret, poison)
+                       interpret, poison, compiler_params(block, Ep))
         return tuple(jnp.swapaxes(a[:, :, :Tk, :E], 1, 2) for a in (dk, dv))
 
     dk, dv = kv_grads(keys[0], keys[1], 0, window)
