@@ -323,5 +323,22 @@ def test_compiler_refusal_is_caught(reports):
                                           f"the check would pass anything")
 
 
+def test_launch_limits_are_checked():
+    # what ``problems`` must refuse, on a stand-in for a compiled kernel
+    from types import SimpleNamespace
+
+    from memcore.kernels.triton import aot
+
+    launch = aot.Launch("k", None, (2**31, 70000, 1), (), {})
+    fits = SimpleNamespace(metadata=SimpleNamespace(shared=aot.MAX_SHARED[89]))
+    found = aot.problems(launch, fits, 89)
+    assert len(found) == 2 and "axis 0" in found[0] and "axis 1" in found[1], found
+    big = SimpleNamespace(metadata=SimpleNamespace(shared=aot.MAX_SHARED[89] + 1))
+    assert aot.problems(aot.Launch("k", None, (1, 1, 1), (), {}), big, 89) == [
+        f"needs {aot.MAX_SHARED[89] + 1} bytes of shared memory, sm_89 allows "
+        f"{aot.MAX_SHARED[89]}"]
+    assert aot.problems(aot.Launch("k", None, (1,), (), {}), big, 90) == []
+
+
 if __name__ == "__main__":
     _child(sys.argv[1], sys.argv[2:])
