@@ -17,8 +17,9 @@ passing the interpret-mode tests says nothing about a GPU. This module runs the 
 4. ``resources``: registers and stack per thread from the cubin (the bundled cuobjdump); a
    large stack means the tiles spill registers to local memory.
 
-The tiles the launchers pick on a GPU are chosen when a kernel is not interpreted; the
-recorder is not, so the compiled programs are the GPU ones. Must run in a process where
+The launchers pick their GPU tiles when a kernel is not interpreted (the recorder is not) and
+size the attention tiles by the device's shared memory (``capture(arch=...)`` gives the
+target's), so the compiled programs are the ones that GPU would run. Must run in a process where
 ``TRITON_INTERPRET`` was not set when the kernel modules were imported (``capture`` checks).
 """
 
