@@ -115,10 +115,11 @@ def test_layer_on_kernels_matches_jax_path(name, kernels):
     assert errors[worst] <= TOL, f"{name}: {worst} relative RMSE {errors[worst]:.2e} > {TOL}"
 
 
-@pytest.mark.parametrize("name", ["bmojo_f", "bmojo"])
+@pytest.mark.parametrize("name", ["bmojo_f"])
 def test_streaming_step_after_a_kernel_forward(name, kernels):
-    # a first call from the empty state on the kernels (bmojo_f: fewer tokens than W), then
-    # the step form from its state
+    # a first call from the empty state on the kernels (fewer tokens than W), then the step
+    # form from its state (the scan state is the kernel's; the rings and a store are written by
+    # the same JAX code on both paths)
     spec, T, split = CASES[name]
     layer = _layer(spec)
     x = _inputs(spec, T)
