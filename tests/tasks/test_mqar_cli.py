@@ -72,7 +72,8 @@ def test_state_bytes_grow_only_for_unbounded_memories():
 @pytest.mark.parametrize("argv,message", [
     (["--models", "lstm"], "unknown model"),
     (["--seq-len", "16", "--kv", "8"], "seq_len must be >= 4 \\* num_kv_pairs"),
-    (["--backend", "jax"], "not yet supported"),
+    (["--backend", "jax"], "--threads sets torch's CPU threads"),  # TINY has --threads
+    (["--backend", "numpy"], "--backend must be one of"),
     (["--device", "nowhere"], "--device must be a torch device"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--jobs", "0"], "--jobs must be an int >= 1"),
