@@ -83,9 +83,14 @@ class TorchModel(nn.Module):
     def _norm(self, h, w):
         return rms_norm(h, w) if self.spec.norm == "rms" else layer_norm(h, w)
 
-    def _run(self, tokens, state, streaming: bool, inplace: bool = False):
+    def _run(self, tokens, state, streaming: bool, inplace: bool = False,
+             logits_to_keep: int = 0):
         if inplace:
             check_inplace()
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or \
+                logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got "
+                             f"{logits_to_keep!r}")
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens must be a torch.Tensor of token ids, got "
                             f"{type(tokens).__name__}")
@@ -129,6 +134,8 @@ class TorchModel(nn.Module):
                                                  st["pos"], streaming, inplace)
                     new_ffn.append(_state(block.ffn, arrays, st, h, streaming, inplace))
                     h = h + y
+        if logits_to_keep:  # the head only where logits are wanted (e.g. a prompt's last token)
+            h = h[:, -logits_to_keep:]
         h = self._norm(h, p["norm_f.weight"])
         logits = linear(h, p["embed.weight"]) * self.spec.logit_scale
         n = 1 if streaming else tokens.shape[1]
@@ -141,9 +148,11 @@ class TorchModel(nn.Module):
         self.aux_loss = aux
         return logits, new
 
-    def forward(self, tokens, state=None):
-        """tokens [B, T] ints -> (logits [B, T, V], final state)."""
-        return self._run(tokens, state, streaming=False)
+    def forward(self, tokens, state=None, *, logits_to_keep: int = 0):
+        """tokens [B, T] ints -> (logits [B, T, V], final state). ``logits_to_keep=n > 0``
+        returns the logits of the last n positions only ([B, min(n, T), V]), sparing the head's
+        matmul elsewhere; the state is the same."""
+        return self._run(tokens, state, streaming=False, logits_to_keep=logits_to_keep)
 
     def step(self, tokens_t, state=None, *, inplace: bool = False):
         """tokens_t [B] ints -> (logits [B, V], state). Functional by default (a new state,
@@ -170,7 +179,7 @@ class TorchModel(nn.Module):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got "
                             f"{type(generator).__name__}")
-        logits, state = self(tokens, state)
+        logits, state = self(tokens, state, logits_to_keep=1)
         # The parallel form may return arrays of the caller's state (e.g. a store that no
         # chunk end changed) or views of one buffer: step a copy that owns its memory.
         state = private_state(state)

@@ -68,6 +68,20 @@ def test_logits_match_reference_in_both_forms(case):
         assert_states_close(s2, s_ref)
 
 
+def test_logits_to_keep_gives_the_last_positions_and_the_same_state(case):
+    spec, params, model = case
+    tok = _tokens(spec, 2, 7, seed=3)
+    full, state = model(tok)
+    for keep in (1, 3, 7, 20):
+        part, s = model(tok, logits_to_keep=keep)
+        assert part.shape == (2, min(keep, 7), spec.vocab_size)
+        assert rel(part, full[:, -keep:]) <= F64  # a shorter matmul may round differently
+        assert_states_close(s, state)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"logits_to_keep must be an int >= 0"):
+            model(tok, logits_to_keep=bad)
+
+
 def test_state_interchange_with_reference(case):
     spec, params, model = case
     tok = _tokens(spec, 2, 9, seed=1)
