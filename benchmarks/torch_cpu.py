@@ -12,6 +12,7 @@ Shapes: D=256, H=4, W=128, chunk 128, select 8, capacity 64 (DESIGN's notation).
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -78,20 +79,28 @@ def state_bytes(state) -> int:
     return total
 
 
-def step_latency(module, t: int, steps: int, batch: int = 1, inplace: bool = False):
-    """Median per-token step time after a prefix of t tokens (built by the parallel form);
-    ``inplace``: the step writes into the state's own tensors (``step(..., inplace=True)``)."""
+def step_latencies(module, prefixes: list[int], steps: int, batch: int = 1,
+                   inplace: bool = False, block: int = 10):
+    """Median per-token step time after each prefix of t tokens (built by the parallel form),
+    and the state bytes there. The prefixes are timed in alternating blocks of ``block`` steps,
+    so a slow spell of a shared machine falls on all of them alike. ``inplace``: the step
+    writes into the state's own tensors (``step(..., inplace=True)``)."""
+    import time
+
     with torch.no_grad():
-        _, state = module(torch.randn(batch, t, D))
+        states = [module(torch.randn(batch, t, D))[1] for t in prefixes]
         x = torch.randn(batch, D)
-
-        def run():
-            nonlocal state
-            _, state = module.step(x, state, inplace=inplace)
-
-        # Generous warm-up: the first steps pay for allocations the later ones reuse.
-        latency = median_time(run, repeat=steps, warmup=10)
-    return latency, state_bytes(state)
+        times = [[] for _ in prefixes]
+        for i in range(len(prefixes)):  # warm-up: the first steps pay for allocations
+            for _ in range(10):
+                states[i] = module.step(x, states[i], inplace=inplace)[1]
+        for _ in range(max(1, steps // block)):
+            for i in range(len(prefixes)):
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    states[i] = module.step(x, states[i], inplace=inplace)[1]
+                    times[i].append(time.perf_counter() - t0)
+    return ([statistics.median(t) for t in times], [state_bytes(s) for s in states])
 
 
 def streaming_table(short: int, long: int, steps: int):
@@ -100,8 +109,7 @@ def streaming_table(short: int, long: int, steps: int):
         mod = layer(specs()[name])
         row = [name]
         for inplace in (False, True):
-            t1, b1 = step_latency(mod, short, steps, inplace=inplace)
-            t2, b2 = step_latency(mod, long, steps, inplace=inplace)
+            (t1, t2), (b1, b2) = step_latencies(mod, [short, long], steps, inplace=inplace)
             row += [t1 * 1e3, t2 * 1e3, t2 / t1]
         rows.append(row + [b1, b2])
     return table(["layer", f"step ms @t={short}", f"step ms @t={long}", "ratio",
