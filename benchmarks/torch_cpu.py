@@ -39,7 +39,7 @@ def layer(spec):
     return memcore.realize(spec, backend="torch", params=memcore.init(spec, 0))
 
 
-def fwd_bwd_time(module, T: int, batch: int, repeat: int) -> float:
+def fwd_bwd_runner(module, T: int, batch: int):
     x = torch.randn(batch, T, D, requires_grad=True)
 
     def run():
@@ -47,20 +47,38 @@ def fwd_bwd_time(module, T: int, batch: int, repeat: int) -> float:
         y, _ = module(x)
         y.float().pow(2).mean().backward()
 
-    return median_time(run, repeat=repeat, warmup=1, budget_s=60)
+    return run
+
+
+def fwd_bwd_time(module, T: int, batch: int, repeat: int) -> float:
+    """Median forward+backward seconds of one module (alone)."""
+    return median_time(fwd_bwd_runner(module, T, batch), repeat=repeat, warmup=1, budget_s=60)
 
 
 def training_table(lengths, batch: int, repeat: int, names):
+    """Forward+backward medians per length; the models of one length take turns run by run
+    (attention, then each layer, ``repeat`` times), so their ratios see the same machine."""
+    import time
+
     mods = {name: layer(spec) for name, spec in specs().items()}
+    order = ["transformer(None)", *names]
     rows, times = [], {}
     for T in lengths:
-        base = fwd_bwd_time(mods["transformer(None)"], T, batch, repeat)
-        times[("transformer(None)", T)] = base
+        runs = {name: fwd_bwd_runner(mods[name], T, batch) for name in order}
+        for name in order:  # warm-up
+            runs[name]()
+        got = {name: [] for name in order}
+        for _ in range(repeat):
+            for name in order:
+                t0 = time.perf_counter()
+                runs[name]()
+                got[name].append(time.perf_counter() - t0)
+        for name in order:
+            times[(name, T)] = statistics.median(got[name])
+        base = times[("transformer(None)", T)]
         row = [T, base]
         for name in names:
-            t = fwd_bwd_time(mods[name], T, batch, repeat)
-            times[(name, T)] = t
-            row += [t, t / base]
+            row += [times[(name, T)], times[(name, T)] / base]
         rows.append(row)
     header = ["T", "attention s"]
     for name in names:
@@ -101,6 +119,12 @@ def step_latencies(module, prefixes: list[int], steps: int, batch: int = 1,
                     states[i] = module.step(x, states[i], inplace=inplace)[1]
                     times[i].append(time.perf_counter() - t0)
     return ([statistics.median(t) for t in times], [state_bytes(s) for s in states])
+
+
+def step_latency(module, t: int, steps: int, batch: int = 1, inplace: bool = False):
+    """Median per-token step time after one prefix of t tokens, and the state bytes."""
+    (latency,), (nbytes,) = step_latencies(module, [t], steps, batch, inplace)
+    return latency, nbytes
 
 
 def streaming_table(short: int, long: int, steps: int):

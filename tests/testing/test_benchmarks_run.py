@@ -31,3 +31,16 @@ def test_benchmark_entry_point_rejects_unknown_layer(capsys):
     with pytest.raises(SystemExit):
         torch_cpu.main(["--layers", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_jax_cpu_benchmark_prints_both_tables(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("equinox")
+    from benchmarks import jax_cpu
+
+    jax_cpu.main(["--lengths", "64", "--repeat", "1", "--stream", "16", "--steps", "2",
+                  "--layers", "mamba"])
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ")
+    rows = re.findall(r"^\| mamba \|(.*)$", out, re.M)
+    assert len(rows) == 2, out  # the forward+backward row and the streaming row
