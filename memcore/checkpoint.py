@@ -151,18 +151,33 @@ def save(path, obj) -> None:
         code, arr = _as_array(n, params[n])
         described.append((n, (code, tuple(arr.shape), arr.nbytes)))
     header = _header(spec, described)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for n in names:
+                f.write(_tensor_bytes(n, params[n]))
+
+    atomic_write(path, write)
+
+
+def atomic_write(path, write, prefix: str | None = None) -> None:
+    """Make ``path`` by ``write(tmp)`` into a temporary file beside it, flushed to disk, then
+    moved into place (``os.replace``): a reader sees the old file or the whole new one, and a
+    failure leaves the old file as it was and no temporary behind. ``prefix`` names the
+    temporary (default: ``.<name>.``)."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
+    os.makedirs(directory, exist_ok=True)
+    prefix = "." + os.path.basename(path) + "." if prefix is None else prefix
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
         if hasattr(os, "fchmod"):
             # mkstemp makes the file private; give it the mode a plain open() would.
             os.fchmod(fd, _file_mode(path))
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            for n in names:
-                f.write(_tensor_bytes(n, params[n]))
-            f.flush()
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

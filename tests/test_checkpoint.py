@@ -283,3 +283,21 @@ def test_backend_round_trip(tmp_path, backend, kind):
     ref = memcore.realize(spec, params=memcore.init(spec, seed=4, dtype=np.float64))
     for k, v in ref.params.items():
         np.testing.assert_array_equal(params[k].astype(v.dtype), v, err_msg=k)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from memcore.checkpoint import atomic_write
+
+    path = tmp_path / "sub" / "f.bin"
+    atomic_write(path, lambda tmp: open(tmp, "wb").write(b"old"))  # makes the folder too
+    assert path.read_bytes() == b"old"
+
+    def broken(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken, prefix=".part-")
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.bin"]  # no temporary left

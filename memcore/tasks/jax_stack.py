@@ -25,6 +25,7 @@ import numpy as np
 
 import memcore
 from memcore.spec.model import Model
+from memcore.tasks.model_args import check_task_model
 
 NORM_EPS = 1e-5  # as memcore.tasks.stack
 F32 = jnp.float32
@@ -87,14 +88,7 @@ class JaxTaskLM(eqx.Module):
 
     def __init__(self, spec: Model, params: dict | None = None, seed: int = 0,
                  short_conv: int = 0):
-        if not isinstance(spec, Model):
-            raise TypeError(f"spec must be a memcore model spec, got {type(spec).__name__}")
-        if spec.ffn is not None:
-            raise ValueError(f"JaxTaskLM builds mixer-only blocks: spec.ffn must be None, "
-                             f"got {spec.ffn!r}")
-        if isinstance(short_conv, bool) or not isinstance(short_conv, int) or short_conv < 0:
-            raise ValueError(f"short_conv must be an int >= 0 (0: none), got {short_conv!r}")
-        params = memcore.init(spec, seed) if params is None else params
+        params = check_task_model("JaxTaskLM", spec, params, seed, short_conv)
         self.spec = spec
         self.short_conv = short_conv
         self.embed = _f32(params["embed.weight"])

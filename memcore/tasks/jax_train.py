@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from memcore.checkpoint import atomic_write
 from memcore.tasks.jax_stack import pad_positions
 from memcore.tasks.mqar import IGNORE
 from memcore.tasks.train import CHECKPOINT, TrainConfig, _say, lr_at
@@ -164,17 +164,9 @@ def save_checkpoint(path: str, model, opt_state, step: int, cfg: TrainConfig,
     for k, v in _opt_leaves(opt_state).items():
         tensors[k] = np.array(v)
     meta = {"step": step, "backend": "jax", "config": asdict(cfg), "history": history}
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".ckpt-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"train_state": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp,
+                                             metadata={"train_state": json.dumps(meta)}),
+                 prefix=".ckpt-")
 
 
 def load_checkpoint(path: str, model, opt_state):

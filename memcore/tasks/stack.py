@@ -23,6 +23,7 @@ from torch import nn
 
 import memcore
 from memcore.spec.model import Model
+from memcore.tasks.model_args import check_task_model
 
 NORM_EPS = 1e-5  # the reference's epsilon (spec/reference/_xp.py)
 
@@ -41,14 +42,7 @@ class TaskLM(nn.Module):
     def __init__(self, spec: Model, params: dict | None = None, seed: int = 0,
                  short_conv: int = 0):
         super().__init__()
-        if not isinstance(spec, Model):
-            raise TypeError(f"spec must be a memcore model spec, got {type(spec).__name__}")
-        if spec.ffn is not None:
-            raise ValueError(f"TaskLM builds mixer-only blocks: spec.ffn must be None, "
-                             f"got {spec.ffn!r}")
-        if isinstance(short_conv, bool) or not isinstance(short_conv, int) or short_conv < 0:
-            raise ValueError(f"short_conv must be an int >= 0 (0: none), got {short_conv!r}")
-        params = memcore.init(spec, seed) if params is None else params
+        params = check_task_model("TaskLM", spec, params, seed, short_conv)
         self.spec = spec
         self.short_conv = short_conv
         t = {n: torch.as_tensor(np.asarray(a, dtype=np.float32)) for n, a in params.items()}

@@ -21,13 +21,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from memcore.checkpoint import atomic_write
 from memcore.tasks.mqar import IGNORE
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -153,17 +153,9 @@ def save_checkpoint(path: str, model, optimizer, step: int, cfg: TrainConfig,
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
               for g in sd["param_groups"]]
     meta = {"step": step, "param_groups": groups, "config": asdict(cfg), "history": history}
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".ckpt-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"train_state": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp,
+                                             metadata={"train_state": json.dumps(meta)}),
+                 prefix=".ckpt-")
 
 
 def load_checkpoint(path: str, model, optimizer) -> dict:
