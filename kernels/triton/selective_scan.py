@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .affine_scan import combine as _combine
+from .affine_scan import suffix_scan as _suffix_scan
 from .buffers import acc_dtype, check_device, check_float, empty
 
 CHUNK = 32  # time steps per tile, and between saved states
@@ -62,22 +64,6 @@ def _load_dt(delta, bias_d, off, valid, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.con
         dt = _softplus(raw)
     # Padding steps must leave the state alone: dt = 0 makes the step the identity.
     return tl.where(valid, dt, 0.0), raw
-
-
-@triton.jit
-def _combine(a1, b1, a2, b2):
-    # (a1, b1) then (a2, b2) as one step of h = a h + b
-    return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
-def _suffix_scan(a, b, AXIS: tl.constexpr):
-    """g_t = b_t + a_t g_{t+1} along AXIS (and the products of a from t on), as a forward
-    scan of the flipped tiles. Not ``associative_scan(reverse=True)``: with a combine that
-    does not commute, its order of arguments on GPUs has not matched the interpreter's, whose
-    reverse is exactly this flip, scan, flip (triton#4362, triton#8412)."""
-    a_c, b_c = tl.associative_scan((tl.flip(a, AXIS), tl.flip(b, AXIS)), AXIS, _combine)
-    return tl.flip(a_c, AXIS), tl.flip(b_c, AXIS)
 
 
 @triton.jit
