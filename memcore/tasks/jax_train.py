@@ -41,7 +41,7 @@ import optax
 from memcore.checkpoint import atomic_write
 from memcore.tasks.jax_stack import pad_positions
 from memcore.tasks.mqar import IGNORE
-from memcore.tasks.train import CHECKPOINT, TrainConfig, _say, lr_at
+from memcore.tasks.train import CHECKPOINT, TrainConfig, _say, log_progress, lr_at
 
 F32 = jnp.float32
 CLIP_EPS = 1e-6  # torch's clip_grad_norm_ adds it to the norm
@@ -273,12 +273,7 @@ def _train(model, dev, batch_fn, cfg, eval_fn, resume, name, quiet, loss_fn, tim
                                            clip)
         step += 1
         losses.append(float(reported))
-        if cfg.log_every and step % cfg.log_every == 0:
-            rate = (step - start) / max(1e-9, time.time() - t0)
-            _say(f"[{name}] step {step}/{cfg.steps} loss {losses[-1]:.4f} "
-                 f"lr {lr_at(step - 1, cfg):.2e} {rate:.2f} steps/s", quiet)
-            log({"step": step, "loss": losses[-1], "lr": lr_at(step - 1, cfg),
-                 "seconds": time.time() - t0})
+        log_progress(name, step, cfg, losses[-1], start, t0, log, quiet)
         stop = False
         if eval_fn is not None and (step == cfg.steps or
                                     (cfg.eval_every and step % cfg.eval_every == 0)):

@@ -70,6 +70,18 @@ class TrainConfig:
             raise ValueError("TrainConfig: checkpoint_every needs out_dir (where to write)")
 
 
+def log_progress(name: str, step: int, cfg: TrainConfig, loss: float, start: int, t0: float,
+                 log: Callable[[dict], None], quiet: bool) -> None:
+    """Every ``cfg.log_every`` steps: a progress line on stderr and a JSON-lines record (the
+    same for both backends' loops)."""
+    if cfg.log_every and step % cfg.log_every == 0:
+        rate = (step - start) / max(1e-9, time.time() - t0)
+        _say(f"[{name}] step {step}/{cfg.steps} loss {loss:.4f} "
+             f"lr {lr_at(step - 1, cfg):.2e} {rate:.2f} steps/s", quiet)
+        log({"step": step, "loss": loss, "lr": lr_at(step - 1, cfg),
+             "seconds": time.time() - t0})
+
+
 def check_backend(backend: str) -> None:
     """torch trains with ``train`` below, jax with ``memcore.tasks.jax_train`` (same
     configuration and behaviour). JAX needs jax, equinox and optax installed, and runs in one
@@ -267,12 +279,7 @@ def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
         opt.step()
         step += 1
         losses.append(float(ce.detach()))
-        if cfg.log_every and step % cfg.log_every == 0:
-            rate = (step - start) / max(1e-9, time.time() - t0)
-            _say(f"[{name}] step {step}/{cfg.steps} loss {losses[-1]:.4f} "
-                 f"lr {lr_at(step - 1, cfg):.2e} {rate:.2f} steps/s", quiet)
-            log({"step": step, "loss": losses[-1], "lr": lr_at(step - 1, cfg),
-                 "seconds": time.time() - t0})
+        log_progress(name, step, cfg, losses[-1], start, t0, log, quiet)
         stop = False
         if eval_fn is not None and (step == cfg.steps or
                                     (cfg.eval_every and step % cfg.eval_every == 0)):
