@@ -10,8 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from memcore.spec.reference.ops import _check_attention
-from memcore.spec.reference.scan import _check_leaky, _check_scan_args
+from memcore.spec.validate import check_attention_args, check_leaky_args, check_scan_args
 
 from . import store as _store
 from ._base import acc_dtype, combine
@@ -35,7 +34,7 @@ __all__ = [
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_final_state=False):
     """mamba-ssm's ``selective_scan_fn`` plus an initial state (see the reference)."""
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
     Bt, Dc, _ = u.shape
     acc = acc_dtype(u.dtype)
     h0 = jnp.zeros((Bt, Dc, A.shape[1]), acc) if initial_state is None else initial_state
@@ -47,7 +46,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                            delta_softplus=False):
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, state, streaming=True)
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, state, streaming=True)
     h, *args = as_acc(u.dtype, state, u, delta, A, B, C, D, z, delta_bias)
     y, h = _step_jit(h, *args, bool(delta_softplus))
     return y.astype(u.dtype), h
@@ -55,7 +54,7 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
 
 def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
     """kbar_t = k_t + exp(log_decay_h) kbar_{t-1}; k [B, T, H, E]."""
-    _check_leaky(k, log_decay, initial_state, streaming=False)
+    check_leaky_args(k, log_decay, initial_state, streaming=False)
     B, _, H, E = k.shape
     h0 = jnp.zeros((B, H, E), acc_dtype(k.dtype)) if initial_state is None else initial_state
     kk, ld, h0 = as_acc(k.dtype, k, log_decay, h0)
@@ -65,7 +64,7 @@ def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
 
 
 def leaky_average_step(k_t, log_decay, state):
-    _check_leaky(k_t, log_decay, state, streaming=True)
+    check_leaky_args(k_t, log_decay, state, streaming=True)
     kk, ld, h = as_acc(k_t.dtype, k_t, log_decay, state)
     y, h = _leaky_step_jit(kk, ld, h)
     return y.astype(k_t.dtype), h
@@ -90,7 +89,7 @@ def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initi
                        return_final_state=False):
     """One softmax (scale 1/sqrt(E)) over the raw window and, if given, the fading window;
     all inputs [B, T, H, E], already rotated. Banded when ``window`` is set."""
-    _check_attention(q, k, v, fading_k, fading_v, window, initial_state, False)
+    check_attention_args(q, k, v, fading_k, fading_v, window, initial_state, streaming=False)
     fading = fading_k is not None
     state = initial_state or windowed_attention_state(q, window, fading)
     rings = {key: a for key, a in state.items() if key != "pos"}
@@ -135,7 +134,8 @@ def _windowed(q, k, v, fading_k, fading_v, state, pos, window):
 
 def windowed_attention_step(q_t, k_t, v_t, state, window=None, fading_k_t=None, fading_v_t=None):
     """Streaming form: [B, H, E] inputs -> (o_t [B, H, E], state)."""
-    _check_attention(q_t, k_t, v_t, fading_k_t, fading_v_t, window, state, True)
+    check_attention_args(q_t, k_t, v_t, fading_k_t, fading_v_t, window, state,
+                         streaming=True)
     rings = {key: a for key, a in state.items() if key != "pos"}
     o, rings = _windowed_step(q_t, k_t, v_t, fading_k_t, fading_v_t, rings,
                               jnp.asarray(state["pos"]), window)

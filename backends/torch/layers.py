@@ -8,7 +8,8 @@ import torch
 from memcore.spec.layers import Mosaic, Transformer, mixer_family
 from memcore.spec.params import check_params
 from memcore.spec.reference import layers as ref_layers
-from memcore.spec.reference.layers import META, _check_input
+from memcore.spec.reference.layers import META
+from memcore.spec.validate import check_layer_input
 from torch import nn
 
 from . import mixers
@@ -141,7 +142,7 @@ class TorchLayer(nn.Module):
         name = "x_t" if streaming else "x"
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        _check_input(self.spec, x, streaming, name)
+        check_layer_input(self.spec, x, streaming=streaming, name=name)
         check_like_params(self, x, name)
         if state is None:
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from memcore.spec.model import Model
 from memcore.spec.params import check_params
-from memcore.spec.reference.model import _check_tokens
+from memcore.spec.validate import check_tokens
 from torch import nn
 
 from ._util import (
@@ -94,7 +94,7 @@ class TorchModel(nn.Module):
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens must be a torch.Tensor of token ids, got "
                             f"{type(tokens).__name__}")
-        _check_tokens(self.spec, tokens, streaming)
+        check_tokens(self.spec, tokens, streaming=streaming)
         w = self.embed.weight
         if tokens.device != w.device:
             raise ValueError(f"tokens are on device {tokens.device}, but the parameters are on "

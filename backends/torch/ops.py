@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from memcore.spec.reference.ops import _check_attention
 from memcore.spec.reference.ops import windowed_attention_state as windowed_attention_state
+from memcore.spec.validate import check_attention_args
 
 from . import store as _store
 from ._util import acc_dtype
@@ -38,7 +38,7 @@ def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initi
     """One softmax (scale 1/sqrt(E)) over the raw window (t-W, t] of (k, v) and, if given,
     the fading window (t-2W, t-W] of (fading_k, fading_v). All [B, T, H, E], already rotated.
     """
-    _check_attention(q, k, v, fading_k, fading_v, window, initial_state, False)
+    check_attention_args(q, k, v, fading_k, fading_v, window, initial_state, streaming=False)
     fading = fading_k is not None
     state = initial_state or windowed_attention_state(q, window, fading)
     acc = acc_dtype(q.dtype)
@@ -70,7 +70,8 @@ def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initi
 
 def windowed_attention_step(q_t, k_t, v_t, state, window=None, fading_k_t=None, fading_v_t=None):
     """Streaming form of ``windowed_attention``: [B, H, E] inputs -> (o_t [B, H, E], state)."""
-    _check_attention(q_t, k_t, v_t, fading_k_t, fading_v_t, window, state, True)
+    check_attention_args(q_t, k_t, v_t, fading_k_t, fading_v_t, window, state,
+                         streaming=True)
     acc = acc_dtype(q_t.dtype)
     pos, dev = state["pos"], q_t.device
     B, H, E = q_t.shape

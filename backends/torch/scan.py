@@ -14,7 +14,7 @@ the O(T Dc N) work: it runs through ``ssm_scan`` instead.
 from __future__ import annotations
 
 import torch
-from memcore.spec.reference.scan import _check_leaky, _check_scan_args
+from memcore.spec.validate import check_leaky_args, check_scan_args
 
 from . import dispatch
 from ._util import NEG_INF, acc_dtype, softplus
@@ -127,7 +127,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     out of a linear layer as transposed views of that layout, so reading them is free, and
     every elementwise kernel (and its backward) then walks contiguous memory.
     """
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
     if u.shape[2] > 0 and dispatch.use_kernels(u):
         return dispatch.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                        initial_state, return_final_state)
@@ -168,7 +168,7 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
                            delta_softplus=False):
     """One token: state [Bt, Dc, N]; u, delta, z [Bt, Dc]; B, C [Bt, N] or [Bt, G, N].
     Returns (y [Bt, Dc] in u's dtype, new state in the accumulation dtype)."""
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, state, streaming=True)
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, state, streaming=True)
     acc = acc_dtype(u.dtype)
     u_, dt, A_, B_, C_, D_, z_, db, h = _cast(acc, u, delta, A, B, C, D, z, delta_bias, state)
     Dc = u.shape[1]
@@ -192,7 +192,7 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
 def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
     """kbar_t = k_t + exp(log_decay_h) kbar_{t-1}. k: [B, T, H, E]; log_decay: [H];
     initial_state: [B, H, E]. Returns kbar in k's dtype (and the final state)."""
-    _check_leaky(k, log_decay, initial_state, streaming=False)
+    check_leaky_args(k, log_decay, initial_state, streaming=False)
     if k.shape[1] > 0 and dispatch.use_kernels(k):
         return dispatch.leaky_average(k, log_decay, initial_state, return_final_state)
     acc = acc_dtype(k.dtype)
@@ -209,7 +209,7 @@ def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
 
 def leaky_average_step(k_t, log_decay, state):
     """k_t, state: [B, H, E] -> (kbar_t in k's dtype, new state)."""
-    _check_leaky(k_t, log_decay, state, streaming=True)
+    check_leaky_args(k_t, log_decay, state, streaming=True)
     acc = acc_dtype(k_t.dtype)
     h = torch.exp(log_decay.to(acc))[None, :, None] * state.to(acc) + k_t.to(acc)
     return h.to(k_t.dtype), h

@@ -77,11 +77,11 @@ def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initi
         return _jax_ops().windowed_attention(q, k, v, window, fading_k, fading_v,
                                              initial_state, return_final_state)
     from memcore.backends.jax.banded import refill_ring
-    from memcore.spec.reference.ops import _check_attention
+    from memcore.spec.validate import check_attention_args
 
     from .bmojo_attention import bmojo_attention
 
-    _check_attention(q, k, v, fading_k, fading_v, window, initial_state, False)
+    check_attention_args(q, k, v, fading_k, fading_v, window, initial_state, streaming=False)
     fading = fading_k is not None
     T = q.shape[1]
     pos = 0 if initial_state is None else int(initial_state["pos"])

@@ -210,9 +210,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     for float64 inputs). ``interpret`` runs the kernel in the Pallas interpreter (any device);
     ``poison`` hands the kernel NaN-filled output buffers (tests).
     """
-    from memcore.spec.reference.scan import _check_scan_args
+    from memcore.spec.validate import check_scan_args
 
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
     if u.shape[-1] == 0:
         raise ValueError(f"selective_scan: u must have at least one time step, got shape "
                          f"{tuple(u.shape)}")

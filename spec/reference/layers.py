@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from ..layers import mixer_family
 from ..params import check_params
+from ..validate import check_layer_input
 from . import mamba, mosaic, windowed
-from ._xp import acc_dtype, cast_out, is_float, namespace, params_as
+from ._xp import acc_dtype, cast_out, namespace, params_as
 
 META = ("pos", "spec_id")
 
@@ -72,25 +73,9 @@ def check_state(spec, state, batch: int, xp, dtype, name: str = "state") -> None
                              f"init_state(batch, like=x))")
 
 
-def _check_input(spec, x, streaming: bool, name: str):
-    xp = namespace(x)
-    nd = 2 if streaming else 3
-    want = "[batch, d_model]" if streaming else "[batch, T, d_model]"
-    if x.ndim != nd:
-        raise ValueError(f"{name} must be {want} with d_model={spec.d_model}, "
-                         f"got shape {tuple(x.shape)}")
-    if x.shape[-1] != spec.d_model:
-        raise ValueError(f"{name} has width {x.shape[-1]}, expected d_model={spec.d_model} "
-                         f"(shape {tuple(x.shape)})")
-    if not streaming and x.shape[1] < 1:
-        raise ValueError(f"{name} must hold at least one token, got T={x.shape[1]}")
-    if not is_float(xp, x):
-        raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
-    return xp
-
-
 def _prepare(spec, params, x, state, streaming: bool, name: str):
-    xp = _check_input(spec, x, streaming, name)
+    check_layer_input(spec, x, streaming=streaming, name=name)
+    xp = namespace(x)
     check_params(spec, params)
     acc = acc_dtype(xp, x.dtype)
     xa = x if x.dtype == acc else xp.astype(x, acc)

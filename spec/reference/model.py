@@ -14,6 +14,7 @@ import numpy as np
 
 from ..layers import Persistent
 from ..params import check_params
+from ..validate import check_tokens
 from . import layers as L
 from ._xp import acc_dtype, device, gelu, layer_norm, linear, namespace, params_as, rms_norm
 
@@ -30,21 +31,6 @@ def _float_like(xp, params, tokens):
     else:
         dt = acc_dtype(xp, w.dtype)
     return xp.zeros((1,), dtype=dt, device=device(tokens))
-
-
-def _check_tokens(spec, tokens, streaming: bool):
-    xp = namespace(tokens)
-    nd = 1 if streaming else 2
-    name = "tokens_t" if streaming else "tokens"
-    want = "[batch]" if streaming else "[batch, T]"
-    if tokens.ndim != nd:
-        raise ValueError(f"{name} must be {want} integer token ids, got shape "
-                         f"{tuple(tokens.shape)}")
-    if not xp.isdtype(tokens.dtype, "integral"):
-        raise TypeError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
-    if not streaming and tokens.shape[1] < 1:
-        raise ValueError(f"{name} must hold at least one token, got T=0")
-    return xp
 
 
 def init_state(spec, batch: int, like):
@@ -70,7 +56,8 @@ def _norm(xp, spec, h, w):
 
 
 def _run(spec, params, tokens, state, streaming: bool):
-    xp = _check_tokens(spec, tokens, streaming)
+    check_tokens(spec, tokens, streaming=streaming)
+    xp = namespace(tokens)
     check_params(spec, params)
     like = _float_like(xp, params, tokens)
     p = params_as(xp, params, like)

@@ -7,6 +7,7 @@ Every parallel form takes ``initial_state`` and ``return_final_state`` and retur
 
 from __future__ import annotations
 
+from ..validate import check_attention_args
 from . import store as _store
 from ._xp import acc_dtype, cast_out, device, masked_softmax_readout, namespace
 from .attention import (
@@ -44,32 +45,13 @@ def windowed_attention_state(q, window: int | None, fading: bool = False):
     return state
 
 
-def _check_attention(q, k, v, fading_k, fading_v, window, state, streaming):
-    where = "windowed_attention_step" if streaming else "windowed_attention"
-    shape = tuple(q.shape)
-    for name, a in (("k", k), ("v", v), ("fading_k", fading_k), ("fading_v", fading_v)):
-        if a is not None and tuple(a.shape) != shape:
-            raise ValueError(f"{where}: {name} must have q's shape {shape}, got {tuple(a.shape)}")
-    if q.ndim != (3 if streaming else 4):
-        raise ValueError(f"{where}: q must be {'[B, H, E]' if streaming else '[B, T, H, E]'}, "
-                         f"got {shape}")
-    if (fading_k is None) != (fading_v is None):
-        raise ValueError(f"{where}: give both fading_k and fading_v, or neither")
-    if fading_k is not None and window is None:
-        raise ValueError(f"{where}: window must be an int when fading keys are given, got None")
-    if state is not None and (fading_k is not None) != ("fk" in state):
-        raise ValueError(f"{where}: initial_state {'lacks' if fading_k is not None else 'has'} "
-                         f"fading rings; build it with windowed_attention_state(..., "
-                         f"fading={fading_k is not None})")
-
-
 def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initial_state=None,
                        return_final_state=False):
     """One softmax (scale 1/sqrt(E)) over the raw window (t-W, t] of (k, v) and, if given,
     the fading window (t-2W, t-W] of (fading_k, fading_v). All [B, T, H, E], already rotated.
     """
     xp = namespace(q, k, v)
-    _check_attention(q, k, v, fading_k, fading_v, window, initial_state, False)
+    check_attention_args(q, k, v, fading_k, fading_v, window, initial_state, streaming=False)
     fading = fading_k is not None
     state = initial_state or windowed_attention_state(q, window, fading)
     acc = acc_dtype(xp, q.dtype)
@@ -92,7 +74,8 @@ def windowed_attention(q, k, v, window=None, fading_k=None, fading_v=None, initi
 def windowed_attention_step(q_t, k_t, v_t, state, window=None, fading_k_t=None, fading_v_t=None):
     """Streaming form of ``windowed_attention``: [B, H, E] inputs -> (o_t [B, H, E], state)."""
     xp = namespace(q_t, k_t, v_t)
-    _check_attention(q_t, k_t, v_t, fading_k_t, fading_v_t, window, state, True)
+    check_attention_args(q_t, k_t, v_t, fading_k_t, fading_v_t, window, state,
+                         streaming=True)
     acc = acc_dtype(xp, q_t.dtype)
 
     def c(a):

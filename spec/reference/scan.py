@@ -8,6 +8,7 @@ The two share no code beyond the parameterisation, so agreement between them is 
 
 from __future__ import annotations
 
+from ..validate import check_leaky_args, check_scan_args
 from ._xp import acc_dtype, cast_out, device, namespace, silu, softplus
 
 SCAN_CHUNK = 16  # chunk of the closed form; any value gives the same result
@@ -44,38 +45,6 @@ def linear_recurrence_step(xp, log_a, b, h):
 
 # --- 2.1 selective scan ------------------------------------------------------------------
 
-def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming: bool):
-    where = "selective_state_update" if streaming else "selective_scan"
-    lead = 2 if streaming else 3
-    if u.ndim != lead:
-        raise ValueError(f"{where}: u must be [batch, channels{'' if streaming else ', T'}], "
-                         f"got shape {tuple(u.shape)}")
-    Bt, Dc = u.shape[0], u.shape[1]
-    if tuple(delta.shape) != tuple(u.shape):
-        raise ValueError(f"{where}: delta must have u's shape {tuple(u.shape)}, "
-                         f"got {tuple(delta.shape)}")
-    if A.ndim != 2 or A.shape[0] != Dc:
-        raise ValueError(f"{where}: A must be [channels={Dc}, d_state], got {tuple(A.shape)}")
-    N = A.shape[1]
-    for name, arr in (("B", B), ("C", C)):
-        ok_plain = arr.ndim == lead and arr.shape[0] == Bt and arr.shape[1] == N
-        ok_group = (arr.ndim == lead + 1 and arr.shape[0] == Bt and arr.shape[2] == N
-                    and Dc % arr.shape[1] == 0)
-        tail = "" if streaming else ", T"
-        if not (ok_plain or ok_group) or (not streaming and arr.shape[-1] != u.shape[-1]):
-            raise ValueError(f"{where}: {name} must be [batch={Bt}, d_state={N}{tail}] or "
-                             f"[batch, groups dividing {Dc}, d_state{tail}], "
-                             f"got {tuple(arr.shape)}")
-    for name, arr in (("D", D), ("delta_bias", delta_bias)):
-        if arr is not None and tuple(arr.shape) != (Dc,):
-            raise ValueError(f"{where}: {name} must be [channels={Dc}], got {tuple(arr.shape)}")
-    if z is not None and tuple(z.shape) != tuple(u.shape):
-        raise ValueError(f"{where}: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
-    if initial_state is not None and tuple(initial_state.shape) != (Bt, Dc, N):
-        raise ValueError(f"{where}: initial_state must be [batch={Bt}, channels={Dc}, "
-                         f"d_state={N}], got {tuple(initial_state.shape)}")
-
-
 def _as(xp, dtype, *arrays):
     return [None if a is None else xp.astype(a, dtype) for a in arrays]
 
@@ -99,7 +68,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``return_final_state`` also h_T [Bt, Dc, N] in the accumulation dtype.
     """
     xp = namespace(u, delta, A, B, C)
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
     out_dtype = u.dtype
     acc = acc_dtype(xp, u.dtype)
     u_, dt, A_, B_, C_, D_, z_, db = _as(xp, acc, u, delta, A, B, C, D, z, delta_bias)
@@ -133,7 +102,7 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
     Returns (y [Bt, Dc] in u's dtype, new state in the accumulation dtype).
     """
     xp = namespace(state, u, delta, A, B, C)
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, state, streaming=True)
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, state, streaming=True)
     acc = acc_dtype(xp, u.dtype)
     u_, dt, A_, B_, C_, D_, z_, db, h = _as(xp, acc, u, delta, A, B, C, D, z, delta_bias, state)
     Dc = u.shape[1]
@@ -154,19 +123,6 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
 
 # --- 2.2 leaky average -------------------------------------------------------------------
 
-def _check_leaky(k, log_decay, state, streaming: bool):
-    where = "leaky_average_step" if streaming else "leaky_average"
-    want = "[batch, heads, head_dim]" if streaming else "[batch, T, heads, head_dim]"
-    if k.ndim != (3 if streaming else 4):
-        raise ValueError(f"{where}: k must be {want}, got shape {tuple(k.shape)}")
-    H, E = k.shape[-2], k.shape[-1]
-    if tuple(log_decay.shape) != (H,):
-        raise ValueError(f"{where}: log_decay must be [heads={H}], got {tuple(log_decay.shape)}")
-    if state is not None and tuple(state.shape) != (k.shape[0], H, E):
-        raise ValueError(f"{where}: initial_state must be [batch={k.shape[0]}, heads={H}, "
-                         f"head_dim={E}], got {tuple(state.shape)}")
-
-
 def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
     """kbar_t = k_t + exp(log_decay_h) kbar_{t-1}.
 
@@ -174,7 +130,7 @@ def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
     Returns kbar [B, T, H, E] in k's dtype (and the final state in the accumulation dtype).
     """
     xp = namespace(k, log_decay)
-    _check_leaky(k, log_decay, initial_state, streaming=False)
+    check_leaky_args(k, log_decay, initial_state, streaming=False)
     acc = acc_dtype(xp, k.dtype)
     Bt, T, H, E = k.shape
     b = xp.permute_dims(xp.astype(k, acc), (0, 2, 3, 1))  # [B, H, E, T]
@@ -189,7 +145,7 @@ def leaky_average(k, log_decay, initial_state=None, return_final_state=False):
 def leaky_average_step(k_t, log_decay, state):
     """Streaming form: k_t [B, H, E], state [B, H, E] -> (kbar_t in k's dtype, new state)."""
     xp = namespace(k_t, log_decay, state)
-    _check_leaky(k_t, log_decay, state, streaming=True)
+    check_leaky_args(k_t, log_decay, state, streaming=True)
     acc = acc_dtype(xp, k_t.dtype)
     h = linear_recurrence_step(xp, xp.astype(log_decay, acc)[None, :, None],
                                xp.astype(k_t, acc), xp.astype(state, acc))

@@ -12,7 +12,7 @@ ptxas). A case fails when a launch does not compile, when it would not launch (g
 hardware limit, shared memory over the target's), or when it spills more than
 ``MAX_STACK`` bytes of registers per thread.
 
-The kernel modules must be imported without TRITON_INTERPRET, which this directory's conftest
+The kernel modules must be imported without TRITON_INTERPRET, which tests/conftest.py
 sets, so the compiling runs in two child processes side by side: this file run as a script,
 ``python tests/kernels/test_triton_compile.py OUT.json sm90-CASE sm80-CASE ...``. The children
 start with an empty triton cache, as CI does, so the time measured is the real one.
