@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from ._validate import bool_arg, choice_arg, divisible, int_arg
 from .base import Spec
@@ -29,6 +30,7 @@ class Transformer(Spec):
     """Causal softmax attention, full (window=None) or sliding-window (2.3, raw source only)."""
 
     kind = "transformer"
+    layer = "windowed"  # the layers/ module that realizes it, in every tree
     d_model: int
     n_heads: int
     window: int | None = None
@@ -43,7 +45,7 @@ class Transformer(Spec):
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    @property
+    @cached_property
     def readout(self) -> WindowedReadoutSpec:
         return WindowedReadoutSpec(self.n_heads, self.head_dim, self.window, self.positions)
 
@@ -53,6 +55,7 @@ class Mamba(Spec):
     """The Mamba block of mamba-ssm around the selective scan (2.1)."""
 
     kind = "mamba"
+    layer = "mamba"  # the layers/ module that realizes it, in every tree
     d_model: int
     d_state: int = 16
     d_conv: int = 4
@@ -76,7 +79,7 @@ class Mamba(Spec):
         # mamba-ssm's rule for dt_rank="auto".
         return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
 
-    @property
+    @cached_property
     def scan(self) -> SelectiveScanSpec:
         return SelectiveScanSpec(self.d_inner, self.d_state)
 
@@ -87,6 +90,7 @@ class BMojoF(Spec):
     behind the raw window, in the same softmax."""
 
     kind = "bmojo_f"
+    layer = "windowed"  # the layers/ module that realizes it, in every tree
     d_model: int
     n_heads: int
     window: int
@@ -115,15 +119,15 @@ class BMojoF(Spec):
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    @property
+    @cached_property
     def fading_block(self) -> Mamba:
         return Mamba(self.d_model, self.d_state, self.d_conv, self.expand, self.dt_rank)
 
-    @property
+    @cached_property
     def store(self) -> EideticStoreSpec | None:
         return None
 
-    @property
+    @cached_property
     def readout(self) -> WindowedReadoutSpec:
         return WindowedReadoutSpec(self.n_heads, self.head_dim, self.window, self.positions,
                                    fading=self.fading, store=self.store)
@@ -145,7 +149,7 @@ class BMojo(BMojoF):
         int_arg(self.kind, "select", self.select, minimum=0, maximum=self.chunk)
         int_arg(self.kind, "capacity", self.capacity, minimum=0)
 
-    @property
+    @cached_property
     def store(self) -> EideticStoreSpec:
         return EideticStoreSpec(self.chunk, self.select, self.capacity, self.window)
 
@@ -155,6 +159,7 @@ class Mosaic(Spec):
     """Memory Mosaics' contextual memory (2.5): associative readout with leaky-average keys."""
 
     kind = "mosaic"
+    layer = "mosaic"  # the layers/ module that realizes it, in every tree
     d_model: int
     n_heads: int
     capacity: int | None = None
@@ -167,11 +172,11 @@ class Mosaic(Spec):
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    @property
+    @cached_property
     def leaky(self) -> LeakyAverageSpec:
         return LeakyAverageSpec(self.n_heads, self.head_dim)
 
-    @property
+    @cached_property
     def readout(self) -> AssociativeReadoutSpec:
         return AssociativeReadoutSpec(self.n_heads, self.head_dim, self.capacity)
 
@@ -181,6 +186,7 @@ class Persistent(Spec):
     """Memory Mosaics' persistent memory (2.6): learned key/value slots, replaces the FFN."""
 
     kind = "persistent"
+    layer = "persistent"  # the layers/ module that realizes it, in every tree
     d_model: int
     n_heads: int
     slots: int
@@ -193,11 +199,11 @@ class Persistent(Spec):
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    @property
+    @cached_property
     def leaky(self) -> LeakyAverageSpec:
         return LeakyAverageSpec(self.n_heads, self.head_dim)
 
-    @property
+    @cached_property
     def readout(self) -> PersistentReadoutSpec:
         return PersistentReadoutSpec(self.n_heads, self.head_dim, self.slots)
 
