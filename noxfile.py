@@ -6,6 +6,8 @@ a CUDA build) and then memcore with the extras it needs.
 
 from __future__ import annotations
 
+import glob
+
 import nox
 
 nox.options.sessions = ["reference", "torch", "jax", "lint"]
@@ -23,14 +25,15 @@ def _install(session, extras: str, torch: bool = True):
 def reference(session):
     """The Array API reference on numpy, torch and JAX arrays, the specs, memcore.testing."""
     _install(session, "jax,test")
-    session.run("pytest", "-q", "tests/reference", "tests/testing", *session.posargs)
+    session.run("pytest", "-q", *sorted(glob.glob("tests/*/test_reference*.py")), "tests/specs",
+                "tests/ops/test_routing.py", "tests/testing", *session.posargs)
 
 
 @nox.session
 def torch(session):
     """The torch backend, checkpoints and interop."""
     _install(session, "test")
-    session.run("pytest", "-q", "tests/torch", "tests/interop", "tests/test_checkpoint.py",
+    session.run("pytest", "-q", "tests/torch", "tests/interop", "tests/checkpoint",
                 *session.posargs)
 
 

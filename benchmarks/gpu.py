@@ -4,8 +4,8 @@
    against mamba-ssm's CUDA ``selective_scan_fn``, with the bandwidth achieved against the HBM
    floor (every input read once, every output written once). Goals: >= 1.0x mamba-ssm's speed,
    >= 70% of the floor. Then the path the torch backend's dispatch picks for a scan
-   (``MEMCORE_SCAN``, ``memcore.kernels.triton.api.DEFAULT_SCAN``) and whether these timings
-   say the default should be mamba-ssm's.
+   (``MEMCORE_SCAN``, ``memcore.backends.torch.implementation.DEFAULT_SCAN``) and whether these
+   timings say the default should be mamba-ssm's.
 2. B'MOJO attention (raw window W plus fading window W) against attention over a sliding window
    of the same total span 2W: SDPA with an explicit band mask, flash_attn's ``window_size`` where
    flash_attn is installed, and SDPA's causal flash path over everything for scale.
@@ -97,9 +97,9 @@ def scan_bytes(dtype, Bt, Dc, T, N, backward: bool) -> int:
 
 def torch_path(inp, kw):
     """The torch backend's scan, the check's baseline where mamba-ssm is missing."""
-    from memcore.backends.torch import ops
+    from memcore.backends.torch.selective_scan import selective_scan
 
-    return lambda: ops.selective_scan(**inp, **kw)
+    return lambda: selective_scan(**inp, **kw)
 
 
 def scan_section(args, peak):
@@ -157,10 +157,10 @@ def scan_section(args, peak):
 
 def print_scan_path(rows):
     """Which path the torch backend's dispatch takes for a scan on this device, and what the
-    timings above say about memcore.kernels.triton.api.DEFAULT_SCAN."""
+    timings above say about memcore.backends.torch.implementation.DEFAULT_SCAN."""
     import os
 
-    from memcore.kernels.triton import api
+    from memcore.backends.torch import implementation as api
 
     u = torch.zeros(1, 1, 1, device="cuda", dtype=torch.bfloat16)
     h0 = torch.ones(1, 1, 1, device="cuda")
@@ -193,7 +193,7 @@ def band_mask(T, span, device):
 
 
 def attention_section(args):
-    from memcore.kernels.triton.bmojo_attention import bmojo_attention
+    from memcore.kernels.triton.windowed_readout import windowed_readout
 
     Bt, T, H, E = args.attn_shape
     W = args.window
@@ -219,9 +219,9 @@ def attention_section(args):
     spos = torch.where(spos >= 0, spos, -1)
 
     cands = {
-        "memcore raw+fading": (lambda: bmojo_attention(q, k, v, W, fk, fv), bthe),
+        "memcore raw+fading": (lambda: windowed_readout(q, k, v, W, fk, fv), bthe),
         f"memcore raw+fading+store (C={C}, M={M})": (
-            lambda: bmojo_attention(q, k, v, W, fk, fv, sk, sv, spos, C), bthe + [sk, sv]),
+            lambda: windowed_readout(q, k, v, W, fk, fv, sk, sv, spos, C), bthe + [sk, sv]),
         "SDPA, band mask 2W": (
             lambda: F.scaled_dot_product_attention(Q, K, V, attn_mask=mask), bhte),
         "SDPA causal (flash), full T": (
@@ -237,7 +237,7 @@ def attention_section(args):
     # correctness gate: the last rows against a dense two-source softmax
     with torch.no_grad():
         tail = slice(max(T - 256, 0), T)
-        err = rel_err(bmojo_attention(q, k, v, W, fk, fv)[:, tail],
+        err = rel_err(windowed_readout(q, k, v, W, fk, fv)[:, tail],
                       _two_source_reference(q, k, v, fk, fv, W, tail))
     print(f"  check: memcore vs a dense two-source softmax on the last rows, rel err {err:.2e}")
     rows, base = [], {}

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from ._validate import bool_arg, choice_arg, divisible, int_arg
+from .arguments import bool_arg, choice_arg, divisible, int_arg
 from .base import Spec
 from .primitives import (
     POSITIONS,
@@ -209,18 +209,3 @@ class Persistent(Spec):
 
 
 LAYER_KINDS = (Transformer, Mamba, BMojoF, BMojo, Mosaic, Persistent)
-
-
-def mixer_family(spec) -> str:
-    """Which implementation family a layer spec belongs to: "windowed" (transformer, bmojo_f,
-    bmojo share one windowed readout), "mamba", "mosaic" or "persistent". Every backend
-    dispatches on this."""
-    if isinstance(spec, (Transformer, BMojoF)):
-        return "windowed"
-    if isinstance(spec, Mamba):
-        return "mamba"
-    if isinstance(spec, Mosaic):
-        return "mosaic"
-    if isinstance(spec, Persistent):
-        return "persistent"
-    raise TypeError(f"spec must be a memcore layer spec, got {spec!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._validate import choice_arg, float_arg, int_arg
+from .arguments import choice_arg, float_arg, int_arg
 from .base import Spec
 from .layers import LAYER_KINDS, Mamba, Persistent, Transformer
 

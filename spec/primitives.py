@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._validate import bool_arg, choice_arg, int_arg
+from .arguments import bool_arg, choice_arg, int_arg
 from .base import Spec
 
 POSITIONS = ("rope", "none")

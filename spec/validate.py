@@ -65,10 +65,10 @@ def check_leaky_args(k, log_decay, state, *, streaming: bool) -> None:
                          f"head_dim={E}], got {tuple(state.shape)}")
 
 
-def check_attention_args(q, k, v, fading_k, fading_v, window, state, *,
-                         streaming: bool) -> None:
+def check_windowed_readout_args(q, k, v, fading_k, fading_v, window, state, *,
+                                streaming: bool) -> None:
     """2.3: shapes of the windowed readout's arguments and their agreement with the state."""
-    where = "windowed_attention_step" if streaming else "windowed_attention"
+    where = "windowed_readout_step" if streaming else "windowed_readout"
     shape = tuple(q.shape)
     for name, a in (("k", k), ("v", v), ("fading_k", fading_k), ("fading_v", fading_v)):
         if a is not None and tuple(a.shape) != shape:
@@ -82,8 +82,24 @@ def check_attention_args(q, k, v, fading_k, fading_v, window, state, *,
         raise ValueError(f"{where}: window must be an int when fading keys are given, got None")
     if state is not None and (fading_k is not None) != ("fk" in state):
         raise ValueError(f"{where}: initial_state {'lacks' if fading_k is not None else 'has'} "
-                         f"fading rings; build it with windowed_attention_state(..., "
+                         f"fading rings; build it with windowed_readout_state(..., "
                          f"fading={fading_k is not None})")
+
+
+def check_associative_readout_args(k, v) -> None:
+    """2.5: keys (which double as queries) and values, [B, T, H, E] of one shape."""
+    if k.ndim != 4 or tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"associative_readout: k and v must be [B, T, H, E] of one shape, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+
+
+def check_persistent_readout_args(k, mem_k, mem_v) -> None:
+    """2.6: keys [..., H, E] and the learned slots mem_k, mem_v [H, P, E]."""
+    H, E = k.shape[-2], k.shape[-1]
+    if mem_k.ndim != 3 or tuple(mem_k.shape[::2]) != (H, E) or tuple(mem_v.shape) != tuple(
+            mem_k.shape):
+        raise ValueError(f"persistent_readout: mem_k and mem_v must be [H={H}, P, E={E}], got "
+                         f"{tuple(mem_k.shape)} and {tuple(mem_v.shape)}")
 
 
 def check_layer_input(spec, x, *, streaming: bool, name: str) -> None:

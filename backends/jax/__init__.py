@@ -1,9 +1,10 @@
 """memcore.backends.jax: the JAX backend.
 
-Modules: ``realize`` (entry point; ``JaxLayer`` / ``JaxModel`` equinox modules), ``state``
-(fixed-shape ``State`` pytrees and conversion to and from the reference's dicts), ``ops``
-(the primitives behind ``memcore.ops`` for JAX arrays), ``train`` (an optax loop), and the
-pure functions they share: ``scan`` (linear recurrences by associative scan), ``banded``
-(windowed key sources as softmax partials), ``store`` (eidetic store), ``mamba``,
-``windowed``, ``mosaic``, ``model``.
+The six primitives of DESIGN section 2, one file each (``selective_scan``, ``leaky_average``,
+``windowed_readout``, ``eidetic_store``, ``associative_readout``, ``persistent_readout``), with
+the reference's names and signatures (``memcore.ops`` routes JAX arrays to them) and an
+``implementation="auto" | "jax" | "pallas"`` seam where a Pallas kernel exists
+(``implementation``). ``layers/`` composes them into the realizations of section 3, ``model``
+into stacks; ``modules`` holds the equinox modules ``realize`` returns, ``state`` their
+fixed-shape states. Shared numerics: ``numerics``, ``rotary``, ``rings``.
 """

@@ -3,8 +3,8 @@
     h = embed[tokens];  per block i:  h += mixer_i(norm1_i(h));  h += ffn_i(norm2_i(h))
     logits = logit_scale * norm_f(h) @ embed^T
 
-and the layer dispatch shared with ``realize``: ``layer_forward`` / ``layer_step`` take
-(spec, params, x, arrays, pos) and return (y, arrays, aux or None).
+State: ``layers`` (and with a persistent FFN ``ffn``), tuples of the layers' array dicts, and
+one ``pos`` for the whole stack.
 """
 
 from __future__ import annotations
@@ -12,48 +12,47 @@ from __future__ import annotations
 import jax.numpy as jnp
 from memcore.spec.layers import Persistent
 
-from . import mamba, mosaic, windowed
-from ._base import gelu, layer_norm, linear, rms_norm
-from .state import kind
-from .windowed import sub
+from .layers import module, sub
+from .numerics import POS_DTYPE, gelu, layer_norm, linear, rms_norm
 
 
-def layer_forward(spec, p, x, arrays, pos):
-    k = kind(spec)
-    if k == "windowed":
-        return windowed.forward(spec, p, x, arrays, pos)
-    if k == "mamba":
-        return (*mamba.forward(spec, p, x, arrays), None)
-    if k == "mosaic":
-        return (*mosaic.forward(spec, p, x, arrays, pos), None)
-    return (*mosaic.persistent_forward(spec, p, x, arrays), None)
+def _arrays(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k != "pos"}
 
 
-def layer_step(spec, p, x_t, arrays, pos):
-    k = kind(spec)
-    if k == "windowed":
-        return windowed.step(spec, p, x_t, arrays, pos)
-    if k == "mamba":
-        return (*mamba.step(spec, p, x_t, arrays), None)
-    if k == "mosaic":
-        return (*mosaic.step(spec, p, x_t, arrays, pos), None)
-    return (*mosaic.persistent_step(spec, p, x_t, arrays), None)
+def init_state(spec, batch: int, dtype, max_len: int = 0) -> dict:
+    def one(s):
+        return _arrays(module(s).init_state(s, batch, dtype, max_len))
+
+    state = {"layers": tuple(one(s) for s in spec.layers), "pos": jnp.zeros((), POS_DTYPE)}
+    if isinstance(spec.ffn, Persistent):
+        state["ffn"] = tuple(one(spec.ffn) for _ in spec.layers)
+    return state
 
 
 def _norm(spec, h, w):
     return rms_norm(h, w) if spec.norm == "rms" else layer_norm(h, w)
 
 
-def run(spec, p, tokens, arrays, pos, streaming: bool):
-    """tokens [B, T] (or [B] streaming) -> (logits, arrays, aux: sum of the layers' aux)."""
+def _run(spec, p, tokens, state, streaming: bool, implementation):
+    """tokens [B, T] (or [B] streaming) -> (logits, state, aux: sum of the layers' aux)."""
+    pos = state["pos"]
+
+    def call(s, params, x, arrays):
+        m = module(s)
+        st = {**arrays, "pos": pos}
+        if streaming:
+            return m.step(s, params, x, st)
+        return m.forward(s, params, x, st, implementation=implementation)
+
     h = jnp.take(p["embed.weight"], tokens, axis=0)
-    fn = layer_step if streaming else layer_forward
-    layers, ffns, aux = [], [], None
+    layers, ffns, aux, end = [], [], None, pos
     for i, layer in enumerate(spec.layers):
         pre = f"layers.{i}."
-        y, st, a = fn(layer, sub(p, pre + "mixer."), _norm(spec, h, p[pre + "norm1.weight"]),
-                      arrays["layers"][i], pos)
-        layers.append(st)
+        y, st, a = call(layer, sub(p, pre + "mixer."), _norm(spec, h, p[pre + "norm1.weight"]),
+                        state["layers"][i])
+        end = st["pos"]
+        layers.append(_arrays(st))
         if a is not None:
             aux = a if aux is None else aux + a
         h = h + y
@@ -63,12 +62,22 @@ def run(spec, p, tokens, arrays, pos, streaming: bool):
                 h = h + linear(gelu(linear(g, p[pre + "ffn.fc1.weight"])),
                                p[pre + "ffn.fc2.weight"])
             else:
-                y, st, _ = fn(spec.ffn, sub(p, pre + "ffn."), g, arrays["ffn"][i], pos)
-                ffns.append(st)
+                y, st, _ = call(spec.ffn, sub(p, pre + "ffn."), g, state["ffn"][i])
+                ffns.append(_arrays(st))
                 h = h + y
     h = _norm(spec, h, p["norm_f.weight"])
     logits = linear(h, p["embed.weight"]) * spec.logit_scale
-    new = {"layers": tuple(layers)}
+    new = {"layers": tuple(layers), "pos": end}
     if isinstance(spec.ffn, Persistent):
         new["ffn"] = tuple(ffns)
     return logits, new, aux
+
+
+def forward(spec, p, tokens, state, *, implementation="auto"):
+    """Parallel form: tokens [B, T] -> (logits [B, T, V], state, aux)."""
+    return _run(spec, p, tokens, state, False, implementation)
+
+
+def step(spec, p, tokens_t, state):
+    """Streaming form: tokens_t [B] -> (logits [B, V], state, aux)."""
+    return _run(spec, p, tokens_t, state, True, None)

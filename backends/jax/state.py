@@ -1,12 +1,14 @@
-"""Fixed-shape streaming states, their validation, and conversion to and from the reference's
-state dicts (``memcore.spec.reference.layers``).
+"""Fixed-shape streaming states, their validation, regrowth, and conversion to and from the
+reference's state dicts (``memcore.spec.reference.layers``).
 
 A ``State`` is an equinox module: ``pos`` a 0-d int32 array (so a jitted ``step`` compiles
 once and ``lax.scan`` can carry it), ``arrays`` a dict of arrays (a model's holds ``layers``
-and optionally ``ffn``, tuples of layer dicts), and ``spec_id`` a static string. Growing
-caches (transformer with window=None, mosaic with capacity=None) have ``max_len`` slots.
-To differentiate with respect to a state, differentiate its float arrays (``pos`` and the
-store positions are integers), or use ``equinox.filter_grad``.
+and optionally ``ffn``, tuples of layer dicts), ``spec_id`` a static string, and ``growable``
+(static): whether a growing cache (transformer with window=None, mosaic with capacity=None) may
+be regrown outside jit when a call needs more room. States the realized modules build for a
+call without one are growable; ``init_state(max_len=n)`` fixes the room at n slots, which a
+jitted loop over ``step`` needs. To differentiate with respect to a state, differentiate its
+float arrays (``pos`` and the store positions are integers), or use ``equinox.filter_grad``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from memcore.spec.layers import Mosaic, Persistent, Transformer, mixer_family
+from memcore.spec.layers import Mosaic, Persistent, Transformer
 from memcore.spec.model import Model
 
-from . import mamba, mosaic, windowed
-from ._base import POS_DTYPE, acc_dtype
+from . import model
+from .layers import module
+from .numerics import POS_DTYPE, acc_dtype
+from .rings import grow
 
 
 class State(eqx.Module, strict=True):
@@ -28,12 +32,10 @@ class State(eqx.Module, strict=True):
     pos: jax.Array
     arrays: dict
     spec_id: str = eqx.field(static=True)
+    growable: bool = eqx.field(static=True, default=False)
 
     def __getitem__(self, key):
         return self.arrays[key]
-
-
-kind = mixer_family
 
 
 def grows(spec) -> bool:
@@ -49,14 +51,8 @@ def _grow_keys(spec):
 
 
 def layer_arrays(spec, batch: int, dtype, max_len: int) -> dict:
-    k = kind(spec)
-    if k == "windowed":
-        return windowed.init_arrays(spec, batch, dtype, max_len)
-    if k == "mamba":
-        return mamba.init_arrays(spec, batch, dtype)
-    if k == "mosaic":
-        return mosaic.init_arrays(spec, batch, dtype, max_len)
-    return mosaic.persistent_init_arrays(spec, batch, dtype)
+    st = module(spec).init_state(spec, batch, dtype, max_len)
+    return {k: v for k, v in st.items() if k != "pos"}
 
 
 def needs_max_len(spec) -> bool:
@@ -77,19 +73,19 @@ def _check_batch_len(batch, max_len, spec):
                          f"capacity=None): pass max_len=<longest stream>")
 
 
-def init_state(spec, batch: int, max_len: int | None = None, dtype=None) -> State:
+def init_state(spec, batch: int, max_len: int | None = None, dtype=None,
+               growable: bool = False) -> State:
     """The empty state; arrays in the accumulation dtype of ``dtype`` (default: JAX's default
     float, float64 with x64 on)."""
     _check_batch_len(batch, max_len, spec)
     acc = acc_dtype(jnp.zeros(()).dtype if dtype is None else dtype)
     n = 0 if max_len is None else int(max_len)
     if isinstance(spec, Model):
-        arrays = {"layers": tuple(layer_arrays(s, batch, acc, n) for s in spec.layers)}
-        if isinstance(spec.ffn, Persistent):
-            arrays["ffn"] = tuple(layer_arrays(spec.ffn, batch, acc, n) for _ in spec.layers)
+        arrays = model.init_state(spec, batch, acc, n)
+        del arrays["pos"]
     else:
         arrays = layer_arrays(spec, batch, acc, n)
-    return State(jnp.zeros((), POS_DTYPE), arrays, spec.spec_id)
+    return State(jnp.zeros((), POS_DTYPE), arrays, spec.spec_id, growable)
 
 
 def check_state(spec, state, batch: int, dtype, name: str = "state") -> None:
@@ -134,14 +130,38 @@ def check_state(spec, state, batch: int, dtype, name: str = "state") -> None:
                                  f"(the accumulation dtype of a {jnp.dtype(dtype)} input)")
 
 
+def _growing(spec, arrays):
+    """(layer spec, its array dict, its cache keys) for every growing cache of a state."""
+    if isinstance(spec, Model):
+        return [(s, a, _grow_keys(s)) for s, a in zip(spec.layers, arrays["layers"], strict=True)
+                if grows(s)]
+    return [(spec, arrays, _grow_keys(spec))] if grows(spec) else []
+
+
 def capacity_left(spec, state) -> int | None:
     """Slots of the smallest growing cache (None when nothing grows)."""
-    if isinstance(spec, Model):
-        sizes = [a[k].shape[2] for s, a in zip(spec.layers, state.arrays["layers"], strict=True)
-                 for k in _grow_keys(s)[:1]]
-    else:
-        sizes = [state.arrays[k].shape[2] for k in _grow_keys(spec)[:1]]
+    sizes = [a[keys[0]].shape[2] for _, a, keys in _growing(spec, state.arrays)]
     return min(sizes) if sizes else None
+
+
+def regrow(spec, state: State, need: int) -> State:
+    """The state with every growing cache holding at least ``need`` slots (at least double its
+    room, so a stream of calls regrows a logarithmic number of times). Outside jit only."""
+    cap = capacity_left(spec, state)
+    if cap is None or need <= cap:
+        return state
+    slots = max(int(need), 2 * cap)
+
+    def grown(s, arrays):
+        return {k: grow(a, slots) if k in _grow_keys(s) else a for k, a in arrays.items()}
+
+    if isinstance(spec, Model):
+        arrays = dict(state.arrays, layers=tuple(grown(s, a) for s, a in
+                                                 zip(spec.layers, state.arrays["layers"],
+                                                     strict=True)))
+    else:
+        arrays = grown(spec, state.arrays)
+    return State(state.pos, arrays, state.spec_id, state.growable)
 
 
 # --- conversion to and from the reference format -------------------------------------------

@@ -4,12 +4,12 @@
     y, state = layer(x, state)            # parallel form, [B, T, D]
     y_t, state = layer.step(x_t, state)   # streaming form, [B, D]
 
-States use the reference's format (``memcore.spec.reference.layers``), so they pass between
-backends. Modules:
+States use the reference's format, so they pass between backends. Files:
 
-- ``realize``: the entry point; ``layers`` / ``model``: the modules;
-- ``mixers``: each layer's two forms; ``scan``: chunked linear recurrences (2.1, 2.2);
-  ``attention``: banded softmax and ring buffers (2.3, 2.5); ``store``: innovation selection
-  and the eidetic store (2.4); ``ops``: the array-in/array-out primitives behind
-  ``memcore.ops`` for torch tensors.
+- the six primitives (DESIGN 2), each choosing its implementation (``implementation=``,
+  ``implementation.py``): ``selective_scan``, ``leaky_average``, ``windowed_readout``,
+  ``eidetic_store``, ``associative_readout``, ``persistent_readout``;
+- ``layers/`` (one module per ``spec.layer``) and ``model`` (the composition);
+- ``modules`` (``TorchLayer``, ``TorchModel``), ``realize`` (the entry point);
+- helpers: ``numerics``, ``rotary``, ``rings``, ``banded`` (banded softmax), ``params``.
 """

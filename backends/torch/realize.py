@@ -8,8 +8,7 @@ from memcore.spec.layers import LAYER_KINDS
 from memcore.spec.model import Model
 from memcore.spec.params import init
 
-from .layers import TorchLayer
-from .model import TorchModel
+from .modules import TorchLayer, TorchModel
 
 OPTIONS = ("device", "dtype")
 

@@ -199,6 +199,30 @@ def _scan_bwd(softplus, interpret, poison, res, g):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
+def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """The shapes the kernel relies on; a wrong one raises naming the argument."""
+    if u.ndim != 3 or u.shape[-1] == 0:
+        raise ValueError(f"selective_scan: u must be [batch, channels, T] with T >= 1, got "
+                         f"shape {tuple(u.shape)}")
+    Bt, Dc, T = u.shape
+    if A.ndim != 2 or A.shape[0] != Dc:
+        raise ValueError(f"selective_scan: A must be [channels={Dc}, N], got {tuple(A.shape)}")
+    N = A.shape[1]
+    want = {"delta": (u.shape, delta), "z": (u.shape, z), "D": ((Dc,), D),
+            "delta_bias": ((Dc,), delta_bias), "initial_state": ((Bt, Dc, N), initial_state)}
+    for name, (shape, a) in want.items():
+        if a is not None and tuple(a.shape) != tuple(shape):
+            raise ValueError(f"selective_scan: {name} must be {list(shape)}, got "
+                             f"{tuple(a.shape)}")
+    for name, M in (("B", B), ("C", C)):
+        ok = (M.ndim == 3 and tuple(M.shape) == (Bt, N, T)) or (
+            M.ndim == 4 and (M.shape[0], M.shape[2], M.shape[3]) == (Bt, N, T)
+            and M.shape[1] >= 1 and Dc % M.shape[1] == 0)
+        if not ok:
+            raise ValueError(f"selective_scan: {name} must be [{Bt}, {N}, {T}] or [{Bt}, G, "
+                             f"{N}, {T}] with G dividing {Dc}, got {tuple(M.shape)}")
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_final_state=False, *, interpret=False,
                    poison=False):
@@ -210,12 +234,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     for float64 inputs). ``interpret`` runs the kernel in the Pallas interpreter (any device);
     ``poison`` hands the kernel NaN-filled output buffers (tests).
     """
-    from memcore.spec.validate import check_scan_args
-
-    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
-    if u.shape[-1] == 0:
-        raise ValueError(f"selective_scan: u must have at least one time step, got shape "
-                         f"{tuple(u.shape)}")
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     acc = _acc(u.dtype)
     h0 = (jnp.zeros((u.shape[0], u.shape[1], A.shape[1]), acc) if initial_state is None
           else initial_state)

@@ -1,10 +1,12 @@
 """memcore.kernels.triton: fused Triton kernels for the torch backend.
 
-One module per kernel, each ending with its plain torch ``*_ref``: ``selective_scan`` (DESIGN
-2.1), ``leaky_average`` (2.2), ``bmojo_attention`` (2.3 and 2.4), ``associative_readout``
-(2.5), ``innovation_select`` (2.4's selection and store); ``affine_scan`` holds the step
-composition the two scans share. ``api`` picks the kernels or the
-torch path per call (``kernels_enabled``) and, for the scan, the Triton kernel or mamba-ssm's
-CUDA function (``scan_path``, ``mamba_ssm_scan``). ``aot`` compiles the kernels for a GPU target
-on a machine without one. Importing this package does not import triton; the kernel modules do.
+One file per primitive that has a fused form, named after it, each ending with its plain torch
+``*_ref``: ``selective_scan`` (DESIGN 2.1; ``selective_scan_mamba_ssm`` wraps mamba-ssm's CUDA
+function as an optional path), ``leaky_average`` (2.2), ``windowed_readout`` (2.3 with the
+store of 2.4 as a source), ``eidetic_store`` (2.4's per-chunk selection and store merge),
+``associative_readout`` (2.5). ``affine_scan`` holds the step composition the two scans share,
+``buffers`` the buffers, dtypes and tile sizes, ``aot`` compiles the kernels for a GPU target on
+a machine without one. Kernels take and return tensors and import nothing else of memcore; the
+choice of a kernel is made by the torch backend's primitive functions (``implementation=``).
+Importing this package does not import triton; the kernel modules do.
 """

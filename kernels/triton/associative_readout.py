@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import buffers
-from .bmojo_attention import MIN_BLOCK, _dot, gpu_tile
-from .buffers import acc_dtype, check_device, check_float, empty, interpreted
+from .buffers import TileConfig, acc_dtype, check_device, check_float, empty
+from .windowed_readout import _dot
 
 
 @triton.jit
@@ -152,28 +151,14 @@ def _readout_dkdv_kernel(k, v, do, lse, dlt, dkk, dv, T, H, E, CAP, HAS_CAP: tl.
     tl.store(dv + cols, dv_acc, mask=kv_ok)
 
 
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-class _Cfg:
-    """Sizes and flags shared by the kernels of one call."""
+class _Cfg(TileConfig):
+    """Sizes and flags of one call's kernels."""
 
     def __init__(self, k, capacity):
+        super().__init__(k.dtype, k.shape[3], _readout_fwd_kernel, k.device)
         self.B, self.T, self.H, self.E = k.shape
         self.has_cap = capacity is not None
         self.cap = capacity if capacity is not None else 0
-        self.BE = max(triton.next_power_of_2(self.E), MIN_BLOCK)
-        self.BM = self.BN = MIN_BLOCK
-        # compiled kernels run on a GPU only; the interpreter gets the smallest legal tile
-        if not interpreted(_readout_fwd_kernel):
-            self.BM = self.BN = gpu_tile(k.dtype, self.BE,
-                                         buffers.shared_memory_per_block(k.device))
-        # float32 without tf32 (DESIGN 6); bfloat16 under the interpreter gets float32 copies
-        self.ieee = 1 if k.dtype == torch.float32 else 0
-        if k.dtype == torch.bfloat16 and interpreted(_readout_fwd_kernel):
-            self.ieee = 2
-        self.acc = _tl_acc(k.dtype)
 
     def args(self):
         return (self.T, self.H, self.E, self.cap)
@@ -237,7 +222,7 @@ def associative_readout(k, v, capacity=None):
 
     k, v: [B, T, H, E] of one dtype (keys double as queries); capacity: M, or None for every
     earlier position. Returns y [B, T, H, E] in k's dtype, differentiable in k and v. Same
-    function as ``memcore.spec.reference.ops.associative_readout``.
+    function as ``memcore.spec.reference.associative_readout``.
     """
     _check(k, v, capacity)
     if k.shape[1] == 0 or k.shape[0] * k.shape[2] == 0:

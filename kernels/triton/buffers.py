@@ -1,4 +1,4 @@
-"""Buffer allocation shared by the Triton kernels.
+"""Buffers, dtypes and tile sizes shared by the Triton kernels.
 
 Tests set ``MEMCORE_KERNELS_POISON=1`` so that every floating-point buffer a kernel writes
 starts as NaN, and every integer buffer at the type's most negative value: an element the kernel
@@ -12,6 +12,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def poisoned() -> bool:
@@ -30,6 +32,11 @@ def empty(shape, dtype, device) -> torch.Tensor:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other float type accumulates in float32 (DESIGN 1)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    """``acc_dtype`` as a triton dtype, for the kernels' ``ACC`` argument."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def check_float(where: str, name: str, t: torch.Tensor) -> None:
@@ -64,3 +71,43 @@ def _max_shared(index: int) -> int:
     from triton.compiler.compiler import max_shared_mem
 
     return int(max_shared_mem(index))
+
+
+MIN_BLOCK = 16  # tl.dot needs tiles of at least 16 on GPUs
+
+
+BIG_SHARED = 160 * 1024  # A100 and H100 let a block have 163 and 227 KB; sm_86/89 have 99
+
+
+def gpu_tile(dtype: torch.dtype, block_e: int, shared: int | None = None) -> int:
+    """Query and key tile length on a GPU whose blocks may have ``shared`` bytes of shared
+    memory (None: an A100 or newer data-centre GPU). The key and value kernel keeps several
+    [tile, block_e] tiles and their pipelined copies there, about 8 * tile * row bytes: a row
+    of 256 bytes (bfloat16 at width 128) with 64-row tiles takes 132 KB. So FlashAttention's
+    64 while a row takes at most 256 bytes (128 where the GPU has 99 KB), else 32, and 16
+    for rows over 256 bytes on the smaller GPUs (float32 at width 128 with 32-row tiles needs
+    103 KB)."""
+    if dtype == torch.float64:
+        return 32 if shared is None or shared >= BIG_SHARED else 16
+    row = dtype.itemsize * block_e
+    if shared is None or shared >= BIG_SHARED:
+        return 64 if row <= 256 else 32
+    return 64 if row <= 128 else 32 if row <= 256 else 16
+
+
+class TileConfig:
+    """Tiles and flags of the softmax kernels (windowed and associative readout) for one call on
+    ``dtype`` at head width E: the width's tile ``BE``, the query and key tiles ``BM``, ``BN``
+    (the smallest legal tile when ``kernel`` runs interpreted, else ``gpu_tile`` for the
+    device's shared memory), ``ieee`` (float32 without tf32, DESIGN 6; bfloat16 under the
+    interpreter gets float32 copies) and ``acc``."""
+
+    def __init__(self, dtype: torch.dtype, E: int, kernel, device):
+        self.BE = max(triton.next_power_of_2(E), MIN_BLOCK)
+        self.BM = self.BN = MIN_BLOCK
+        if not interpreted(kernel):
+            self.BM = self.BN = gpu_tile(dtype, self.BE, shared_memory_per_block(device))
+        self.ieee = 1 if dtype == torch.float32 else 0
+        if dtype == torch.bfloat16 and interpreted(kernel):
+            self.ieee = 2
+        self.acc = tl_acc(dtype)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .affine_scan import combine as _combine
 from .affine_scan import suffix_scan as _suffix_scan
-from .buffers import acc_dtype, check_device, check_float, empty
+from .buffers import acc_dtype, check_device, check_float, empty, tl_acc
 
 CHUNK = 32
 MAX_BLOCK_E = 32  # a program holds [chunk, BLOCK_E] tiles
@@ -99,9 +99,6 @@ def _leaky_bwd_kernel(k, log_decay, dy, dhT, ckpt, dk, dlog_part, dh0, T, H, E,
     tl.store(dlog_part + state, lam * dl, mask=e_ok)
 
 
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
 
 def _block_e(E: int) -> int:
     return min(triton.next_power_of_2(max(E, 1)), MAX_BLOCK_E)
@@ -121,7 +118,7 @@ class _LeakyAverage(torch.autograd.Function):
         ckpt = empty((Bt, H, nchunk, E), acc, k.device)
         _leaky_fwd_kernel[(Bt, H, triton.cdiv(E, be))](
             k, log_decay, h0 if h0 is not None else k, y, hT, ckpt, T, H, E, nchunk,
-            HAS_H0=h0 is not None, BLOCK_E=be, CHUNK=chunk, ACC=_tl_acc(k.dtype))
+            HAS_H0=h0 is not None, BLOCK_E=be, CHUNK=chunk, ACC=tl_acc(k.dtype))
         ctx.save_for_backward(k, log_decay, ckpt)
         ctx.chunk = chunk
         ctx.h0_dtype = None if h0 is None else h0.dtype
@@ -142,7 +139,7 @@ class _LeakyAverage(torch.autograd.Function):
         _leaky_bwd_kernel[(Bt, H, neb)](
             k, log_decay, dy, dhT.contiguous() if dhT is not None else k, ckpt, dk,
             dlog_part, dh0, T, H, E, ckpt.shape[2], HAS_DHT=dhT is not None, BLOCK_E=be,
-            CHUNK=ctx.chunk, ACC=_tl_acc(k.dtype))
+            CHUNK=ctx.chunk, ACC=tl_acc(k.dtype))
         need = ctx.needs_input_grad
         return (
             dk.to(k.dtype) if need[0] else None,

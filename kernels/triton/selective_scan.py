@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .affine_scan import combine as _combine
 from .affine_scan import suffix_scan as _suffix_scan
-from .buffers import acc_dtype, check_device, check_float, empty
+from .buffers import acc_dtype, check_device, check_float, empty, tl_acc
 
 CHUNK = 32  # time steps per tile, and between saved states
 MAX_BLOCK_D = 8  # a program holds [BLOCK_D, N, chunk] tiles
@@ -237,9 +237,6 @@ def _block_d(Dc: int, G: int, block_n: int, tile: int) -> int:
     return bd
 
 
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
 
 def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
     where = "selective_scan"
@@ -312,7 +309,7 @@ class _SelectiveScan(torch.autograd.Function):
             y, hT, ckpt, T, Dc, N, G, nchunk,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, BLOCK_D=bd,
-            BLOCK_N=bn, CHUNK=chunk, ACC=_tl_acc(u.dtype),
+            BLOCK_N=bn, CHUNK=chunk, ACC=tl_acc(u.dtype),
         )
         ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, ckpt)
         ctx.plain_bc = B.ndim == 3
@@ -350,7 +347,7 @@ class _SelectiveScan(torch.autograd.Function):
             dbias_part, dh0, T, Dc, N, G, nchunk, ndb,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=ctx.softplus, HAS_DHT=dhT is not None, BLOCK_D=bd, BLOCK_N=bn,
-            CHUNK=ctx.chunk, ACC=_tl_acc(u.dtype),
+            CHUNK=ctx.chunk, ACC=tl_acc(u.dtype),
         )
 
         def group_sum(part, dtype):

@@ -125,7 +125,7 @@ class JaxTaskLM(eqx.Module):
             g = _norm(self.spec.norm, h, self.norms[i])
             if self.short_conv:
                 g = self._conv(g, self.convs[i])
-            y, _, a = mixer.call_aux(g)
+            y, _, a = mixer.forward_aux(g)
             if a is not None:
                 aux = a if aux is None else aux + a
             h = h + y
@@ -224,7 +224,7 @@ class JaxNextByte(eqx.Module):
         _check_tokens(tokens, self.model.spec.vocab_size)
 
     def logits_aux(self, tokens, positions=None):
-        logits, _, aux = self.model.call_aux(tokens)
+        logits, _, aux = self.model.forward_aux(tokens)
         if positions is not None:
             logits = logits.reshape(-1, logits.shape[-1])[positions]
         return logits, aux
@@ -279,7 +279,7 @@ class JaxMoonsMemory(eqx.Module):
         self.beta = float(beta)
 
     def __call__(self, x):
-        from memcore.backends.jax.ops import associative_readout
+        from memcore.backends.jax.associative_readout import associative_readout
 
         B, T, _ = x.shape
         E = 6 // self.heads

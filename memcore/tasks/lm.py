@@ -91,13 +91,10 @@ class NextByte(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-
-    @property
-    def aux_loss(self):
-        return self.model.aux_loss
+        self.aux_loss = None  # the last forward's aux (the loop reads it)
 
     def forward(self, tokens, mask=None):
-        logits, _ = self.model(tokens)
+        logits, _, self.aux_loss = self.model.forward_aux(tokens)
         return logits if mask is None else logits[mask]
 
 

@@ -87,9 +87,9 @@ class TaskLM(nn.Module):
             g = _norm(self.spec.norm, h, self.norms[i])
             if self.short_conv:
                 g = self._conv(g, self.convs[i])
-            y, _ = mixer(g)
-            if mixer.aux_loss is not None:
-                aux = mixer.aux_loss if aux is None else aux + mixer.aux_loss
+            y, _, a = mixer.forward_aux(g)
+            if a is not None:
+                aux = a if aux is None else aux + a
             h = h + y
         self.aux_loss = aux
         return _norm(self.spec.norm, h, self.norm_f)

@@ -16,7 +16,7 @@ from ..layers import Persistent
 from ..params import check_params
 from ..validate import check_tokens
 from . import layers as L
-from ._xp import acc_dtype, device, gelu, layer_norm, linear, namespace, params_as, rms_norm
+from .numerics import acc_dtype, device, gelu, layer_norm, linear, namespace, params_as, rms_norm
 
 
 def _sub(p: dict, prefix: str) -> dict:

@@ -24,9 +24,9 @@ pytest.importorskip("jax.experimental.pallas")
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as pl_triton  # noqa: E402
-from memcore.backends.jax import dispatch  # noqa: E402
-from memcore.kernels.pallas.bmojo_attention import bmojo_attention  # noqa: E402
+from memcore.backends.jax import implementation  # noqa: E402
 from memcore.kernels.pallas.selective_scan import selective_scan  # noqa: E402
+from memcore.kernels.pallas.windowed_readout import windowed_readout  # noqa: E402
 
 import memcore  # noqa: E402
 from memcore import spec as S  # noqa: E402
@@ -188,14 +188,14 @@ ATTENTION = [(4, False, False, 8), (6, True, False, 5), (6, True, True, 5),
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ATTENTION, ids=["raw", "fading", "store", "full"])
-def test_bmojo_attention_builds_for_sm90(case, dtype, triton_cuda, tmp_path):
+def test_windowed_readout_builds_for_sm90(case, dtype, triton_cuda, tmp_path):
     W, fading, store, E = case
     arrs = attention_inputs(21, 33, E, dtype, store)
     spos = jnp.zeros((1, 4, 3), jnp.int32)
 
     def loss(q, k, v, fk, fv, *st, pos, start):
         extra = (st[0], st[1], spos, 8) if store else ()
-        o = bmojo_attention(q, k, v, W, fk if fading else None, fv if fading else None,
+        o = windowed_readout(q, k, v, W, fk if fading else None, fv if fading else None,
                             *extra, pos=pos, key_start=start)
         return jnp.sum(o.astype(jnp.float32))
 
@@ -220,7 +220,7 @@ def test_realized_layer_kernel_path_builds_for_sm90(name, triton_cuda, tmp_path,
     # the layer as the JAX backend runs it on a GPU: kernels on, compiled (not interpreted)
     spec, want = LAYERS[name]
     monkeypatch.setenv("MEMCORE_KERNELS", "pallas")
-    monkeypatch.setattr(dispatch, "_interpret", lambda x: False)
+    monkeypatch.setattr(implementation, "interpret", lambda x: False)
     params = memcore.init(spec, 0, dtype=np.float32)
     layer = memcore.realize(spec, backend="jax", params=params)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 11, spec.d_model)),
@@ -238,7 +238,7 @@ def test_realized_layer_kernel_path_builds_for_sm90(name, triton_cuda, tmp_path,
 def test_the_check_rejects_a_dot_under_16(cuda_lowering, tmp_path):
     # tiles of 8 queries put 8-row dots in the kernel: the tile rule above must catch them
     q, k, v = attention_inputs(21, 33, 8, jnp.float32, False)[:3]
-    modules = lower_to_ttir(lambda q, k, v: bmojo_attention(q, k, v, 4, block=8), q, k, v)
+    modules = lower_to_ttir(lambda q, k, v: windowed_readout(q, k, v, 4, block=8), q, k, v)
     with pytest.raises(AssertionError, match="a dot of shape"):
         check_modules(modules, 1, None, tmp_path)
 
@@ -264,7 +264,7 @@ def test_realistic_sizes_lower_for_cuda(cuda_lowering, tmp_path):
         k = jnp.zeros((2, 1024 + 256, 4, E), dt)
 
         def attention(q, k, v, fk, fv):
-            o = bmojo_attention(q, k, v, 128, fk, fv, block=64)
+            o = windowed_readout(q, k, v, 128, fk, fv, block=64)
             return jnp.sum(o.astype(jnp.float32))
 
         modules = lower_to_ttir(jax.grad(attention, argnums=tuple(range(5))), q, k, k, k, k)

@@ -70,7 +70,7 @@ def _leaky(dtype, Bt, T, H, E):
 
 def _attention(dtype, Bt, T, H, E, W, fading=True, store=None, cache=0):
     """store: (chunk, slots) or None; cache: keys before the queries (the queries' pos)."""
-    from memcore.kernels.triton import bmojo_attention as mod
+    from memcore.kernels.triton import windowed_readout as mod
 
     q = _t(Bt, T, H, E, dtype=dtype)
     kv = [_t(Bt, cache + T, H, E, dtype=dtype) for _ in range(4 if fading else 2)]
@@ -82,7 +82,7 @@ def _attention(dtype, Bt, T, H, E, W, fading=True, store=None, cache=0):
         S = (cache + T - 1) // C - cache // C + 1
         st = (_t(Bt, H, S, M, E, dtype=dtype), _t(Bt, H, S, M, E, dtype=dtype),
               _t(Bt, S, M, dtype=torch.int64, grad=False), C)
-    mod.bmojo_attention(q, *kv[:2], W, *kv[2:], *st, pos=cache).float().sum().backward()
+    mod.windowed_readout(q, *kv[:2], W, *kv[2:], *st, pos=cache).float().sum().backward()
     return [mod]
 
 
@@ -95,7 +95,7 @@ def _readout(dtype, Bt, T, H, E, capacity):
 
 
 def _innovation(dtype, Bt, T, chunk, select, capacity):
-    from memcore.kernels.triton import innovation_select as mod
+    from memcore.kernels.triton import eidetic_store as mod
 
     def ints(*shape):
         return _t(*shape, dtype=torch.int64, grad=False)

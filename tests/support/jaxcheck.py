@@ -36,6 +36,17 @@ LAYER_CASES = {
 }
 
 
+def normal_draws(seed: int = 0):
+    """``draw(*shape)``: standard normal numpy arrays, one generator for a whole test file."""
+    rng = np.random.default_rng(seed)
+    return lambda *shape: rng.standard_normal(shape)
+
+
+def as_jax(*arrays):
+    """The arrays as JAX arrays, None kept."""
+    return [None if a is None else jnp.asarray(a) for a in arrays]
+
+
 def is_model(spec) -> bool:
     return isinstance(spec, S.Model)
 

@@ -91,9 +91,9 @@ def ref_steps(spec, params, x, state=None):
 def steps(layer, x, state=None):
     ys, aux = [], []
     for t in range(x.shape[1]):
-        y, state = layer.step(x[:, t], state)
+        y, state, a = layer.step_aux(x[:, t], state)
         ys.append(y)
-        aux.append(layer.aux_loss)
+        aux.append(a)
     return torch.stack(ys, 1), state, aux
 
 

@@ -158,35 +158,6 @@ def test_torch_tensors_are_not_needed():
     assert all(not isinstance(v, torch.Tensor) for v in res["model"].state_dict().values())
 
 
-def test_backend_loop_loss_with_a_target_mask():
-    import jax.numpy as jnp
-    from memcore.backends.jax.realize import realize
-    from memcore.backends.jax.train import loss_fn
-
-    model = realize(SPEC, dtype=jnp.float32)
-    x, y = _batches(0)
-    tokens = jnp.asarray(np.concatenate([x, x[:, :1]], axis=1))  # targets x[:, 1:] ... x[:, 0]
-    mask = np.zeros((4, L), bool)
-    mask[0, 2] = mask[3, 7] = mask[3, 9] = True
-    logits, _ = model(tokens[:, :-1])
-    logp = np.asarray(jax_log_softmax(logits))
-    tgt = np.asarray(tokens[:, 1:])
-    want = -np.mean([logp[b, t, tgt[b, t]] for b, t in zip(*np.nonzero(mask), strict=True)])
-    _, (ce, _) = loss_fn(model, tokens, 0.0, jnp.asarray(mask))
-    assert float(ce) == pytest.approx(want, rel=1e-5)
-    _, (full, _) = loss_fn(model, tokens, 0.0)
-    assert float(full) == pytest.approx(-np.mean(np.take_along_axis(logp, tgt[..., None], -1)),
-                                        rel=1e-5)
-    with pytest.raises(ValueError, match=r"mask must be \[batch, T - 1\] = \[4, 16\]"):
-        loss_fn(model, tokens, 0.0, jnp.asarray(mask[:, 1:]))
-
-
-def jax_log_softmax(logits):
-    import jax
-
-    return jax.nn.log_softmax(logits, axis=-1)
-
-
 def test_logits_at_labelled_positions_are_rows_of_the_full_logits():
     model = _jax_model(seed=4)
     x, y = _batches(1)

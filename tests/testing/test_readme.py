@@ -20,7 +20,7 @@ def test_quickstart_runs(capsys):
     assert scope["y"].shape == (2, 40, 64)
     assert scope["y_t"].shape == (2, 64)
     assert scope["state"]["pos"] == 41
-    assert float(scope["layer"].aux_loss) > 0
+    assert float(scope["aux"]) > 0
 
 
 def test_readme_has_the_two_fresh_machine_commands():

@@ -1,0 +1,78 @@
+"""The Mamba block (DESIGN 2.1, section 3) around the selective scan: in_proj to x and z,
+causal depthwise conv1d with SiLU, x_proj to dt/B/C, dt_proj, the scan, the gate, out_proj.
+State: ``conv`` (the last K-1 inputs) and ``ssm`` (h), plus ``pos``."""
+
+from __future__ import annotations
+
+import torch
+
+from ..numerics import linear, silu
+from ..selective_scan import selective_scan, selective_state_update
+
+
+def init_state(spec, batch: int, *, dtype=torch.float32, device=None) -> dict:
+    """Arrays in ``dtype`` (the accumulation dtype)."""
+    return {"pos": 0,
+            "conv": torch.zeros(batch, spec.d_inner, spec.d_conv - 1, dtype=dtype,
+                                device=device),
+            "ssm": torch.zeros(batch, spec.d_inner, spec.d_state, dtype=dtype, device=device)}
+
+
+def _split_x_dbl(spec, x_dbl):
+    R, N = spec.dt_rank_value, spec.d_state
+    return x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:R + 2 * N]
+
+
+def causal_conv(xcat, weight, bias, T: int):
+    """Depthwise causal convolution in time-first layout: xcat [B, K-1+T, Di] (the state's
+    K-1 inputs, then this call's), weight [Di, 1, K] -> [B, T, Di], as conv1d computes it
+    (out_t = bias + sum_j w_j xcat_{t+j}). K shifted multiply-adds over contiguous rows: no
+    transposes around the convolution, and the output feeds x_proj and the scan as is."""
+    w = weight[:, 0, :].t()  # [K, Di]
+    y = torch.addcmul(bias, xcat[:, 0:T], w[0])
+    for j in range(1, w.shape[0]):
+        y = torch.addcmul(y, xcat[:, j:j + T], w[j])
+    return y
+
+
+def forward(spec, p, x, state):
+    """x [B, T, D] in the accumulation dtype -> (y, state, None)."""
+    Di, K = spec.d_inner, spec.d_conv
+    T = x.shape[1]
+    xz = linear(x, p["in_proj.weight"])  # [B, T, 2 Di]
+    z = xz[..., Di:].transpose(1, 2)  # [B, Di, T], a view
+    xcat = torch.cat([state["conv"].transpose(1, 2), xz[..., :Di]], dim=1)  # [B, K-1+T, Di]
+    xc = silu(causal_conv(xcat, p["conv1d.weight"], p["conv1d.bias"], T))  # [B, T, Di]
+    dt_low, Bm, Cm = _split_x_dbl(spec, linear(xc, p["x_proj.weight"]))
+    delta = linear(dt_low, p["dt_proj.weight"]).transpose(1, 2)
+    A = -torch.exp(p["A_log"])
+    y, h = selective_scan(xc.transpose(1, 2), delta, A, Bm.transpose(1, 2),
+                          Cm.transpose(1, 2), p["D"], z, delta_bias=p["dt_proj.bias"],
+                          delta_softplus=True, initial_state=state["ssm"],
+                          return_final_state=True)
+    out = linear(y.transpose(1, 2), p["out_proj.weight"])
+    conv = (xcat[:, xcat.shape[1] - (K - 1):].transpose(1, 2) if K > 1 else state["conv"])
+    return out, {"pos": state["pos"] + T, "conv": conv, "ssm": h}, None
+
+
+def step(spec, p, x_t, state, *, inplace: bool = False):
+    """One token; with ``inplace`` the convolution window and the SSM state are written
+    into ``state``'s own tensors."""
+    Di = spec.d_inner
+    xz = linear(x_t, p["in_proj.weight"])
+    xi, z = xz[:, :Di], xz[:, Di:]
+    conv = state["conv"]
+    window = torch.cat([conv, xi[:, :, None]], dim=-1)  # [B, Di, K]
+    xc = silu((window * p["conv1d.weight"][:, 0, :]).sum(-1) + p["conv1d.bias"])
+    dt_low, Bm, Cm = _split_x_dbl(spec, linear(xc, p["x_proj.weight"]))
+    delta = linear(dt_low, p["dt_proj.weight"])
+    A = -torch.exp(p["A_log"])
+    if inplace:
+        conv.copy_(window[:, :, 1:])
+    else:
+        conv = window[:, :, 1:]
+    y, h = selective_state_update(state["ssm"], xc, delta, A, Bm, Cm, p["D"], z,
+                                  delta_bias=p["dt_proj.bias"], delta_softplus=True,
+                                  inplace=inplace)
+    return linear(y, p["out_proj.weight"]), {"pos": state["pos"] + 1, "conv": conv,
+                                             "ssm": h}, None

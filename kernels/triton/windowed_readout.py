@@ -1,0 +1,448 @@
+"""The windowed readout (DESIGN 2.3, with the store of 2.4 as a source), forward and backward,
+in Triton.
+
+One online softmax (scale 1/sqrt(E)) per query at absolute position t over three sources:
+
+    raw     keys at positions (t - W, t]          (k, v)
+    fading  keys at positions (t - 2W, t - W]     (fading_k, fading_v)
+    store   entries of the snapshot of t's chunk with position p <= t - W  (store_k, store_v)
+
+Tiles of queries meet tiles of keys only where the masks can be true, so the work is
+O(T (2W + S M)) and no T x T matrix is ever formed. The forward keeps the row's log-sum-exp;
+the backward recomputes probabilities from it (FlashAttention-2): one kernel for dq that walks
+the same tiles, and one for the keys and values of each source that walks the query tiles
+which can see them.
+
+Layouts: q [B, Tq, H, E]; k, v, fading_k, fading_v [B, Tk, H, E] with Tk >= Tq, key j sitting
+at position pos - (Tk - Tq) + j (so a cache of earlier keys can precede the queries' own);
+store_k, store_v [B, H, S, M, E] with store_pos [B, S, M] (negative: empty slot), snapshot s
+serving the queries of chunk pos // chunk + s.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .buffers import TileConfig, acc_dtype, check_device, check_float, empty
+
+RAW, FADING, STORE = 0, 1, 2
+@triton.jit
+def _visible(MODE: tl.constexpr, i, j, spos, s_q, s, off, W, pos, Tq, Tk, M):
+    """Mask of query index i against key index j (or store slot j), broadcast together."""
+    if MODE == 0:
+        m = (j <= i + off) & (j > i + off - W) & (j >= 0) & (j < Tk)
+    elif MODE == 1:
+        m = (j <= i + off - W) & (j > i + off - 2 * W) & (j >= 0) & (j < Tk)
+    else:
+        m = (j < M) & (spos >= 0) & (spos <= pos + i - W) & (s_q == s)
+    return m & (i < Tq)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # IEEE: float32 without tf32 (DESIGN 6); 2: bfloat16 under the interpreter, whose dot reads
+    # bfloat16 operands wrongly, so it gets float32 copies
+    if IEEE == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    elif IEEE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _kv_ptrs(MODE: tl.constexpr, kb, vb, j, e, b, h, s, H, E, Tk, S, M):
+    """Pointers to the key and value rows j (store: slots j of snapshot s). [BN, BE]."""
+    if MODE == 2:
+        row = (((b * H + h) * S + s) * M + j) * E
+    else:
+        row = ((b * Tk + j) * H + h) * E
+    return kb + row[:, None] + e[None, :], vb + row[:, None] + e[None, :]
+
+
+@triton.jit
+def _load_kv(MODE: tl.constexpr, kb, vb, spb, j, e, b, h, s, H, E, Tk, S, M):
+    """Key and value tiles [BN, BE] and the rows' positions (store) or indices."""
+    kp, vp = _kv_ptrs(MODE, kb, vb, j, e, b, h, s, H, E, Tk, S, M)
+    if MODE == 2:
+        row_ok = j < M
+        spos = tl.load(spb + (b * S + s) * M + j, mask=row_ok, other=-1)
+    else:
+        row_ok = (j >= 0) & (j < Tk)
+        spos = j
+    kv_ok = row_ok[:, None] & (e[None, :] < E)
+    kt = tl.load(kp, mask=kv_ok, other=0.0)
+    vt = tl.load(vp, mask=kv_ok, other=0.0)
+    return kt, vt, spos
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, i, s_q, kb, vb, spb, b, h, s, j0, off, W, pos, Tq, Tk, S, M,
+              E, H, scale, MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+              IEEE: tl.constexpr, ACC: tl.constexpr):
+    j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    kt, vt, spos = _load_kv(MODE, kb, vb, spb, j, e, b, h, s, H, E, Tk, S, M)
+    sc = _dot(q, tl.trans(kt), IEEE).to(ACC) * scale  # [BM, BN]
+    vis = _visible(MODE, i[:, None], j[None, :], spos[None, :], s_q[:, None], s, off, W, pos,
+                   Tq, Tk, M)
+    sc = tl.where(vis, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    # rows with nothing visible yet keep m = -inf; shift them by 0 so exp gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(sc - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE).to(ACC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, dlt, i, s_q, kb, vb, spb, b, h, s, j0, off, W, pos, Tq, Tk, S, M,
+             E, H, scale, MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+             IEEE: tl.constexpr, ACC: tl.constexpr):
+    j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    kt, vt, spos = _load_kv(MODE, kb, vb, spb, j, e, b, h, s, H, E, Tk, S, M)
+    sc = _dot(q, tl.trans(kt), IEEE).to(ACC) * scale
+    vis = _visible(MODE, i[:, None], j[None, :], spos[None, :], s_q[:, None], s, off, W, pos,
+                   Tq, Tk, M)
+    p = tl.where(vis, tl.exp(sc - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(vt), IEEE).to(ACC)
+    ds = p * (dp - dlt[:, None])
+    return dq + _dot(ds.to(kt.dtype), kt, IEEE).to(ACC) * scale
+
+
+@triton.jit
+def _attn_fwd_kernel(q, k, v, fk, fv, sk, sv, spos, o, lse,
+                     Tq, Tk, H, E, S, M, W, pos, C, scale,
+                     HAS_FADING: tl.constexpr, HAS_STORE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr,
+                     ACC: tl.constexpr):
+    i0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    i = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    off = Tk - Tq
+    rows = ((b * Tq + i[:, None]) * H + h) * E + e[None, :]
+    q_ok = (i[:, None] < Tq) & (e[None, :] < E)
+    qt = tl.load(q + rows, mask=q_ok, other=0.0)
+    s_q = (pos + i) // C - pos // C
+    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    i_last = tl.minimum(i0 + BLOCK_M, Tq) - 1
+    lo = tl.maximum(i0 + off - W + 1, 0)
+    hi = tl.minimum(i_last + off + 1, Tk)
+    for j0 in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, i, s_q, k, v, spos, b, h, 0, j0, off, W,
+                                  pos, Tq, Tk, S, M, E, H, scale, 0, BLOCK_N, BLOCK_E, IEEE, ACC)
+    if HAS_FADING:
+        lo = tl.maximum(i0 + off - 2 * W + 1, 0)
+        hi = tl.minimum(i_last + off - W + 1, Tk)
+        for j0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, i, s_q, fk, fv, spos, b, h, 0, j0, off,
+                                      W, pos, Tq, Tk, S, M, E, H, scale, 1, BLOCK_N, BLOCK_E,
+                                      IEEE, ACC)
+    if HAS_STORE:
+        s_lo = (pos + i0) // C - pos // C
+        s_hi = (pos + i_last) // C - pos // C
+        for s in range(s_lo, s_hi + 1):
+            # js, not j0: a name the loops above left int64 would change type in this loop
+            for js in range(0, M, BLOCK_N):
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, i, s_q, sk, sv, spos, b, h, s, js,
+                                          off, W, pos, Tq, Tk, S, M, E, H, scale, 2, BLOCK_N,
+                                          BLOCK_E, IEEE, ACC)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(o + rows, out.to(o.dtype.element_ty), mask=q_ok)
+    tl.store(lse + bh * Tq + i, m_i + tl.log(l_safe), mask=i < Tq)
+
+
+@triton.jit
+def _attn_dq_kernel(q, k, v, fk, fv, sk, sv, spos, do, lse, dlt, dq,
+                    Tq, Tk, H, E, S, M, W, pos, C, scale,
+                    HAS_FADING: tl.constexpr, HAS_STORE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr,
+                    ACC: tl.constexpr):
+    i0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    i = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    off = Tk - Tq
+    rows = ((b * Tq + i[:, None]) * H + h) * E + e[None, :]
+    q_ok = (i[:, None] < Tq) & (e[None, :] < E)
+    qt = tl.load(q + rows, mask=q_ok, other=0.0)
+    dot_ = tl.load(do + rows, mask=q_ok, other=0.0)
+    lse_i = tl.load(lse + bh * Tq + i, mask=i < Tq, other=0.0)
+    dlt_i = tl.load(dlt + bh * Tq + i, mask=i < Tq, other=0.0)
+    s_q = (pos + i) // C - pos // C
+    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
+    i_last = tl.minimum(i0 + BLOCK_M, Tq) - 1
+    lo = tl.maximum(i0 + off - W + 1, 0)
+    hi = tl.minimum(i_last + off + 1, Tk)
+    for j0 in range(lo, hi, BLOCK_N):
+        acc = _dq_tile(acc, qt, dot_, lse_i, dlt_i, i, s_q, k, v, spos, b, h, 0, j0, off, W,
+                       pos, Tq, Tk, S, M, E, H, scale, 0, BLOCK_N, BLOCK_E, IEEE, ACC)
+    if HAS_FADING:
+        lo = tl.maximum(i0 + off - 2 * W + 1, 0)
+        hi = tl.minimum(i_last + off - W + 1, Tk)
+        for j0 in range(lo, hi, BLOCK_N):
+            acc = _dq_tile(acc, qt, dot_, lse_i, dlt_i, i, s_q, fk, fv, spos, b, h, 0, j0, off,
+                           W, pos, Tq, Tk, S, M, E, H, scale, 1, BLOCK_N, BLOCK_E, IEEE, ACC)
+    if HAS_STORE:
+        s_lo = (pos + i0) // C - pos // C
+        s_hi = (pos + i_last) // C - pos // C
+        for s in range(s_lo, s_hi + 1):
+            for js in range(0, M, BLOCK_N):
+                acc = _dq_tile(acc, qt, dot_, lse_i, dlt_i, i, s_q, sk, sv, spos, b, h, s, js,
+                               off, W, pos, Tq, Tk, S, M, E, H, scale, 2, BLOCK_N, BLOCK_E,
+                               IEEE, ACC)
+    tl.store(dq + rows, acc, mask=q_ok)
+
+
+@triton.jit
+def _attn_dkdv_kernel(q, kb, vb, spos, do, lse, dlt, dk, dv,
+                      Tq, Tk, H, E, S, M, W, pos, C, scale,
+                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_E: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """Gradients of one source's keys and values: program (key tile [x snapshot], b * H + h)."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    off = Tk - Tq
+    e = tl.arange(0, BLOCK_E)
+    if MODE == 2:
+        n_tiles = tl.cdiv(M, BLOCK_N)
+        s = pid // n_tiles
+        j0 = (pid % n_tiles) * BLOCK_N
+        c_abs = pos // C + s
+        i_lo = tl.maximum(c_abs * C - pos, 0)
+        i_hi = tl.minimum((c_abs + 1) * C - pos, Tq)
+    else:
+        s = pid * 0
+        j0 = pid * BLOCK_N
+        j_last = tl.minimum(j0 + BLOCK_N, Tk) - 1
+        if MODE == 0:
+            i_lo = tl.maximum(j0 - off, 0)
+            i_hi = tl.minimum(j_last - off + W, Tq)
+        else:
+            i_lo = tl.maximum(j0 - off + W, 0)
+            i_hi = tl.minimum(j_last - off + 2 * W, Tq)
+    j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    kt, vt, sp = _load_kv(MODE, kb, vb, spos, j, e, b, h, s, H, E, Tk, S, M)
+    dk_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
+    dv_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
+    for i0 in range(i_lo, i_hi, BLOCK_M):
+        i = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows = ((b * Tq + i[:, None]) * H + h) * E + e[None, :]
+        q_ok = (i[:, None] < Tq) & (e[None, :] < E)
+        qt = tl.load(q + rows, mask=q_ok, other=0.0)
+        dot_ = tl.load(do + rows, mask=q_ok, other=0.0)
+        lse_i = tl.load(lse + bh * Tq + i, mask=i < Tq, other=0.0)
+        dlt_i = tl.load(dlt + bh * Tq + i, mask=i < Tq, other=0.0)
+        s_q = (pos + i) // C - pos // C
+        # transposed tiles [BN, BM]: keys along rows, queries along columns
+        scT = _dot(kt, tl.trans(qt), IEEE).to(ACC) * scale
+        vis = _visible(MODE, i[None, :], j[:, None], sp[:, None], s_q[None, :], s, off, W, pos,
+                       Tq, Tk, M)
+        pT = tl.where(vis, tl.exp(scT - lse_i[None, :]), 0.0)
+        dv_acc += _dot(pT.to(dot_.dtype), dot_, IEEE).to(ACC)
+        dpT = _dot(vt, tl.trans(dot_), IEEE).to(ACC)
+        dsT = pT * (dpT - dlt_i[None, :])
+        dk_acc += _dot(dsT.to(qt.dtype), qt, IEEE).to(ACC) * scale
+    if MODE == 2:
+        row_ok = j < M
+    else:
+        row_ok = j < Tk
+    kv_ok = row_ok[:, None] & (e[None, :] < E)
+    dkp, dvp = _kv_ptrs(MODE, dk, dv, j, e, b, h, s, H, E, Tk, S, M)
+    tl.store(dkp, dk_acc, mask=kv_ok)
+    tl.store(dvp, dv_acc, mask=kv_ok)
+
+
+class _Cfg(TileConfig):
+    """Sizes and flags of one call's kernels."""
+
+    def __init__(self, q, k, store_k, window, pos, chunk):
+        super().__init__(q.dtype, q.shape[3], _attn_fwd_kernel, q.device)
+        self.B, self.Tq, self.H, self.E = q.shape
+        self.Tk = k.shape[1]
+        self.S, self.M = (store_k.shape[2], store_k.shape[3]) if store_k is not None else (1, 0)
+        # an unbounded window is a window longer than anything it could reach
+        self.W = window if window is not None else self.Tk + self.Tq + 1
+        self.pos = pos
+        self.C = chunk if chunk is not None else 1
+        self.scale = 1.0 / math.sqrt(self.E)
+
+    def args(self):
+        return (self.Tq, self.Tk, self.H, self.E, self.S, self.M, self.W, self.pos, self.C,
+                self.scale)
+
+    def blocks(self):
+        return dict(BLOCK_M=self.BM, BLOCK_N=self.BN, BLOCK_E=self.BE, IEEE=self.ieee,
+                    ACC=self.acc)
+
+
+class _WindowedReadout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, fk, fv, sk, sv, spos, window, pos, chunk):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        fk, fv, sk, sv = (None if t is None else t.contiguous() for t in (fk, fv, sk, sv))
+        cfg = _Cfg(q, k, sk, window, pos, chunk)
+        o = empty(q.shape, q.dtype, q.device)
+        lse = empty((cfg.B, cfg.H, cfg.Tq), acc_dtype(q.dtype), q.device)
+        sp = spos.contiguous() if spos is not None else lse  # never read without a store
+        _attn_fwd_kernel[(triton.cdiv(cfg.Tq, cfg.BM), cfg.B * cfg.H)](
+            q, k, v, fk if fk is not None else k, fv if fv is not None else v,
+            sk if sk is not None else k, sv if sv is not None else v, sp, o, lse, *cfg.args(),
+            HAS_FADING=fk is not None, HAS_STORE=sk is not None, **cfg.blocks())
+        ctx.save_for_backward(q, k, v, fk, fv, sk, sv, sp, o, lse)
+        ctx.cfg = cfg
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, fk, fv, sk, sv, sp, o, lse = ctx.saved_tensors
+        cfg = ctx.cfg
+        acc = acc_dtype(q.dtype)
+        do = do.contiguous()
+        # D_i = do_i . o_i, the softmax's row correction, as [B, H, Tq]
+        dlt = (do.to(acc) * o.to(acc)).sum(-1).permute(0, 2, 1).contiguous()
+        dq = empty(q.shape, acc, q.device)
+        _attn_dq_kernel[(triton.cdiv(cfg.Tq, cfg.BM), cfg.B * cfg.H)](
+            q, k, v, fk if fk is not None else k, fv if fv is not None else v,
+            sk if sk is not None else k, sv if sv is not None else v, sp, do, lse, dlt, dq,
+            *cfg.args(), HAS_FADING=fk is not None, HAS_STORE=sk is not None, **cfg.blocks())
+
+        def kv_grads(mode, kk, vv, tiles):
+            dk = empty(kk.shape, acc, q.device)
+            dv = empty(vv.shape, acc, q.device)
+            _attn_dkdv_kernel[(tiles, cfg.B * cfg.H)](
+                q, kk, vv, sp, do, lse, dlt, dk, dv, *cfg.args(), MODE=mode, **cfg.blocks())
+            return dk.to(kk.dtype), dv.to(vv.dtype)
+
+        n_key_tiles = triton.cdiv(cfg.Tk, cfg.BN)
+        dk, dv = kv_grads(RAW, k, v, n_key_tiles)
+        dfk = dfv = dsk = dsv = None
+        if fk is not None:
+            dfk, dfv = kv_grads(FADING, fk, fv, n_key_tiles)
+        if sk is not None and cfg.M > 0:
+            dsk, dsv = kv_grads(STORE, sk, sv, cfg.S * triton.cdiv(cfg.M, cfg.BN))
+        elif sk is not None:
+            dsk, dsv = torch.zeros_like(sk), torch.zeros_like(sv)
+        return (dq.to(q.dtype), dk, dv, dfk, dfv, dsk, dsv, None, None, None, None)
+
+
+def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos):
+    where = "windowed_readout"
+    for name, t in (("q", q), ("k", k), ("v", v), ("fading_k", fading_k),
+                    ("fading_v", fading_v), ("store_k", store_k), ("store_v", store_v)):
+        if t is not None:
+            check_float(where, name, t)
+            if t.dtype != q.dtype:
+                raise TypeError(f"{where}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    check_device(where, q, k=k, v=v, fading_k=fading_k, fading_v=fading_v, store_k=store_k,
+                 store_v=store_v, store_pos=store_pos)
+    if q.ndim != 4:
+        raise ValueError(f"{where}: q must be [B, Tq, H, E], got shape {tuple(q.shape)}")
+    B, Tq, H, E = q.shape
+    if k.ndim != 4 or k.shape[0] != B or k.shape[2:] != q.shape[2:] or k.shape[1] < Tq:
+        raise ValueError(f"{where}: k must be [B={B}, Tk >= {Tq}, H={H}, E={E}], got "
+                         f"{tuple(k.shape)}")
+    for name, t in (("v", v), ("fading_k", fading_k), ("fading_v", fading_v)):
+        if t is not None and t.shape != k.shape:
+            raise ValueError(f"{where}: {name} must have k's shape {tuple(k.shape)}, got "
+                             f"{tuple(t.shape)}")
+    if (fading_k is None) != (fading_v is None):
+        raise ValueError(f"{where}: give both fading_k and fading_v, or neither")
+    if not isinstance(pos, int) or pos < k.shape[1] - Tq:
+        raise ValueError(f"{where}: pos must be an int >= Tk - Tq = {k.shape[1] - Tq} (no key "
+                         f"sits before position 0), got {pos!r}")
+    if window is None:
+        if fading_k is not None or store_k is not None:
+            raise ValueError(f"{where}: window must be an int when fading keys or a store are "
+                             f"given, got None")
+    elif not isinstance(window, int) or window < 1:
+        raise ValueError(f"{where}: window must be a positive int or None, got {window!r}")
+    given = [t is not None for t in (store_k, store_v, store_pos, chunk)]
+    if any(given) and not all(given):
+        raise ValueError(f"{where}: give store_k, store_v, store_pos and chunk together, or none")
+    if store_k is None:
+        return
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"{where}: chunk must be a positive int, got {chunk!r}")
+    S = (pos + Tq - 1) // chunk - pos // chunk + 1 if Tq > 0 else 0
+    if store_k.ndim != 5 or store_k.shape[:3] != (B, H, S) or store_k.shape[4] != E:
+        raise ValueError(f"{where}: store_k must be [B={B}, H={H}, snapshots={S}, slots, E={E}] "
+                         f"(one snapshot per chunk the queries touch), got "
+                         f"{tuple(store_k.shape)}")
+    if store_v.shape != store_k.shape:
+        raise ValueError(f"{where}: store_v must have store_k's shape {tuple(store_k.shape)}, "
+                         f"got {tuple(store_v.shape)}")
+    want = (B, S, store_k.shape[3])
+    if tuple(store_pos.shape) != want or store_pos.dtype.is_floating_point:
+        raise ValueError(f"{where}: store_pos must be an integer tensor of shape {want}, got "
+                         f"{tuple(store_pos.shape)} {store_pos.dtype}")
+
+
+def windowed_readout(q, k, v, window, fading_k=None, fading_v=None, store_k=None, store_v=None,
+                    store_pos=None, chunk=None, pos=0):
+    """One softmax over the raw window, the fading window and the visible store entries.
+
+    q: [B, Tq, H, E] at positions pos .. pos + Tq - 1; k, v (and fading_k, fading_v):
+    [B, Tk, H, E], Tk >= Tq, the last Tq rows at the queries' positions (earlier rows are a cache
+    of the positions before). window: W, or None for full causal attention over the raw keys.
+    store_k, store_v: [B, H, S, M, E] and store_pos [B, S, M] (int, negative for an empty slot):
+    snapshot s is the store after chunk pos // chunk + s - 1, seen by the queries of chunk
+    pos // chunk + s, entry by entry where its position p <= t - W. Keys arrive already rotated.
+    Returns o [B, Tq, H, E] in q's dtype, differentiable in every float input.
+    """
+    _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos)
+    if q.shape[1] == 0:
+        raise ValueError("windowed_readout: q must hold at least one query, got Tq = 0")
+    if store_k is not None:
+        store_pos = store_pos.to(torch.int64)
+    return _WindowedReadout.apply(q, k, v, fading_k, fading_v, store_k, store_v, store_pos,
+                                 window, pos, chunk)
+
+
+def windowed_readout_ref(q, k, v, window, fading_k=None, fading_v=None, store_k=None,
+                        store_v=None, store_pos=None, chunk=None, pos=0):
+    """The same function in plain torch, one query at a time (float32 or float64 inside)."""
+    acc = acc_dtype(q.dtype)
+    B, Tq, H, E = q.shape
+    Tk = k.shape[1]
+    kpos = torch.arange(Tk, device=q.device) + pos - (Tk - Tq)
+    outs = []
+    for i in range(Tq):
+        t = pos + i
+        raw = kpos <= t
+        if window is not None:
+            raw = raw & (kpos > t - window)
+        keys, vals = [k[:, raw]], [v[:, raw]]  # [B, n, H, E]
+        if fading_k is not None:
+            fad = (kpos <= t - window) & (kpos > t - 2 * window)
+            keys.append(fading_k[:, fad])
+            vals.append(fading_v[:, fad])
+        n_plain = sum(x.shape[1] for x in keys)
+        if store_k is not None:
+            s = t // chunk - pos // chunk
+            keys.append(store_k[:, :, s].permute(0, 2, 1, 3))
+            vals.append(store_v[:, :, s].permute(0, 2, 1, 3))
+        kk = torch.cat(keys, 1).to(acc)
+        vv = torch.cat(vals, 1).to(acc)
+        mask = torch.ones(B, kk.shape[1], dtype=torch.bool, device=q.device)
+        if store_k is not None:
+            sp = store_pos[:, s]
+            mask[:, n_plain:] = (sp >= 0) & (sp <= t - window)
+        sc = torch.einsum("bhe,bnhe->bhn", q[:, i].to(acc), kk) / math.sqrt(E)
+        sc = sc.masked_fill(~mask[:, None, :], float("-inf"))
+        outs.append(torch.einsum("bhn,bnhe->bhe", torch.softmax(sc, -1), vv))
+    return torch.stack(outs, 1).to(q.dtype)

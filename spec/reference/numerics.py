@@ -1,0 +1,125 @@
+"""Numerics of the reference: namespaces, the accumulation dtype, and the elementwise and
+normalisation functions every primitive and layer uses.
+
+Everything here works on any Array API namespace (numpy, torch, JAX through array_api_compat),
+never mutates an array in place (JAX arrays are immutable), and stays differentiable under torch
+autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat
+import numpy as np
+
+from ..constants import L2_EPS, NORM_EPS
+
+
+def namespace(*arrays):
+    return array_api_compat.array_namespace(*arrays)
+
+
+def device(x):
+    return array_api_compat.device(x)
+
+
+def acc_dtype(xp, dtype):
+    """float64 stays float64; every other float type accumulates in float32."""
+    return xp.float64 if dtype == xp.float64 else xp.float32
+
+
+def to_xp(xp, value, like):
+    """``value`` (numpy, or an array of ``xp``) as an array of ``xp`` with ``like``'s dtype and
+    device; an array already of ``xp`` is cast, which keeps it on the autograd graph."""
+    if isinstance(value, np.ndarray) or np.isscalar(value) or isinstance(value, (list, tuple)):
+        arr = np.asarray(value)
+        if np.issubdtype(arr.dtype, np.floating):
+            return xp.asarray(arr, dtype=like.dtype, device=device(like))
+        return xp.asarray(arr, device=device(like))
+    if array_api_compat.is_array_api_obj(value) and namespace(value) is not xp:
+        return xp.asarray(np.asarray(value), dtype=like.dtype, device=device(like))
+    if xp.isdtype(value.dtype, "real floating") and value.dtype != like.dtype:
+        return xp.astype(value, like.dtype)
+    return value
+
+
+def params_as(xp, params: dict, like) -> dict:
+    out = {}
+    for name, value in params.items():
+        try:
+            out[name] = to_xp(xp, value, like)
+        except (RuntimeError, TypeError) as e:
+            # e.g. a torch parameter that requires grad cannot become a numpy array
+            raise TypeError(
+                f"params[{name!r}] is a {type(value).__module__}.{type(value).__name__} and cannot "
+                f"join an input of {type(like).__module__}.{type(like).__name__}: pass the input "
+                f"in the parameters' array library (gradients cannot cross libraries), or detach "
+                f"the parameters ({e})") from e
+    return out
+
+
+def linear(xp, x, weight, bias=None):
+    """x @ weight.T (+ bias), weight in torch's [out, in] layout."""
+    y = xp.matmul(x, xp.permute_dims(weight, (1, 0)))
+    return y if bias is None else y + bias
+
+
+def softplus(xp, x):
+    # log1p(exp(x)) overflows for large x; softplus(x) = x + log1p(exp(-x)) there.
+    return xp.where(x > 0, x + xp.log1p(xp.exp(-xp.abs(x))), xp.log1p(xp.exp(-xp.abs(x))))
+
+
+def sigmoid(xp, x):
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def silu(xp, x):
+    return x * sigmoid(xp, x)
+
+
+def gelu(xp, x):
+    # tanh approximation: Array API has no erf.
+    c = math.sqrt(2.0 / math.pi)
+    return 0.5 * x * (1.0 + xp.tanh(c * (x + 0.044715 * x * x * x)))
+
+
+def l2_normalize(xp, x, axis: int = -1):
+    n = xp.sqrt(xp.sum(x * x, axis=axis, keepdims=True))
+    return x / xp.maximum(n, xp.asarray(L2_EPS, dtype=x.dtype, device=device(x)))
+
+
+def rms_norm(xp, x, weight):
+    ms = xp.mean(x * x, axis=-1, keepdims=True)
+    return x / xp.sqrt(ms + NORM_EPS) * weight
+
+
+def layer_norm(xp, x, weight):
+    mu = xp.mean(x, axis=-1, keepdims=True)
+    var = xp.mean((x - mu) ** 2, axis=-1, keepdims=True)
+    return (x - mu) / xp.sqrt(var + NORM_EPS) * weight
+
+
+def masked_softmax_readout(xp, scores, mask, values):
+    """sum_j softmax_j(scores | mask) values_j along the last axis of ``scores``.
+
+    scores, mask: [..., Q, S]; values: [..., S, E]. A row with no allowed entry reads 0.
+    Masked scores become -inf before the max, so large masked values can neither overflow
+    nor leak gradient.
+    """
+    if scores.shape[-1] == 0:
+        return xp.zeros(tuple(scores.shape[:-1]) + (values.shape[-1],), dtype=values.dtype,
+                        device=device(values))
+    neg_inf = xp.asarray(-math.inf, dtype=scores.dtype, device=device(scores))
+    s = xp.where(mask, scores, neg_inf)
+    m = xp.max(s, axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    w = xp.where(mask, xp.exp(s - m), xp.zeros_like(s))
+    den = xp.sum(w, axis=-1, keepdims=True)
+    den = xp.where(den > 0, den, xp.ones_like(den))
+    return xp.matmul(w / den, values)
+
+
+def cast_out(xp, y, dtype):
+    return y if y.dtype == dtype else xp.astype(y, dtype)

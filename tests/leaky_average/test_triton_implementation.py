@@ -1,0 +1,45 @@
+"""The torch backend's primitive functions choose between the Triton kernels and the torch path
+(``implementation=``, ``MEMCORE_KERNELS``): same results and states as the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need triton")
+
+import memcore.kernels.triton.leaky_average as leaky_mod  # noqa: E402
+from kcheck import assert_close  # noqa: E402
+from memcore.backends.torch import implementation  # noqa: E402
+from primitives import REF as ops  # noqa: E402
+from primitives import TORCH as api  # noqa: E402
+
+F64 = torch.float64
+
+
+def spy(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def wrapped(*a, **kw):
+        calls.append(name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch"])
+def test_leaky_average_both_paths(mode, monkeypatch, device):
+    monkeypatch.setenv(implementation.ENV, mode)
+    calls = spy(monkeypatch, leaky_mod, "leaky_average")
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(2, 7, 3, 5, generator=g, dtype=F64)
+    ld = -torch.rand(3, generator=g, dtype=F64)
+    h0 = torch.randn(2, 3, 5, generator=g, dtype=F64)
+    k, ld, h0 = k.to(device), ld.to(device), h0.to(device)
+    y, h = api.leaky_average(k, ld, h0, return_final_state=True)
+    yr, hr = ops.leaky_average(k, ld, h0, return_final_state=True)
+    assert calls == (["leaky_average"] if mode == "triton" else [])
+    assert_close("kbar", y, yr, F64)
+    assert_close("h", h, hr, F64)
