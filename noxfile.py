@@ -21,19 +21,25 @@ def _install(session, extras: str, torch: bool = True):
     session.install("-e", f".[{extras}]")
 
 
+def _tests(*prefixes: str) -> list[str]:
+    """The test files of one tree: ``tests/<folder>/test_<prefix>*.py`` for each prefix (a
+    primitive's tests are found by its folder, a tree's by the file name)."""
+    return sorted(f for p in prefixes for f in glob.glob(f"tests/*/test_{p}*.py"))
+
+
 @nox.session
 def reference(session):
     """The Array API reference on numpy, torch and JAX arrays, the specs, memcore.testing."""
     _install(session, "jax,test")
-    session.run("pytest", "-q", *sorted(glob.glob("tests/*/test_reference*.py")), "tests/specs",
-                "tests/ops/test_routing.py", "tests/testing", *session.posargs)
+    session.run("pytest", "-q", *_tests("reference"), "tests/specs", "tests/ops/test_routing.py",
+                "tests/testing", *session.posargs)
 
 
 @nox.session
 def torch(session):
     """The torch backend, checkpoints and interop."""
     _install(session, "test")
-    session.run("pytest", "-q", "tests/torch", "tests/interop", "tests/checkpoint",
+    session.run("pytest", "-q", *_tests("torch"), "tests/interop", "tests/checkpoint",
                 *session.posargs)
 
 
@@ -41,14 +47,14 @@ def torch(session):
 def jax(session):
     """The JAX backend and the cross-backend property tests."""
     _install(session, "jax,test")
-    session.run("pytest", "-q", "tests/jax", *session.posargs)
+    session.run("pytest", "-q", *_tests("jax", "cross_backend"), *session.posargs)
 
 
 @nox.session
 def kernels(session):
-    """Triton and Pallas kernels in interpret mode (no GPU needed)."""
+    """Triton and Pallas kernels in interpret mode (no GPU needed), and their compile checks."""
     _install(session, "jax,triton,test")
-    session.run("pytest", "-q", "tests/kernels", *session.posargs,
+    session.run("pytest", "-q", *_tests("triton", "pallas"), *session.posargs,
                 env={"TRITON_INTERPRET": "1"})
 
 

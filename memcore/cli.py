@@ -100,13 +100,33 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _report_outputs(results: dict, out) -> int:
-    """The closing lines every task prints: wall time and where its files went."""
+TASK_ERRORS = (ValueError, TypeError, NotImplementedError)
+
+
+def run_task_command(name: str, fn, report, out, errors=TASK_ERRORS) -> int:
+    """A task subcommand: ``fn()`` runs it and returns its results (None: nothing to report,
+    as a dry run); an error of ``errors`` is a bad argument, printed as ``memcore NAME: ...``
+    with exit status 2. Then ``report(results)``, the wall time and where the files went."""
+    try:
+        results = fn()
+    except errors as err:
+        print(f"memcore {name}: {err}", file=sys.stderr)
+        return 2
+    if results is None:
+        return 0
+    print(report(results))
     print(f"wall time {results['seconds']:.0f} s")
     if out:
         plot = results.get("plot")
         print(f"results in {out}/results.json" + (f", plot {plot}" if plot else ""))
     return 0
+
+
+def _config(default, fields: dict):
+    """``default`` with the fields given on the command line (None: not given)."""
+    from dataclasses import replace
+
+    return replace(default, **{k: v for k, v in fields.items() if v is not None})
 
 
 def cmd_mqar(args) -> int:
@@ -115,7 +135,8 @@ def cmd_mqar(args) -> int:
     overrides = {"steps": args.steps, "seq_len": args.seq_len, "num_kv_pairs": args.kv,
                  "vocab_size": args.vocab, "d_model": args.d_model, "batch_size": args.batch,
                  "test_examples": args.test_examples, "lr": args.lr}
-    try:
+
+    def run():
         mqar_run.check_models(args.models)
         if args.dry_run:
             plan = mqar_run.full_plan(args.models) if not args.quick else \
@@ -124,94 +145,100 @@ def cmd_mqar(args) -> int:
             for name, cfg in plan:
                 print(f"  {name} L={cfg.seq_len} kv={cfg.num_kv_pairs} d={cfg.d_model} "
                       f"lr={cfg.lr:.2e} steps={cfg.total_steps}")
-            return 0
-        results = mqar_run.run(args.models, quick=args.quick, seed=args.seed,
-                               device=args.device, out_dir=args.out, overrides=overrides,
-                               resume=args.resume, checkpoint_every=args.checkpoint_every,
-                               backend=args.backend, log_every=args.log_every,
-                               jobs=args.jobs)
-    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
-        print(f"memcore mqar: {err}", file=sys.stderr)
-        return 2
-    print(mqar_run.table(results))
-    return _report_outputs(results, args.out)
+            return None
+        return mqar_run.run(args.models, quick=args.quick, seed=args.seed, device=args.device,
+                            out_dir=args.out, overrides=overrides, resume=args.resume,
+                            checkpoint_every=args.checkpoint_every, backend=args.backend,
+                            log_every=args.log_every, jobs=args.jobs)
+
+    return run_task_command("mqar", run, mqar_run.table, args.out,
+                            TASK_ERRORS + (FileNotFoundError,))
 
 
 def cmd_lm(args) -> int:
-    from dataclasses import replace
-
     from memcore.tasks import lm
 
     fields = {"seq_len": args.seq_len, "d_model": args.d_model, "batch_size": args.batch,
               "steps": args.steps, "lr": args.lr, "eval_windows": args.eval_windows}
-    try:
-        cfg = replace(lm.LMConfig(), **{k: v for k, v in fields.items() if v is not None})
-        results = lm.run(args.text, args.models, cfg, seed=args.seed, device=args.device,
-                         out_dir=args.out, backend=args.backend, log_every=args.log_every,
-                         resume=args.resume, checkpoint_every=args.checkpoint_every)
-    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
-        print(f"memcore lm: {err}", file=sys.stderr)
-        return 2
-    print(lm.table(results))
-    return _report_outputs(results, args.out)
+
+    def run():
+        return lm.run(args.text, args.models, _config(lm.LMConfig(), fields), seed=args.seed,
+                      device=args.device, out_dir=args.out, backend=args.backend,
+                      log_every=args.log_every, resume=args.resume,
+                      checkpoint_every=args.checkpoint_every)
+
+    return run_task_command("lm", run, lm.table, args.out, TASK_ERRORS + (FileNotFoundError,))
 
 
 def cmd_moons(args) -> int:
-    from dataclasses import replace
-
     from memcore.tasks import moons
 
     fields = {"steps": args.steps, "batch_size": args.batch, "length": args.length,
               "eval_sequences": args.eval_sequences, "context_step": args.context_step}
-    try:
-        cfg = replace(moons.MoonsConfig(), **{k: v for k, v in fields.items() if v is not None})
-        results = moons.run(cfg, heads=tuple(args.heads), seed=args.seed, device=args.device,
-                            out_dir=args.out, backend=args.backend, log_every=args.log_every)
-    except (ValueError, TypeError, NotImplementedError) as err:
-        print(f"memcore moons: {err}", file=sys.stderr)
-        return 2
-    print(f"held out: {results['held_out']}; trained on {', '.join(results['train_sets'])}")
-    print(moons.table(results))
-    return _report_outputs(results, args.out)
+
+    def run():
+        return moons.run(_config(moons.MoonsConfig(), fields), heads=tuple(args.heads),
+                         seed=args.seed, device=args.device, out_dir=args.out,
+                         backend=args.backend, log_every=args.log_every)
+
+    def report(results):
+        return (f"held out: {results['held_out']}; trained on "
+                f"{', '.join(results['train_sets'])}\n" + moons.table(results))
+
+    return run_task_command("moons", run, report, args.out)
 
 
 def cmd_regbench(args) -> int:
-    from dataclasses import replace
-
     from memcore.tasks import regbench
 
     fields = {"steps": args.steps, "batch_size": args.batch, "train_dfas": args.train_dfas,
               "test_dfas": args.test_dfas, "max_string_len": args.max_string_len,
               "d_model": args.d_model}
-    try:
-        cfg = replace(regbench.RegBenchConfig(),
-                      **{k: v for k, v in fields.items() if v is not None})
-        results = regbench.run(args.models, cfg, seed=args.seed, device=args.device,
-                               out_dir=args.out, backend=args.backend,
-                               log_every=args.log_every)
-    except (ValueError, TypeError, NotImplementedError) as err:
-        print(f"memcore regbench: {err}", file=sys.stderr)
-        return 2
-    print(regbench.table(results))
-    return _report_outputs(results, args.out)
+
+    def run():
+        return regbench.run(args.models, _config(regbench.RegBenchConfig(), fields),
+                            seed=args.seed, device=args.device, out_dir=args.out,
+                            backend=args.backend, log_every=args.log_every)
+
+    return run_task_command("regbench", run, regbench.table, args.out)
 
 
-def _task_args(p, default_log_every: int = 50) -> None:
-    """Options every training task shares."""
-    p.add_argument("--out", metavar="DIR", help="write results, logs, checkpoints and plots here")
-    p.add_argument("--seed", type=int, default=0)
+def _run_args(p, out_help: str, seed: int = 0, seed_help: str | None = None,
+              checkpoints: bool = True, log_help: str | None = None) -> None:
+    """Options every training task shares, up to --log-every."""
+    p.add_argument("--out", metavar="DIR", help=out_help)
+    p.add_argument("--seed", type=int, default=seed, help=seed_help)
     p.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda[:N], for either backend")
     p.add_argument("--backend", default="torch",
                    help="torch (default) or jax (needs jax, equinox, optax)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints under --out")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="checkpoint every N steps (0: never)")
-    p.add_argument("--log-every", type=int, default=default_log_every, metavar="N",
-                   help="a progress line on stderr every N steps")
+    if checkpoints:
+        p.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoints under --out")
+        p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                       help="checkpoint every N steps (0: never)")
+    p.add_argument("--log-every", type=int, default=50, metavar="N", help=log_help)
+
+
+def _task_args(p) -> None:
+    """The options of the tasks that checkpoint and resume."""
+    _run_args(p, "write results, logs, checkpoints and plots here",
+              log_help="a progress line on stderr every N steps")
     p.add_argument("--steps", type=int, help="training steps (overrides the configuration)")
     _threads_arg(p)
+
+
+def _models_arg(p, models) -> None:
+    p.add_argument("--models", nargs="+", default=list(models), metavar="MODEL",
+                   help=f"default: all of {', '.join(models)}")
+
+
+def _sizes_args(p, **helps) -> None:
+    """One option per configuration size, ``--seq-len`` for ``seq_len=help``: ints, ``lr`` a
+    float; absent, the configuration's value stands."""
+    for dest, text in helps.items():
+        p.add_argument("--" + dest.replace("_", "-"), type=float if dest == "lr" else int,
+                       help=text)
 
 
 def _threads_arg(p) -> None:
@@ -239,16 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mqar", help="multi-query associative recall (Zoology's protocol)")
     p.add_argument("--quick", action="store_true",
                    help="the reduced CPU configuration (default: Zoology's Figure-2 sweep)")
-    p.add_argument("--models", nargs="+", default=list(MODELS), metavar="MODEL",
-                   help=f"default: all of {', '.join(MODELS)}")
+    _models_arg(p, MODELS)
     _task_args(p)
-    p.add_argument("--seq-len", type=int, help="sequence length L")
-    p.add_argument("--kv", type=int, help="key-value pairs per sequence")
-    p.add_argument("--vocab", type=int, help="vocabulary size")
-    p.add_argument("--d-model", type=int, help="model width")
-    p.add_argument("--batch", type=int, help="batch size")
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--test-examples", type=int, help="examples in the test set")
+    _sizes_args(p, seq_len="sequence length L", kv="key-value pairs per sequence",
+                vocab="vocabulary size", d_model="model width", batch="batch size",
+                lr="learning rate", test_examples="examples in the test set")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N models at a time, each in its own single-thread process "
@@ -259,51 +281,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lm", help="byte-level language model on a text file; loss up to 4L")
     p.add_argument("--text", required=True, metavar="FILE", help="any text file")
-    p.add_argument("--models", nargs="+", default=list(LM_MODELS), metavar="MODEL",
-                   help=f"default: all of {', '.join(LM_MODELS)}")
+    _models_arg(p, LM_MODELS)
     _task_args(p)
-    p.add_argument("--seq-len", type=int, help="training length L (evaluation: 4L)")
-    p.add_argument("--d-model", type=int, help="model width")
-    p.add_argument("--batch", type=int, help="batch size")
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--eval-windows", type=int, help="held-out windows of 4L bytes")
+    _sizes_args(p, seq_len="training length L (evaluation: 4L)", d_model="model width",
+                batch="batch size", lr="learning rate", eval_windows="held-out windows of 4L bytes")
     p.set_defaults(func=cmd_lm)
 
     p = sub.add_parser("moons", help="Memory Mosaics' three moons: 1 head vs 3 heads")
     p.add_argument("--heads", nargs="+", type=int, default=[1, 3], help="default: 1 3")
-    p.add_argument("--out", metavar="DIR", help="write results and the plot here")
-    p.add_argument("--seed", type=int, default=100, help="default: 100 (the paper's)")
-    p.add_argument("--device", default="cpu",
-                   help="cpu (default) or cuda[:N], for either backend")
-    p.add_argument("--backend", default="torch",
-                   help="torch (default) or jax (needs jax, equinox, optax)")
-    p.add_argument("--log-every", type=int, default=50, metavar="N")
-    p.add_argument("--steps", type=int, help="training steps (default 500)")
-    p.add_argument("--batch", type=int, help="batch size (default 64)")
-    p.add_argument("--length", type=int, help="sequence length (default 800)")
-    p.add_argument("--eval-sequences", type=int, help="sequences per evaluated set")
-    p.add_argument("--context-step", type=int, help="spacing of evaluated context lengths")
+    _run_args(p, "write results and the plot here", seed=100,
+              seed_help="default: 100 (the paper's)", checkpoints=False)
+    _sizes_args(p, steps="training steps (default 500)", batch="batch size (default 64)",
+                length="sequence length (default 800)",
+                eval_sequences="sequences per evaluated set",
+                context_step="spacing of evaluated context lengths")
     _threads_arg(p)
     p.set_defaults(func=cmd_moons)
 
     from memcore.tasks.regbench import MODELS as RB_MODELS
 
     p = sub.add_parser("regbench", help="in-context language learning on random automata")
-    p.add_argument("--models", nargs="+", default=list(RB_MODELS), metavar="MODEL",
-                   help=f"default: all of {', '.join(RB_MODELS)}")
-    p.add_argument("--out", metavar="DIR", help="write results and the plot here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu",
-                   help="cpu (default) or cuda[:N], for either backend")
-    p.add_argument("--backend", default="torch",
-                   help="torch (default) or jax (needs jax, equinox, optax)")
-    p.add_argument("--log-every", type=int, default=50, metavar="N")
-    p.add_argument("--steps", type=int, help="training steps (default 400)")
-    p.add_argument("--batch", type=int, help="batch size (default 16)")
-    p.add_argument("--train-dfas", type=int, help="training automata (default 1000)")
-    p.add_argument("--test-dfas", type=int, help="test automata (default 100)")
-    p.add_argument("--max-string-len", type=int, help="longest string (default 49)")
-    p.add_argument("--d-model", type=int, help="model width (default 64)")
+    _models_arg(p, RB_MODELS)
+    _run_args(p, "write results and the plot here", checkpoints=False)
+    _sizes_args(p, steps="training steps (default 400)", batch="batch size (default 16)",
+                train_dfas="training automata (default 1000)",
+                test_dfas="test automata (default 100)",
+                max_string_len="longest string (default 49)", d_model="model width (default 64)")
     _threads_arg(p)
     p.set_defaults(func=cmd_regbench)
     return parser

@@ -132,6 +132,15 @@ def _strip_wrapper_prefix(sd: dict) -> dict:
     return sd
 
 
+# memcore's parameter name -> the official module's, for the tensors that copy as they are.
+_CONTEXTUAL_NAMES = (("v_proj.weight", "v_featurizer.linear.weight"),
+                     ("o_proj.weight", "c_proj.weight"), ("leak", "leaky_key_beta"),
+                     ("k_scale", "kernel_beta"), ("v_scale", "value_beta"),
+                     ("v_mix", "v_featurizer.coef"))
+_PERSISTENT_NAMES = (("o_proj.weight", "c_proj.weight"), ("leak", "leaky_key_beta"),
+                     ("k_scale", "kernel_beta"), ("out_scale", "value_beta"))
+
+
 def from_memory_mosaics(state_dict, n_heads: int | None = None) -> tuple[Model, dict]:
     """The official Memory Mosaics model (``StackAssoMem`` of facebookresearch/MemoryMosaics,
     ``Library/memory_mosaics/models``) as a memcore model spec and params.
@@ -229,20 +238,13 @@ def from_memory_mosaics(state_dict, n_heads: int | None = None) -> tuple[Model, 
     for i in range(n_layers):
         b, m, f = f"blocks.{i}.", f"layers.{i}.mixer.", f"layers.{i}.ffn."
         out[f"layers.{i}.norm1.weight"] = p[b + "ln1.weight"]
+        # The key featurizers are width-1 convolutions: their one tap is the projection.
         out[m + "k_proj.weight"] = p[b + "attn.k_featurizer.conv.weight"][:, :, 0].copy()
-        out[m + "v_proj.weight"] = p[b + "attn.v_featurizer.linear.weight"]
-        out[m + "o_proj.weight"] = p[b + "attn.c_proj.weight"]
-        out[m + "leak"] = p[b + "attn.leaky_key_beta"]
-        out[m + "k_scale"] = p[b + "attn.kernel_beta"]
-        out[m + "v_scale"] = p[b + "attn.value_beta"]
-        out[m + "v_mix"] = p[b + "attn.v_featurizer.coef"]
+        out.update({m + dst: p[b + "attn." + src] for dst, src in _CONTEXTUAL_NAMES})
         if ffn:
             out[f"layers.{i}.norm2.weight"] = p[b + "ln2.weight"]
             out[f + "k_proj.weight"] = p[b + "pmem.k_featurizer.conv.weight"][:, :, 0].copy()
-            out[f + "o_proj.weight"] = p[b + "pmem.c_proj.weight"]
-            out[f + "leak"] = p[b + "pmem.leaky_key_beta"]
-            out[f + "k_scale"] = p[b + "pmem.kernel_beta"]
-            out[f + "out_scale"] = p[b + "pmem.value_beta"]
+            out.update({f + dst: p[b + "pmem." + src] for dst, src in _PERSISTENT_NAMES})
             for src, dst in (("M_k0", "mem_k"), ("M_v0", "mem_v")):
                 t = p[b + "pmem.pmem." + src]
                 if t.ndim != 4 or t.shape[0] != 1:

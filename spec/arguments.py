@@ -21,6 +21,12 @@ def int_arg(owner: str, name: str, value: Any, *, minimum: int | None = None,
         raise ValueError(f"{owner}: {name} must be <= {maximum}, got {value}")
 
 
+def positive_ints(owner: str, spec: Any, *names: str, allow_none: tuple = ()) -> None:
+    """``int_arg(..., minimum=1)`` for each named field of ``spec``."""
+    for name in names:
+        int_arg(owner, name, getattr(spec, name), minimum=1, allow_none=name in allow_none)
+
+
 def bool_arg(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")

@@ -1,4 +1,10 @@
-"""Layer specs (DESIGN section 3): sequence mixers mapping [B, T, D] to [B, T, D]."""
+"""Layer specs (DESIGN section 3): sequence mixers mapping [B, T, D] to [B, T, D].
+
+Each layer spec is a composition of the primitive specs of ``primitives.py``; the cached
+properties (``scan``, ``fading_block``, ``readout``, ``store``, ``leaky``) build them once per
+spec, and the layers of every tree read them. ``layer`` names the ``layers/`` module that
+realizes the spec, the same in the reference, torch and JAX.
+"""
 
 from __future__ import annotations
 
@@ -6,48 +12,44 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from .arguments import bool_arg, choice_arg, divisible, int_arg
+from . import primitives as P
+from .arguments import bool_arg, choice_arg, divisible, int_arg, positive_ints
 from .base import Spec
-from .primitives import (
-    POSITIONS,
-    AssociativeReadoutSpec,
-    EideticStoreSpec,
-    LeakyAverageSpec,
-    PersistentReadoutSpec,
-    SelectiveScanSpec,
-    WindowedReadoutSpec,
-)
-
-
-def _heads(owner: str, d_model, n_heads) -> None:
-    int_arg(owner, "d_model", d_model, minimum=1)
-    int_arg(owner, "n_heads", n_heads, minimum=1)
-    divisible(owner, "n_heads", d_model, "d_model", n_heads)
 
 
 @dataclass(frozen=True)
-class Transformer(Spec):
-    """Causal softmax attention, full (window=None) or sliding-window (2.3, raw source only)."""
+class HeadedLayer(Spec):
+    """A layer of ``n_heads`` heads over ``d_model`` channels (head_dim = d_model / n_heads)."""
 
-    kind = "transformer"
-    layer = "windowed"  # the layers/ module that realizes it, in every tree
     d_model: int
     n_heads: int
-    window: int | None = None
-    positions: str = "rope"
 
     def _validate(self):
-        _heads("transformer", self.d_model, self.n_heads)
-        int_arg("transformer", "window", self.window, minimum=1, allow_none=True)
-        choice_arg("transformer", "positions", self.positions, POSITIONS)
+        positive_ints(self.kind, self, "d_model", "n_heads")
+        divisible(self.kind, "n_heads", self.d_model, "d_model", self.n_heads)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+
+@dataclass(frozen=True)
+class Transformer(HeadedLayer):
+    """Causal softmax attention, full (window=None) or sliding-window (2.3, raw source only)."""
+
+    kind = "transformer"
+    layer = "windowed"
+    window: int | None = None
+    positions: str = "rope"
+
+    def _validate(self):
+        super()._validate()
+        int_arg(self.kind, "window", self.window, minimum=1, allow_none=True)
+        choice_arg(self.kind, "positions", self.positions, P.POSITIONS)
+
     @cached_property
-    def readout(self) -> WindowedReadoutSpec:
-        return WindowedReadoutSpec(self.n_heads, self.head_dim, self.window, self.positions)
+    def readout(self) -> P.WindowedReadoutSpec:
+        return P.WindowedReadoutSpec(self.n_heads, self.head_dim, self.window, self.positions)
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Mamba(Spec):
     """The Mamba block of mamba-ssm around the selective scan (2.1)."""
 
     kind = "mamba"
-    layer = "mamba"  # the layers/ module that realizes it, in every tree
+    layer = "mamba"
     d_model: int
     d_state: int = 16
     d_conv: int = 4
@@ -63,10 +65,7 @@ class Mamba(Spec):
     dt_rank: int | str = "auto"
 
     def _validate(self):
-        int_arg("mamba", "d_model", self.d_model, minimum=1)
-        int_arg("mamba", "d_state", self.d_state, minimum=1)
-        int_arg("mamba", "d_conv", self.d_conv, minimum=1)
-        int_arg("mamba", "expand", self.expand, minimum=1)
+        positive_ints("mamba", self, "d_model", "d_state", "d_conv", "expand")
         if self.dt_rank != "auto":
             int_arg("mamba", "dt_rank", self.dt_rank, minimum=1)
 
@@ -80,19 +79,17 @@ class Mamba(Spec):
         return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
 
     @cached_property
-    def scan(self) -> SelectiveScanSpec:
-        return SelectiveScanSpec(self.d_inner, self.d_state)
+    def scan(self) -> P.SelectiveScanSpec:
+        return P.SelectiveScanSpec(self.d_inner, self.d_state)
 
 
 @dataclass(frozen=True)
-class BMojoF(Spec):
+class BMojoF(HeadedLayer):
     """B'MOJO-F: a Mamba block's output s gives the keys/values of a fading window that sits
     behind the raw window, in the same softmax."""
 
     kind = "bmojo_f"
-    layer = "windowed"  # the layers/ module that realizes it, in every tree
-    d_model: int
-    n_heads: int
+    layer = "windowed"
     window: int
     d_state: int = 16
     positions: str = "rope"
@@ -103,10 +100,10 @@ class BMojoF(Spec):
     dt_rank: int | str = "auto"
 
     def _validate(self):
+        super()._validate()
         owner = self.kind
-        _heads(owner, self.d_model, self.n_heads)
         int_arg(owner, "window", self.window, minimum=1)
-        choice_arg(owner, "positions", self.positions, POSITIONS)
+        choice_arg(owner, "positions", self.positions, P.POSITIONS)
         bool_arg(owner, "tie_fading", self.tie_fading)
         bool_arg(owner, "fading", self.fading)
         # The fading block's own checks, with this layer's name in the message.
@@ -115,22 +112,18 @@ class BMojoF(Spec):
         except (TypeError, ValueError) as err:
             raise type(err)(str(err).replace("mamba:", f"{owner}:", 1)) from None
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     @cached_property
     def fading_block(self) -> Mamba:
         return Mamba(self.d_model, self.d_state, self.d_conv, self.expand, self.dt_rank)
 
     @cached_property
-    def store(self) -> EideticStoreSpec | None:
+    def store(self) -> P.EideticStoreSpec | None:
         return None
 
     @cached_property
-    def readout(self) -> WindowedReadoutSpec:
-        return WindowedReadoutSpec(self.n_heads, self.head_dim, self.window, self.positions,
-                                   fading=self.fading, store=self.store)
+    def readout(self) -> P.WindowedReadoutSpec:
+        return P.WindowedReadoutSpec(self.n_heads, self.head_dim, self.window, self.positions,
+                                     fading=self.fading, store=self.store)
 
 
 @dataclass(frozen=True)
@@ -150,62 +143,51 @@ class BMojo(BMojoF):
         int_arg(self.kind, "capacity", self.capacity, minimum=0)
 
     @cached_property
-    def store(self) -> EideticStoreSpec:
-        return EideticStoreSpec(self.chunk, self.select, self.capacity, self.window)
+    def store(self) -> P.EideticStoreSpec:
+        return P.EideticStoreSpec(self.chunk, self.select, self.capacity, self.window)
 
 
 @dataclass(frozen=True)
-class Mosaic(Spec):
+class LeakyKeyLayer(HeadedLayer):
+    """A Memory Mosaics layer: keys from a leaky average (2.2) of the input, per head."""
+
+    @cached_property
+    def leaky(self) -> P.LeakyAverageSpec:
+        return P.LeakyAverageSpec(self.n_heads, self.head_dim)
+
+
+@dataclass(frozen=True)
+class Mosaic(LeakyKeyLayer):
     """Memory Mosaics' contextual memory (2.5): associative readout with leaky-average keys."""
 
     kind = "mosaic"
-    layer = "mosaic"  # the layers/ module that realizes it, in every tree
-    d_model: int
-    n_heads: int
+    layer = "mosaic"
     capacity: int | None = None
 
     def _validate(self):
-        _heads(self.kind, self.d_model, self.n_heads)
+        super()._validate()
         int_arg(self.kind, "capacity", self.capacity, minimum=1, allow_none=True)
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     @cached_property
-    def leaky(self) -> LeakyAverageSpec:
-        return LeakyAverageSpec(self.n_heads, self.head_dim)
-
-    @cached_property
-    def readout(self) -> AssociativeReadoutSpec:
-        return AssociativeReadoutSpec(self.n_heads, self.head_dim, self.capacity)
+    def readout(self) -> P.AssociativeReadoutSpec:
+        return P.AssociativeReadoutSpec(self.n_heads, self.head_dim, self.capacity)
 
 
 @dataclass(frozen=True)
-class Persistent(Spec):
+class Persistent(LeakyKeyLayer):
     """Memory Mosaics' persistent memory (2.6): learned key/value slots, replaces the FFN."""
 
     kind = "persistent"
-    layer = "persistent"  # the layers/ module that realizes it, in every tree
-    d_model: int
-    n_heads: int
+    layer = "persistent"
     slots: int
 
     def _validate(self):
-        _heads(self.kind, self.d_model, self.n_heads)
+        super()._validate()
         int_arg(self.kind, "slots", self.slots, minimum=1)
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     @cached_property
-    def leaky(self) -> LeakyAverageSpec:
-        return LeakyAverageSpec(self.n_heads, self.head_dim)
-
-    @cached_property
-    def readout(self) -> PersistentReadoutSpec:
-        return PersistentReadoutSpec(self.n_heads, self.head_dim, self.slots)
+    def readout(self) -> P.PersistentReadoutSpec:
+        return P.PersistentReadoutSpec(self.n_heads, self.head_dim, self.slots)
 
 
 LAYER_KINDS = (Transformer, Mamba, BMojoF, BMojo, Mosaic, Persistent)

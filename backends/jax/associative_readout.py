@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from memcore.spec.validate import check_associative_readout_args
 
 from . import implementation as impl
+from .banded import banded_partial, dense_partial
 from .numerics import acc_dtype, combine, partial
 from .rings import cache_write, ring_positions, ring_to_seq, ring_write, seq_to_ring
-from .windowed_readout import banded_partial, dense_partial
 
 
 def associative_readout(k, v, capacity=None, *, implementation="auto"):

@@ -12,13 +12,13 @@ Kernel modules import Pallas, so they are imported only once a kernel is chosen.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import jax
 
-ENV = "MEMCORE_KERNELS"
+from .. import implementation as shared
+
+ENV = shared.ENV
 CHOICES = ("auto", "jax", "pallas")
-_ENV_CHOICES = ("pallas", "jax")
 
 
 def pallas_available() -> bool:
@@ -41,10 +41,7 @@ def interpret(x) -> bool:
 
 def env_mode() -> str:
     """``MEMCORE_KERNELS``: "pallas", "jax" or "" (unset: the device decides)."""
-    mode = os.environ.get(ENV, "").strip().lower()
-    if mode not in _ENV_CHOICES + ("",):
-        raise ValueError(f"{ENV} must be one of {_ENV_CHOICES} or unset, got {mode!r}")
-    return mode
+    return shared.env_mode("jax", "pallas")
 
 
 def auto_kernel(x) -> bool:
@@ -61,22 +58,18 @@ def resolve(x) -> str:
     return "pallas" if auto_kernel(x) else "jax"
 
 
-def choose(where: str, implementation, x, unserved: str | None = None) -> str:
-    """"jax" or "pallas" for a call on ``x``. ``unserved``: why the kernel cannot compute this
-    call (None: it can); ``auto`` then takes plain JAX, an explicit "pallas" raises."""
-    if implementation not in CHOICES:
-        raise ValueError(f"{where}: implementation must be one of {CHOICES}, got "
-                         f"{implementation!r}")
-    if implementation == "jax":
-        return "jax"
-    if implementation == "auto":
-        return "pallas" if unserved is None and auto_kernel(x) else "jax"
-    if unserved is not None:
-        raise ValueError(f"{where}: implementation='pallas' cannot run this call: {unserved}")
+def require_pallas(where: str) -> None:
     if not pallas_available():
         raise ImportError(f"{where}: implementation='pallas' needs jax.experimental.pallas, "
                           f"which this jax install lacks")
-    return "pallas"
+
+
+def choose(where: str, implementation, x, unserved: str | None = None) -> str:
+    """"jax" or "pallas" for a call on ``x``. ``unserved``: why the kernel cannot compute this
+    call (None: it can); ``auto`` then takes plain JAX, an explicit "pallas" raises."""
+    return shared.choose(where, implementation, plain="jax", kernel="pallas",
+                         auto_kernel=lambda: auto_kernel(x),
+                         require=lambda: require_pallas(where), unserved=unserved)
 
 
 def plain_only(where: str, implementation) -> None:

@@ -96,9 +96,6 @@ def _check_tokens(spec, tokens, streaming: bool):
 
 def _prepare_state(spec, state, batch: int, n: int, dtype, streaming: bool):
     if state is None:
-        if streaming and S.needs_max_len(spec):
-            raise ValueError(f"state is None: a {spec.kind} spec with a growing cache needs a "
-                             f"state from init_state(batch, max_len=...) before step")
         return S.init_state(spec, batch, max_len=n if S.needs_max_len(spec) else None,
                             dtype=dtype, growable=True)
     S.check_state(spec, state, batch, dtype)
@@ -205,8 +202,8 @@ class JaxModel(eqx.Module, strict=True):
         else sampled from softmax(logits / temperature) with the PRNG ``key``. Returns
         (new tokens [B, max_new_tokens], state). The continuation is one ``lax.scan``."""
         n = max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"generate: max_new_tokens must be a positive int, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"generate: max_new_tokens must be a non-negative int, got {n!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
                 not temperature >= 0:
             raise ValueError(f"generate: temperature must be a float >= 0, got {temperature!r}")
@@ -219,6 +216,8 @@ class JaxModel(eqx.Module, strict=True):
             max_len = T + n if S.needs_max_len(self.spec) else None
             state = S.init_state(self.spec, B, max_len, self.dtype, growable=True)
         logits, state = self(prompt, state)
+        if n == 0:
+            return jnp.zeros((B, 0), jnp.int32), state
         if state.growable and not is_traced(state.pos):
             state = S.regrow(self.spec, state, int(state.pos) + n - 1)
         cap = S.capacity_left(self.spec, state)

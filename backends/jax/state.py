@@ -6,9 +6,10 @@ once and ``lax.scan`` can carry it), ``arrays`` a dict of arrays (a model's hold
 and optionally ``ffn``, tuples of layer dicts), ``spec_id`` a static string, and ``growable``
 (static): whether a growing cache (transformer with window=None, mosaic with capacity=None) may
 be regrown outside jit when a call needs more room. States the realized modules build for a
-call without one are growable; ``init_state(max_len=n)`` fixes the room at n slots, which a
-jitted loop over ``step`` needs. To differentiate with respect to a state, differentiate its
-float arrays (``pos`` and the store positions are integers), or use ``equinox.filter_grad``.
+call without one, and ``init_state()`` without ``max_len``, are growable;
+``init_state(max_len=n)`` fixes the room at n slots, which a jitted loop over ``step`` needs.
+To differentiate with respect to a state, differentiate its float arrays (``pos`` and the
+store positions are integers), or use ``equinox.filter_grad``.
 """
 
 from __future__ import annotations
@@ -67,17 +68,17 @@ def _check_batch_len(batch, max_len, spec):
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(
             max_len, (int, np.integer)) or max_len < 1):
         raise ValueError(f"init_state: max_len must be a positive int or None, got {max_len!r}")
-    if max_len is None and needs_max_len(spec):
-        raise ValueError(f"init_state: max_len is required for a {spec.kind} spec whose cache "
-                         f"grows with the stream (transformer window=None, mosaic "
-                         f"capacity=None): pass max_len=<longest stream>")
 
 
 def init_state(spec, batch: int, max_len: int | None = None, dtype=None,
-               growable: bool = False) -> State:
+               growable: bool | None = None) -> State:
     """The empty state; arrays in the accumulation dtype of ``dtype`` (default: JAX's default
-    float, float64 with x64 on)."""
+    float, float64 with x64 on). A growing cache gets ``max_len`` slots and keeps them (a
+    jitted loop over ``step`` needs fixed shapes); without ``max_len`` it starts empty and is
+    regrown outside jit as calls need room (``growable``, which defaults to that)."""
     _check_batch_len(batch, max_len, spec)
+    if growable is None:
+        growable = max_len is None
     acc = acc_dtype(jnp.zeros(()).dtype if dtype is None else dtype)
     n = 0 if max_len is None else int(max_len)
     if isinstance(spec, Model):

@@ -2,10 +2,8 @@
 window and, in the layers, the visible eidetic store (2.4).
 
 Each source is a softmax partial (``numerics.partial``); ``combine`` makes them one softmax.
-Banded sources hold an extended key array: a prefix (the state's ring, read in position order)
-followed by this call's keys, laid out so that query i attends to entries i+1 .. i+width.
-Queries are cut into blocks of Q = min(width, T); block b reads the slice [bQ, bQ + Q + width),
-so the cost is T x (Q + width) and no T x T matrix is formed. ``implementation="pallas"`` runs
+Banded sources (``banded.py``) hold an extended key array: the state's ring, read in position
+order, followed by this call's keys. ``implementation="pallas"`` runs
 all sources in one call of ``memcore.kernels.pallas.windowed_readout``.
 """
 
@@ -16,52 +14,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from memcore.spec.validate import check_windowed_readout_args
 
 from . import eidetic_store
 from . import implementation as impl
-from .numerics import acc_dtype, combine, partial
+from .banded import banded_partial, dense_partial
+from .numerics import acc_dtype, combine
 from .rings import ring_positions, ring_to_seq, ring_write, seq_to_ring
-
-
-def banded_partial(q, kx, vx, valid, width: int, scale: float):
-    """q: [B, H, T, E]; kx, vx: [B, H, L, E]; valid: [B, L] (bool, entry holds a key).
-
-    Query i reads entries j with i + 1 <= j <= i + width (and valid). Returns (m, l, o)
-    with m, l [B, H, T] and o [B, H, T, E].
-    """
-    B, H, T, E = q.shape
-    Q = max(1, min(width, T))
-    nb = -(-T // Q)
-    span = Q + width
-    need = nb * Q + width
-    L = kx.shape[2]
-    if L < need:  # pad so every block's slice exists; padding is invalid
-        pad = need - L
-        kx = jnp.pad(kx, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        vx = jnp.pad(vx, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        valid = jnp.pad(valid, ((0, 0), (0, pad)))
-    idx = (np.arange(nb)[:, None] * Q + np.arange(span)[None, :])  # [nb, span], static
-    kg = kx[:, :, idx]  # [B, H, nb, span, E]
-    vg = vx[:, :, idx]
-    vmask = valid[:, idx]  # [B, nb, span]
-    s_i = np.arange(Q)[:, None]
-    u_i = np.arange(span)[None, :]
-    band = (u_i >= s_i + 1) & (u_i <= s_i + width)  # [Q, span], static
-    qp = jnp.pad(q, ((0, 0), (0, 0), (0, nb * Q - T), (0, 0))).reshape(B, H, nb, Q, E)
-    scores = jnp.einsum("bhnqe,bhnke->bhnqk", qp, kg) * scale
-    mask = band[None, None, None] & vmask[:, None, :, None, :]
-    m, l, o = partial(scores, mask, vg)
-    return (m.reshape(B, H, nb * Q)[:, :, :T], l.reshape(B, H, nb * Q)[:, :, :T],
-            o.reshape(B, H, nb * Q, E)[:, :, :T])
-
-
-def dense_partial(q, k, v, mask, scale: float):
-    """q: [B, H, T, E]; k, v: [B, H, S, E]; mask broadcastable to [B, H, T, S]."""
-    scores = jnp.einsum("bhte,bhse->bhts", q, k) * scale
-    mask = jnp.broadcast_to(mask, scores.shape)
-    return partial(scores, mask, v)
 
 
 def _banded_source(q, kx, vx, pos, back: int, window: int, scale: float):

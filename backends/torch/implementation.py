@@ -17,9 +17,10 @@ import os
 
 import torch
 
-ENV = "MEMCORE_KERNELS"
+from .. import implementation as shared
+
+ENV = shared.ENV
 CHOICES = ("auto", "torch", "triton")
-_ENV_CHOICES = ("triton", "torch")
 SCAN_ENV = "MEMCORE_SCAN"
 SCAN_CHOICES = ("triton", "mamba_ssm")
 # No GPU benchmark has compared the two yet (benchmarks/gpu.py does): the Triton kernel, which
@@ -38,10 +39,7 @@ def interpreted() -> bool:
 
 def env_mode() -> str:
     """``MEMCORE_KERNELS``: "triton", "torch" or "" (unset: the device decides)."""
-    mode = os.environ.get(ENV, "").strip().lower()
-    if mode not in _ENV_CHOICES + ("",):
-        raise ValueError(f"{ENV} must be one of {_ENV_CHOICES} or unset, got {mode!r}")
-    return mode
+    return shared.env_mode("torch", "triton")
 
 
 def auto_kernel(x) -> bool:
@@ -58,9 +56,7 @@ def auto_kernel(x) -> bool:
 
 
 def check_choice(where: str, implementation, choices=CHOICES) -> None:
-    if implementation not in choices:
-        raise ValueError(f"{where}: implementation must be one of {choices}, got "
-                         f"{implementation!r}")
+    shared.check_choice(where, implementation, choices)
 
 
 def require_triton(where: str, x) -> None:
@@ -78,14 +74,9 @@ def choose(where: str, implementation, x, unserved: str | None = None,
     """"torch" or "triton" for a call on ``x``. ``unserved``: why the kernel cannot compute
     this call (None: it can); ``auto`` then takes torch, an explicit "triton" raises."""
     check_choice(where, implementation, choices)
-    if implementation == "torch":
-        return "torch"
-    if implementation == "auto":
-        return "triton" if auto_kernel(x) and unserved is None else "torch"
-    require_triton(where, x)
-    if unserved is not None:
-        raise ValueError(f"{where}: implementation='triton' cannot run this call: {unserved}")
-    return "triton"
+    return shared.choose(where, implementation, plain="torch", kernel="triton",
+                         auto_kernel=lambda: auto_kernel(x),
+                         require=lambda: require_triton(where, x), unserved=unserved)
 
 
 def scan_path(u, initial_state=None) -> str:
@@ -107,3 +98,25 @@ def scan_path(u, initial_state=None) -> str:
                               f"which does not import (pip install mamba-ssm, built with CUDA)")
         return "triton"
     return "mamba_ssm" if mss.servable(u, initial_state) else "triton"
+
+
+SCAN_IMPLEMENTATIONS = ("auto", "torch", "triton", "mamba_ssm")
+
+
+def scan_choice(implementation, u, initial_state) -> str:
+    """The path of one selective scan: "torch", "triton" or "mamba_ssm"."""
+    check_choice("selective_scan", implementation, SCAN_IMPLEMENTATIONS)
+    if implementation == "mamba_ssm":
+        from memcore.kernels.triton import selective_scan_mamba_ssm as mss
+
+        if mss.mamba_ssm_scan_fn() is None:
+            raise ImportError("selective_scan: implementation='mamba_ssm' needs mamba-ssm's "
+                              "selective_scan_fn, which does not import (pip install "
+                              "mamba-ssm, built with CUDA)")
+        mss.check_servable(u, initial_state)
+        return "mamba_ssm"
+    if implementation == "auto":
+        if u.shape[2] == 0 or not auto_kernel(u):
+            return "torch"
+        return scan_path(u, initial_state)
+    return choose("selective_scan", implementation, u)

@@ -24,7 +24,7 @@ import math
 import torch
 from memcore.spec.validate import check_scan_args
 
-from .implementation import auto_kernel, check_choice, choose, scan_path
+from .implementation import scan_choice
 from .numerics import NEG_INF, acc_dtype, cast, fast_softplus, silu, softplus
 
 CHUNK = 16  # steps per chunk: the intra-chunk decay matrix is L x L per (batch, channel, state)
@@ -270,27 +270,6 @@ def selective_scan_core(dt, w, A, Bm, Cm, h0):
 
 # --- 2.1 selective scan ----------------------------------------------------------------------
 
-IMPLEMENTATIONS = ("auto", "torch", "triton", "mamba_ssm")
-
-
-def _scan_choice(implementation, u, initial_state) -> str:
-    check_choice("selective_scan", implementation, IMPLEMENTATIONS)
-    if implementation == "mamba_ssm":
-        from memcore.kernels.triton import selective_scan_mamba_ssm as mss
-
-        if mss.mamba_ssm_scan_fn() is None:
-            raise ImportError("selective_scan: implementation='mamba_ssm' needs mamba-ssm's "
-                              "selective_scan_fn, which does not import (pip install "
-                              "mamba-ssm, built with CUDA)")
-        mss.check_servable(u, initial_state)
-        return "mamba_ssm"
-    if implementation == "auto":
-        if u.shape[2] == 0 or not auto_kernel(u):
-            return "torch"
-        return scan_path(u, initial_state)
-    return choose("selective_scan", implementation, u)
-
-
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_final_state=False, *, implementation="auto"):
     """mamba-ssm's ``selective_scan_fn`` plus ``initial_state`` / ``return_final_state``.
@@ -304,7 +283,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     free, and every elementwise kernel (and its backward) then walks contiguous memory.
     """
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
-    path = _scan_choice(implementation, u, initial_state)
+    path = scan_choice(implementation, u, initial_state)
     if path != "torch":
         if path == "mamba_ssm":
             from memcore.kernels.triton.selective_scan_mamba_ssm import selective_scan as kernel

@@ -18,8 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import TileConfig, acc_dtype, check_device, check_float, empty
-from .windowed_readout import _dot
+from .buffers import TileConfig, acc_dtype, check_device, check_float, check_same_shape, empty
+from .softmax_tiles import backward_rows as _backward_rows
+from .softmax_tiles import dkdv_step as _dkdv_step
+from .softmax_tiles import dot as _dot
+from .softmax_tiles import dq_part as _dq_part
+from .softmax_tiles import program_rows as _program_rows
+from .softmax_tiles import rows as _rows
+from .softmax_tiles import softmax_start as _softmax_start
+from .softmax_tiles import softmax_step as _softmax_step
+from .softmax_tiles import store_rows as _store_rows
 
 
 @triton.jit
@@ -32,49 +40,48 @@ def _band(i, j, T, CAP, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _key_range(i0, i_last, CAP, HAS_CAP: tl.constexpr):
-    """First and one-past-last key index that some row of [i0, i_last] can see."""
+def _keys(k, v, b, h, j, e, T, H, E):
+    """Rows j as key and value tiles [BN, BE], with their offsets and mask."""
+    cols, kv_ok = _rows(b, h, j, e, T, H, E)
+    return cols, kv_ok, tl.load(k + cols, mask=kv_ok, other=0.0), tl.load(v + cols, mask=kv_ok,
+                                                                           other=0.0)
+
+
+@triton.jit
+def _sweep(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, k, v, b, h, i0, i, e, T, H, E, CAP,
+           HAS_CAP: tl.constexpr, GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """Every key tile that some row of the query tile can see, folded into the online softmax
+    (acc, m_i, l_i), or with GRAD into dq (acc; m_i and l_i pass through): the gradient walks
+    the forward's tiles."""
     lo = i0 * 0
     if HAS_CAP:
         lo = tl.maximum(i0 - CAP, 0)
-    return lo, i_last
+    for j0 in range(lo, tl.minimum(i0 + BLOCK_M, T) - 1, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        _, _, kt, vt = _keys(k, v, b, h, j, e, T, H, E)
+        sc = _dot(qt, tl.trans(kt), IEEE).to(ACC)  # [BM, BN]
+        vis = _band(i[:, None], j[None, :], T, CAP, HAS_CAP)
+        if GRAD:
+            acc = acc + _dq_part(sc, vis, lse_i, dlt_i, dot_, kt, vt, IEEE, ACC)
+        else:
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, tl.where(vis, sc, float("-inf")), vt,
+                                          IEEE, ACC)
+    return acc, m_i, l_i
 
 
 @triton.jit
 def _readout_fwd_kernel(k, v, o, lse, T, H, E, CAP, HAS_CAP: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                         IEEE: tl.constexpr, ACC: tl.constexpr):
-    i0 = tl.program_id(0).to(tl.int64) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    i = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    rows = ((b * T + i[:, None]) * H + h) * E + e[None, :]
-    q_ok = (i[:, None] < T) & (e[None, :] < E)
+    i0, bh, b, h, i, e = _program_rows(H, BLOCK_M, BLOCK_E)
+    rows, q_ok = _rows(b, h, i, e, T, H, E)
     qt = tl.load(k + rows, mask=q_ok, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    lo, hi = _key_range(i0, tl.minimum(i0 + BLOCK_M, T) - 1, CAP, HAS_CAP)
-    for j0 in range(lo, hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        cols = ((b * T + j[:, None]) * H + h) * E + e[None, :]
-        kv_ok = (j[:, None] < T) & (e[None, :] < E)
-        kt = tl.load(k + cols, mask=kv_ok, other=0.0)
-        vt = tl.load(v + cols, mask=kv_ok, other=0.0)
-        sc = _dot(qt, tl.trans(kt), IEEE).to(ACC)  # [BM, BN]
-        sc = tl.where(_band(i[:, None], j[None, :], T, CAP, HAS_CAP), sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        # a row with nothing visible yet keeps m = -inf; shift it by 0 so exp gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(sc - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE).to(ACC)
-        m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    tl.store(o + rows, (acc / l_safe[:, None]).to(o.dtype.element_ty), mask=q_ok)
-    tl.store(lse + bh * T + i, m_i + tl.log(l_safe), mask=i < T)
+    acc, m_i, l_i = _softmax_start(BLOCK_M, BLOCK_E, ACC)
+    # the gradient's do, lse and D are not read here: qt and m_i stand in
+    acc, m_i, l_i = _sweep(acc, m_i, l_i, qt, qt, m_i, m_i, k, v, b, h, i0, i, e, T, H, E, CAP,
+                           HAS_CAP, False, BLOCK_M, BLOCK_N, IEEE, ACC)
+    _store_rows(o, lse, rows, q_ok, i, bh, T, acc, m_i, l_i)
 
 
 @triton.jit
@@ -82,31 +89,12 @@ def _readout_dq_kernel(k, v, do, lse, dlt, dkq, T, H, E, CAP, HAS_CAP: tl.conste
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                        IEEE: tl.constexpr, ACC: tl.constexpr):
     """Gradient of k in its role as the query, over query tiles."""
-    i0 = tl.program_id(0).to(tl.int64) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    i = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    rows = ((b * T + i[:, None]) * H + h) * E + e[None, :]
-    q_ok = (i[:, None] < T) & (e[None, :] < E)
-    qt = tl.load(k + rows, mask=q_ok, other=0.0)
-    dot_ = tl.load(do + rows, mask=q_ok, other=0.0)
-    lse_i = tl.load(lse + bh * T + i, mask=i < T, other=0.0)
-    dlt_i = tl.load(dlt + bh * T + i, mask=i < T, other=0.0)
+    i0, bh, b, h, i, e = _program_rows(H, BLOCK_M, BLOCK_E)
+    rows, q_ok, qt, dot_, lse_i, dlt_i = _backward_rows(k, do, lse, dlt, b, h, bh, i, e, T, H, E)
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
-    lo, hi = _key_range(i0, tl.minimum(i0 + BLOCK_M, T) - 1, CAP, HAS_CAP)
-    for j0 in range(lo, hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        cols = ((b * T + j[:, None]) * H + h) * E + e[None, :]
-        kv_ok = (j[:, None] < T) & (e[None, :] < E)
-        kt = tl.load(k + cols, mask=kv_ok, other=0.0)
-        vt = tl.load(v + cols, mask=kv_ok, other=0.0)
-        sc = _dot(qt, tl.trans(kt), IEEE).to(ACC)
-        vis = _band(i[:, None], j[None, :], T, CAP, HAS_CAP)
-        p = tl.where(vis, tl.exp(sc - lse_i[:, None]), 0.0)
-        dp = _dot(dot_, tl.trans(vt), IEEE).to(ACC)
-        ds = p * (dp - dlt_i[:, None])
-        acc += _dot(ds.to(kt.dtype), kt, IEEE).to(ACC)
+    # the softmax's running max and sum are not needed: lse_i and dlt_i stand in
+    acc, _, _ = _sweep(acc, lse_i, dlt_i, qt, dot_, lse_i, dlt_i, k, v, b, h, i0, i, e, T, H, E,
+                       CAP, HAS_CAP, True, BLOCK_M, BLOCK_N, IEEE, ACC)
     tl.store(dkq + rows, acc, mask=q_ok)
 
 
@@ -115,15 +103,8 @@ def _readout_dkdv_kernel(k, v, do, lse, dlt, dkk, dv, T, H, E, CAP, HAS_CAP: tl.
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                          IEEE: tl.constexpr, ACC: tl.constexpr):
     """Gradients of k in its role as the key, and of v, over key tiles."""
-    j0 = tl.program_id(0).to(tl.int64) * BLOCK_N
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    cols = ((b * T + j[:, None]) * H + h) * E + e[None, :]
-    kv_ok = (j[:, None] < T) & (e[None, :] < E)
-    kt = tl.load(k + cols, mask=kv_ok, other=0.0)
-    vt = tl.load(v + cols, mask=kv_ok, other=0.0)
+    j0, bh, b, h, j, e = _program_rows(H, BLOCK_N, BLOCK_E)
+    cols, kv_ok, kt, vt = _keys(k, v, b, h, j, e, T, H, E)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
     # the queries that see these keys: strictly later, and within the capacity of the last key
@@ -133,19 +114,11 @@ def _readout_dkdv_kernel(k, v, do, lse, dlt, dkk, dv, T, H, E, CAP, HAS_CAP: tl.
         i_hi = tl.minimum(tl.minimum(j0 + BLOCK_N, T) - 1 + CAP + 1, T)
     for i0 in range(i_lo, i_hi, BLOCK_M):
         i = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        rows = ((b * T + i[:, None]) * H + h) * E + e[None, :]
-        q_ok = (i[:, None] < T) & (e[None, :] < E)
-        qt = tl.load(k + rows, mask=q_ok, other=0.0)
-        dot_ = tl.load(do + rows, mask=q_ok, other=0.0)
-        lse_i = tl.load(lse + bh * T + i, mask=i < T, other=0.0)
-        dlt_i = tl.load(dlt + bh * T + i, mask=i < T, other=0.0)
+        _, _, qt, dot_, lse_i, dlt_i = _backward_rows(k, do, lse, dlt, b, h, bh, i, e, T, H, E)
         # transposed tiles [BN, BM]: keys along rows, queries along columns
         scT = _dot(kt, tl.trans(qt), IEEE).to(ACC)
         vis = _band(i[None, :], j[:, None], T, CAP, HAS_CAP)
-        pT = tl.where(vis, tl.exp(scT - lse_i[None, :]), 0.0)
-        dv_acc += _dot(pT.to(dot_.dtype), dot_, IEEE).to(ACC)
-        dpT = _dot(vt, tl.trans(dot_), IEEE).to(ACC)
-        dsT = pT * (dpT - dlt_i[None, :])
+        dv_acc, dsT = _dkdv_step(dv_acc, scT, vis, lse_i, dlt_i, dot_, vt, IEEE, ACC)
         dk_acc += _dot(dsT.to(qt.dtype), qt, IEEE).to(ACC)
     tl.store(dkk + cols, dk_acc, mask=kv_ok)
     tl.store(dv + cols, dv_acc, mask=kv_ok)
@@ -206,9 +179,7 @@ def _check(k, v, capacity):
     check_device(where, k, v=v)
     if k.ndim != 4:
         raise ValueError(f"{where}: k must be [B, T, H, E], got shape {tuple(k.shape)}")
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"{where}: v must have k's shape {tuple(k.shape)}, got "
-                         f"{tuple(v.shape)}")
+    check_same_shape(where, "v", v, "k", k)
     if v.dtype != k.dtype:
         raise TypeError(f"{where}: v must have k's dtype {k.dtype}, got {v.dtype}")
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)

@@ -52,6 +52,13 @@ def check_device(where: str, ref: torch.Tensor, **tensors) -> None:
             raise ValueError(f"{where}: {name} must be on {ref.device}, got {t.device}")
 
 
+def check_same_shape(where: str, name: str, t, like: str, ref: torch.Tensor) -> None:
+    """``t`` (None: not given) has the shape of ``ref``, the argument named ``like``."""
+    if t is not None and tuple(t.shape) != tuple(ref.shape):
+        raise ValueError(f"{where}: {name} must have {like}'s shape {tuple(ref.shape)}, got "
+                         f"{tuple(t.shape)}")
+
+
 def interpreted(kernel) -> bool:
     """Whether ``kernel`` runs under TRITON_INTERPRET (decided when it was decorated)."""
     return type(kernel).__name__ == "InterpretedFunction"

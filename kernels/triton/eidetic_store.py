@@ -71,18 +71,22 @@ def _best_of_two(r, s_a, p_a, x_a, ok_a, s_b, p_b, x_b, ok_b, NA):
 
 
 @triton.jit
+def _load_set(score, pos, b, N, BLOCK: tl.constexpr):
+    """Batch row b of an entry set [B, N] as (index, valid, score, position) [BLOCK]; slots past
+    N are empty."""
+    n = tl.arange(0, BLOCK)
+    ok = n < N
+    return (n, ok, tl.load(score + b * N + n, mask=ok, other=0.0),
+            tl.load(pos + b * N + n, mask=ok, other=-1))
+
+
+@triton.jit
 def _top_kernel(sa, pa, sb, pb, out_idx, out_pos, NA, NB, N,
                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
     """The N best of (a [B, NA], b [B, NB]) per batch row; indices into [a | b]."""
     b = tl.program_id(0).to(tl.int64)
-    ia = tl.arange(0, BLOCK_A)
-    ib = tl.arange(0, BLOCK_B)
-    ok_a = ia < NA
-    ok_b = ib < NB
-    s_a = tl.load(sa + b * NA + ia, mask=ok_a, other=0.0)
-    p_a = tl.load(pa + b * NA + ia, mask=ok_a, other=-1)
-    s_b = tl.load(sb + b * NB + ib, mask=ok_b, other=0.0)
-    p_b = tl.load(pb + b * NB + ib, mask=ok_b, other=-1)
+    ia, ok_a, s_a, p_a = _load_set(sa, pa, b, NA, BLOCK_A)
+    ib, ok_b, s_b, p_b = _load_set(sb, pb, b, NB, BLOCK_B)
     for r0 in range(0, N, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         x, p = _best_of_two(r, s_a, p_a, ia.to(tl.int64), ok_a, s_b, p_b,
@@ -126,12 +130,9 @@ def _store_scan_kernel(store_score, store_pos, score, cand_score, pick_idx, pick
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program b: the store entering every chunk ([B, NCH, M]) and after the call ([B, M])."""
     b = tl.program_id(0).to(tl.int64)
-    im = tl.arange(0, BLOCK_M)
+    im, ok_m, s_st, p_st = _load_set(store_score, store_pos, b, M, BLOCK_M)
     ik = tl.arange(0, BLOCK_K)
-    ok_m = im < M
     ok_k = ik < K
-    s_st = tl.load(store_score + b * M + im, mask=ok_m, other=0.0)
-    p_st = tl.load(store_pos + b * M + im, mask=ok_m, other=-1)
     x_st = im.to(tl.int64)
     for c in range(0, NCH):
         tl.store(snap_idx + (b * NCH + c) * M + im, x_st, mask=ok_m)

@@ -34,19 +34,29 @@ def _tile(k, b, h, t, e, T, H, E, lam, ACC: tl.constexpr):
 
 
 @triton.jit
-def _leaky_fwd_kernel(k, log_decay, h0, y, hT, ckpt, T, H, E, NCHUNK,
-                      HAS_H0: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-                      ACC: tl.constexpr):
+def _program(log_decay, given, H, E, GIVEN: tl.constexpr, BLOCK_E: tl.constexpr,
+             ACC: tl.constexpr):
+    """Program (batch row, head, block of the width): pid_b, pid_h, the block's indices e [BE]
+    and their mask, its offsets into [B, H, E], the decay lambda, and the block of ``given``
+    [B, H, E] (0 unless GIVEN)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1).to(tl.int64)
     e = tl.program_id(2).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
-    i = tl.arange(0, CHUNK)
     lam = tl.exp(tl.load(log_decay + pid_h).to(ACC))
-    state = (pid_b * H + pid_h) * E + e  # [B, H, E]
-    h = tl.zeros([BLOCK_E], dtype=ACC)
-    if HAS_H0:
-        h = tl.load(h0 + state, mask=e_ok, other=0.0).to(ACC)
+    state = (pid_b * H + pid_h) * E + e
+    x = tl.zeros([BLOCK_E], dtype=ACC)
+    if GIVEN:
+        x = tl.load(given + state, mask=e_ok, other=0.0).to(ACC)
+    return pid_b, pid_h, e, e_ok, state, lam, x
+
+
+@triton.jit
+def _leaky_fwd_kernel(k, log_decay, h0, y, hT, ckpt, T, H, E, NCHUNK,
+                      HAS_H0: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+                      ACC: tl.constexpr):
+    pid_b, pid_h, e, e_ok, state, lam, h = _program(log_decay, h0, H, E, HAS_H0, BLOCK_E, ACC)
+    i = tl.arange(0, CHUNK)
     for c in range(0, NCHUNK):
         tl.store(ckpt + ((pid_b * H + pid_h) * NCHUNK + c) * E + e, h, mask=e_ok)  # [B,H,NC,E]
         t = c * CHUNK + i
@@ -64,16 +74,10 @@ def _leaky_fwd_kernel(k, log_decay, h0, y, hT, ckpt, T, H, E, NCHUNK,
 def _leaky_bwd_kernel(k, log_decay, dy, dhT, ckpt, dk, dlog_part, dh0, T, H, E,
                       NCHUNK, HAS_DHT: tl.constexpr, BLOCK_E: tl.constexpr,
                       CHUNK: tl.constexpr, ACC: tl.constexpr):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1).to(tl.int64)
-    e = tl.program_id(2).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_ok = e < E
+    # carry: dL/dkbar at the chunk's last step, from later
+    pid_b, pid_h, e, e_ok, state, lam, carry = _program(log_decay, dhT, H, E, HAS_DHT, BLOCK_E,
+                                                        ACC)
     i = tl.arange(0, CHUNK)
-    lam = tl.exp(tl.load(log_decay + pid_h).to(ACC))
-    state = (pid_b * H + pid_h) * E + e
-    carry = tl.zeros([BLOCK_E], dtype=ACC)  # dL/dkbar at the chunk's last step, from later
-    if HAS_DHT:
-        carry = tl.load(dhT + state, mask=e_ok, other=0.0).to(ACC)
     dl = tl.zeros([BLOCK_E], dtype=ACC)
     for cc in range(0, NCHUNK):
         c = NCHUNK - 1 - cc

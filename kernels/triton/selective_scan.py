@@ -17,7 +17,8 @@ delta_bias and the initial state, and flow in from the final state.
 
 Gradients of B and C (shared by the channels of a group) are summed over the block's channels
 inside the program and over blocks afterwards, so no atomics are needed: a block never spans
-two groups because its width divides the group width.
+two groups because its width divides the group width. The backward kernel is in
+``selective_scan_bwd``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import triton
 import triton.language as tl
 
 from .affine_scan import combine as _combine
-from .affine_scan import suffix_scan as _suffix_scan
 from .buffers import acc_dtype, check_device, check_float, empty, tl_acc
 
 CHUNK = 32  # time steps per tile, and between saved states
@@ -84,75 +84,20 @@ def _step_tiles(u, delta, Bm, A_mat, b_vec, row, bc_row, n_ok, t, T, HAS_BIAS: t
 
 
 @triton.jit
-def _scan_fwd_kernel(
-    u, delta, A, Bm, Cm, Dv, z, bias, h0, y, hT, ckpt,
-    T, Dc, N, G, NCHUNK,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
-    n = tl.arange(0, BLOCK_N)  # [BN]
-    n_ok = n < N
-    i = tl.arange(0, CHUNK)  # [BT]
-    g = (pid_d * BLOCK_D) // (Dc // G)  # the block's group
-    row = (pid_b * Dc + d) * T  # [BD] start of each channel's sequence
-    bc_row = ((pid_b * G + g) * N + n) * T  # [BN]
-    dn = d[:, None] * N + n[None, :]  # [BD, BN]
-    dn_ok = n_ok[None, :] & (d[:, None] < Dc)
-    a_mat = tl.load(A + dn, mask=dn_ok, other=0.0).to(ACC)
-    d_vec = tl.zeros([BLOCK_D], dtype=ACC)
-    if HAS_D:
-        d_vec = tl.load(Dv + d).to(ACC)
-    b_vec = tl.zeros([BLOCK_D], dtype=ACC)
-    if HAS_BIAS:
-        b_vec = tl.load(bias + d).to(ACC)
-    state = pid_b * Dc * N + dn  # [BD, BN] offsets into [B, Dc, N]
-    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    if HAS_H0:
-        h = tl.load(h0 + state, mask=dn_ok, other=0.0).to(ACC)
-    for c in range(0, NCHUNK):
-        # [B, Dc, NCHUNK, N]: the state entering chunk c
-        tl.store(ckpt + (pid_b * Dc + d[:, None]) * NCHUNK * N + c * N + n[None, :], h,
-                 mask=dn_ok)
-        t = c * CHUNK + i
-        a, b, dt, _, u_t, _, ok = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok, t,
-                                              T, HAS_BIAS, SOFTPLUS, ACC)
-        a_cum, b_cum = tl.associative_scan((a, b), 2, _combine)
-        hs = a_cum * h[:, :, None] + b_cum  # [BD, BN, BT]
-        c_t = tl.load(Cm + bc_row[:, None] + t[None, :],
-                      mask=n_ok[:, None] & (t < T)[None, :], other=0.0).to(ACC)
-        out = tl.sum(hs * c_t[None, :, :], axis=1) + d_vec[:, None] * u_t  # [BD, BT]
-        if HAS_Z:
-            z_t = tl.load(z + row[:, None] + t[None, :], mask=ok, other=0.0).to(ACC)
-            out = out * z_t * _sigmoid(z_t)
-        tl.store(y + row[:, None] + t[None, :], out.to(y.dtype.element_ty), mask=ok)
-        # padding steps are the identity, so the last column is the state after the chunk
-        h = tl.sum(tl.where((i == CHUNK - 1)[None, None, :], hs, 0.0), axis=2)
-    tl.store(hT + state, h, mask=dn_ok)
-
-
-@triton.jit
-def _scan_bwd_kernel(
-    u, delta, A, Bm, Cm, Dv, z, bias, dy, dhT, ckpt,
-    du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, dh0,
-    T, Dc, N, G, NCHUNK, NDB,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DHT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def _block(A, Dv, bias, T, Dc, N, G, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """Program (batch row pid_b, block of channels pid_d): the channels d [BD], the states n
+    [BN] and their mask, where each channel's sequence starts (row [BD]) and its group's B and
+    C (bc_row [BN]), offsets into [B, Dc, N] (state [BD, BN]) and their mask, A [BD, BN], D and
+    delta_bias [BD] (0 when not given)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     n_ok = n < N
-    i = tl.arange(0, CHUNK)
-    g_idx = (pid_d * BLOCK_D) // (Dc // G)
+    g = (pid_d * BLOCK_D) // (Dc // G)  # the block's group
     row = (pid_b * Dc + d) * T
-    bc_row = ((pid_b * G + g_idx) * N + n) * T
-    part_row = ((pid_b * NDB + pid_d) * N + n) * T  # [B, NDB, N, T] partial sums over channels
+    bc_row = ((pid_b * G + g) * N + n) * T
     dn = d[:, None] * N + n[None, :]
     dn_ok = n_ok[None, :] & (d[:, None] < Dc)
     a_mat = tl.load(A + dn, mask=dn_ok, other=0.0).to(ACC)
@@ -162,68 +107,52 @@ def _scan_bwd_kernel(
     b_vec = tl.zeros([BLOCK_D], dtype=ACC)
     if HAS_BIAS:
         b_vec = tl.load(bias + d).to(ACC)
-    state = pid_b * Dc * N + dn
-    carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)  # dL/dh at the chunk's last step, from later
-    if HAS_DHT:
-        carry = tl.load(dhT + state, mask=dn_ok, other=0.0).to(ACC)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
-    dD_acc = tl.zeros([BLOCK_D], dtype=ACC)
-    dbias_acc = tl.zeros([BLOCK_D], dtype=ACC)
-    for cc in range(0, NCHUNK):
-        c = NCHUNK - 1 - cc
-        h_in = tl.load(ckpt + (pid_b * Dc + d[:, None]) * NCHUNK * N + c * N + n[None, :],
-                       mask=dn_ok, other=0.0).to(ACC)
+    return pid_b, pid_d, d, n, n_ok, row, bc_row, pid_b * Dc * N + dn, dn_ok, a_mat, d_vec, b_vec
+
+
+@triton.jit
+def _ckpt_offsets(pid_b, d, n, c, Dc, N, NCHUNK):
+    """Where the state entering chunk c sits in the saved states [B, Dc, NCHUNK, N]."""
+    return (pid_b * Dc + d[:, None]) * NCHUNK * N + c * N + n[None, :]
+
+
+@triton.jit
+def _load_c(Cm, bc_row, n_ok, t, T, ACC: tl.constexpr):
+    """C at times t as a [BN, BT] tile."""
+    return tl.load(Cm + bc_row[:, None] + t[None, :], mask=n_ok[:, None] & (t < T)[None, :],
+                   other=0.0).to(ACC)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u, delta, A, Bm, Cm, Dv, z, bias, h0, y, hT, ckpt,
+    T, Dc, N, G, NCHUNK,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid_b, _pid_d, d, n, n_ok, row, bc_row, state, dn_ok, a_mat, d_vec, b_vec = _block(
+        A, Dv, bias, T, Dc, N, G, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, ACC)
+    i = tl.arange(0, CHUNK)  # [BT]
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
+    if HAS_H0:
+        h = tl.load(h0 + state, mask=dn_ok, other=0.0).to(ACC)
+    for c in range(0, NCHUNK):
+        tl.store(ckpt + _ckpt_offsets(pid_b, d, n, c, Dc, N, NCHUNK), h, mask=dn_ok)
         t = c * CHUNK + i
-        a, b, dt, raw, u_t, b_t, ok = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok,
-                                                  t, T, HAS_BIAS, SOFTPLUS, ACC)
-        # h_{t-1}: a scan of the steps shifted by one, the chunk's first column the identity
-        a_p, b_p, _, _, _, _, _ = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok,
-                                              tl.where(i == 0, -1, t - 1), T, HAS_BIAS,
-                                              SOFTPLUS, ACC)
-        ap_cum, bp_cum = tl.associative_scan((a_p, b_p), 2, _combine)
-        h_prev = ap_cum * h_in[:, :, None] + bp_cum
-        hs = a * h_prev + b
-        c_t = tl.load(Cm + bc_row[:, None] + t[None, :],
-                      mask=n_ok[:, None] & (t < T)[None, :], other=0.0).to(ACC)
-        dy_t = tl.load(dy + row[:, None] + t[None, :], mask=ok, other=0.0).to(ACC)
-        dyr = dy_t
+        a, b, dt, _, u_t, _, ok = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok, t,
+                                              T, HAS_BIAS, SOFTPLUS, ACC)
+        a_cum, b_cum = tl.associative_scan((a, b), 2, _combine)
+        hs = a_cum * h[:, :, None] + b_cum  # [BD, BN, BT]
+        c_t = _load_c(Cm, bc_row, n_ok, t, T, ACC)
+        out = tl.sum(hs * c_t[None, :, :], axis=1) + d_vec[:, None] * u_t  # [BD, BT]
         if HAS_Z:
             z_t = tl.load(z + row[:, None] + t[None, :], mask=ok, other=0.0).to(ACC)
-            sz = _sigmoid(z_t)
-            yr = tl.sum(hs * c_t[None, :, :], axis=1) + d_vec[:, None] * u_t
-            tl.store(dz + row[:, None] + t[None, :], dy_t * yr * sz * (1.0 + z_t * (1.0 - sz)),
-                     mask=ok)
-            dyr = dy_t * z_t * sz
-        # g_t = dL/dh_t = C_t dyr_t + a_{t+1} g_{t+1}: a suffix scan with the decays of the
-        # next steps (the chunk's last column gets the identity and the carry instead)
-        a_n, _, _, _, _, _, _ = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok,
-                                            tl.where(i == CHUNK - 1, -1, t + 1), T, HAS_BIAS,
-                                            SOFTPLUS, ACC)
-        an_cum, g_in = _suffix_scan(a_n, dyr[:, None, :] * c_t[None, :, :], 2)
-        gs = g_in + an_cum * carry[:, :, None]  # [BD, BN, BT]
-        tl.store(dC_part + part_row[:, None] + t[None, :],
-                 tl.sum(dyr[:, None, :] * hs, axis=0), mask=n_ok[:, None] & (t < T)[None, :])
-        tl.store(dB_part + part_row[:, None] + t[None, :],
-                 tl.sum(gs * (dt * u_t)[:, None, :], axis=0),
-                 mask=n_ok[:, None] & (t < T)[None, :])
-        dD_acc += tl.sum(dyr * u_t, axis=1)
-        gb = tl.sum(gs * b_t[None, :, :], axis=1)  # [BD, BT]
-        du_t = dyr * d_vec[:, None] + dt * gb
-        da = gs * h_prev * a  # dL/d(dt A) elementwise
-        ddt = u_t * gb + tl.sum(da * a_mat[:, :, None], axis=1)
-        dA_acc += tl.sum(da * dt[:, None, :], axis=2)
-        if SOFTPLUS:
-            ddt = ddt * _sigmoid(raw)
-        ddt = tl.where(ok, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(du + row[:, None] + t[None, :], du_t, mask=ok)
-        tl.store(ddelta + row[:, None] + t[None, :], ddt, mask=ok)
-        # dL/dh entering the chunk = a_first g_first
-        carry = tl.sum(tl.where((i == 0)[None, None, :], a * gs, 0.0), axis=2)
-    tl.store(dh0 + state, carry, mask=dn_ok)
-    tl.store(dA_part + state, dA_acc, mask=dn_ok)  # [B, Dc, N]
-    tl.store(dD_part + pid_b * Dc + d, dD_acc, mask=d < Dc)
-    tl.store(dbias_part + pid_b * Dc + d, dbias_acc, mask=d < Dc)
+            out = out * z_t * _sigmoid(z_t)
+        tl.store(y + row[:, None] + t[None, :], out.to(y.dtype.element_ty), mask=ok)
+        # padding steps are the identity, so the last column is the state after the chunk
+        h = tl.sum(tl.where((i == CHUNK - 1)[None, None, :], hs, 0.0), axis=2)
+    tl.store(hT + state, h, mask=dn_ok)
 
 
 def _block_d(Dc: int, G: int, block_n: int, tile: int) -> int:
@@ -237,8 +166,9 @@ def _block_d(Dc: int, G: int, block_n: int, tile: int) -> int:
     return bd
 
 
-
 def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """The dtypes, devices and shapes the kernels index memory by, for a direct call; the torch
+    backend checks the arguments with ``memcore.spec.validate`` before it calls the kernel."""
     where = "selective_scan"
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         check_float(where, name, t)
@@ -251,32 +181,19 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
     if u.ndim != 3:
         raise ValueError(f"{where}: u must be [batch, channels, T], got shape {tuple(u.shape)}")
     Bt, Dc, T = u.shape
-    if tuple(delta.shape) != tuple(u.shape):
-        raise ValueError(f"{where}: delta must have u's shape {tuple(u.shape)}, "
-                         f"got {tuple(delta.shape)}")
     if A.ndim != 2 or A.shape[0] != Dc:
         raise ValueError(f"{where}: A must be [channels={Dc}, d_state], got {tuple(A.shape)}")
-    if A.is_complex():
-        raise TypeError(f"{where}: A must be real, got {A.dtype}")
     N = A.shape[1]
-    for name, m in (("B", B), ("C", C)):
-        plain = m.ndim == 3 and tuple(m.shape) == (Bt, N, T)
-        grouped = (m.ndim == 4 and m.shape[0] == Bt and m.shape[2] == N and m.shape[3] == T
-                   and m.shape[1] > 0 and Dc % m.shape[1] == 0)
-        if not (plain or grouped):
-            raise ValueError(f"{where}: {name} must be [batch={Bt}, d_state={N}, T={T}] or "
-                             f"[batch, groups dividing {Dc}, d_state, T], got {tuple(m.shape)}")
-    if B.ndim != C.ndim or (B.ndim == 4 and B.shape[1] != C.shape[1]):
-        raise ValueError(f"{where}: B and C must have the same group layout, got "
-                         f"{tuple(B.shape)} and {tuple(C.shape)}")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None and tuple(t.shape) != (Dc,):
-            raise ValueError(f"{where}: {name} must be [channels={Dc}], got {tuple(t.shape)}")
-    if z is not None and tuple(z.shape) != tuple(u.shape):
-        raise ValueError(f"{where}: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
-    if initial_state is not None and tuple(initial_state.shape) != (Bt, Dc, N):
-        raise ValueError(f"{where}: initial_state must be [batch={Bt}, channels={Dc}, "
-                         f"d_state={N}], got {tuple(initial_state.shape)}")
+    if B.ndim == 4 and (B.shape[1] == 0 or Dc % B.shape[1]):
+        raise ValueError(f"{where}: B must be [batch, groups dividing {Dc}, d_state, T], got "
+                         f"{tuple(B.shape)}")
+    bc = (Bt, N, T) if B.ndim != 4 else (Bt, B.shape[1], N, T)  # C follows B's group layout
+    shapes = {"delta": (delta, (Bt, Dc, T)), "z": (z, (Bt, Dc, T)), "B": (B, bc), "C": (C, bc),
+              "D": (D, (Dc,)), "delta_bias": (delta_bias, (Dc,)),
+              "initial_state": (initial_state, (Bt, Dc, N))}
+    for name, (t, shape) in shapes.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{where}: {name} must be of shape {shape}, got {tuple(t.shape)}")
 
 
 def _c(t):
@@ -319,6 +236,9 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dhT):
+        # imported here: the backward kernel uses this module's tile helpers
+        from .selective_scan_bwd import _scan_bwd_kernel
+
         u, delta, A, Bg, Cg, D, z, delta_bias, ckpt = ctx.saved_tensors
         Bt, Dc, T = u.shape
         N, G = A.shape[1], Bg.shape[1]

@@ -11,7 +11,7 @@ Tiles of queries meet tiles of keys only where the masks can be true, so the wor
 O(T (2W + S M)) and no T x T matrix is ever formed. The forward keeps the row's log-sum-exp;
 the backward recomputes probabilities from it (FlashAttention-2): one kernel for dq that walks
 the same tiles, and one for the keys and values of each source that walks the query tiles
-which can see them.
+which can see them. The backward kernels are in ``windowed_readout_bwd``.
 
 Layouts: q [B, Tq, H, E]; k, v, fading_k, fading_v [B, Tk, H, E] with Tk >= Tq, key j sitting
 at position pos - (Tk - Tq) + j (so a cache of earlier keys can precede the queries' own);
@@ -27,9 +27,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import TileConfig, acc_dtype, check_device, check_float, empty
+from .buffers import TileConfig, acc_dtype, check_device, check_float, check_same_shape, empty
+from .softmax_tiles import dot as _dot
+from .softmax_tiles import dq_part as _dq_part
+from .softmax_tiles import program_rows as _program_rows
+from .softmax_tiles import rows as _rows
+from .softmax_tiles import softmax_start as _softmax_start
+from .softmax_tiles import softmax_step as _softmax_step
+from .softmax_tiles import store_rows as _store_rows
 
 RAW, FADING, STORE = 0, 1, 2
+
+
 @triton.jit
 def _visible(MODE: tl.constexpr, i, j, spos, s_q, s, off, W, pos, Tq, Tk, M):
     """Mask of query index i against key index j (or store slot j), broadcast together."""
@@ -40,18 +49,6 @@ def _visible(MODE: tl.constexpr, i, j, spos, s_q, s, off, W, pos, Tq, Tk, M):
     else:
         m = (j < M) & (spos >= 0) & (spos <= pos + i - W) & (s_q == s)
     return m & (i < Tq)
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # IEEE: float32 without tf32 (DESIGN 6); 2: bfloat16 under the interpreter, whose dot reads
-    # bfloat16 operands wrongly, so it gets float32 copies
-    if IEEE == 1:
-        return tl.dot(a, b, input_precision="ieee")
-    elif IEEE == 2:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -81,40 +78,58 @@ def _load_kv(MODE: tl.constexpr, kb, vb, spb, j, e, b, h, s, H, E, Tk, S, M):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, i, s_q, kb, vb, spb, b, h, s, j0, off, W, pos, Tq, Tk, S, M,
-              E, H, scale, MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-              IEEE: tl.constexpr, ACC: tl.constexpr):
+def _tile(acc, m_i, l_i, q, do, lse, dlt, i, s_q, kb, vb, spb, b, h, s, j0, off, W, pos, Tq, Tk,
+          S, M, E, H, scale, MODE: tl.constexpr, GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_E: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """Key tile j0 of one source (the store: of snapshot s) against the query tile, folded into
+    the online softmax (acc, m_i, l_i), or with GRAD into dq (acc; m_i and l_i pass through)."""
     j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     kt, vt, spos = _load_kv(MODE, kb, vb, spb, j, e, b, h, s, H, E, Tk, S, M)
     sc = _dot(q, tl.trans(kt), IEEE).to(ACC) * scale  # [BM, BN]
     vis = _visible(MODE, i[:, None], j[None, :], spos[None, :], s_q[:, None], s, off, W, pos,
                    Tq, Tk, M)
-    sc = tl.where(vis, sc, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-    # rows with nothing visible yet keep m = -inf; shift them by 0 so exp gives 0, not NaN
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(sc - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE).to(ACC)
-    return acc, m_new, l_i
+    if GRAD:
+        acc = acc + _dq_part(sc, vis, lse, dlt, do, kt, vt, IEEE, ACC) * scale
+    else:
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, tl.where(vis, sc, float("-inf")), vt,
+                                      IEEE, ACC)
+    return acc, m_i, l_i
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, dlt, i, s_q, kb, vb, spb, b, h, s, j0, off, W, pos, Tq, Tk, S, M,
-             E, H, scale, MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-             IEEE: tl.constexpr, ACC: tl.constexpr):
-    j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    kt, vt, spos = _load_kv(MODE, kb, vb, spb, j, e, b, h, s, H, E, Tk, S, M)
-    sc = _dot(q, tl.trans(kt), IEEE).to(ACC) * scale
-    vis = _visible(MODE, i[:, None], j[None, :], spos[None, :], s_q[:, None], s, off, W, pos,
-                   Tq, Tk, M)
-    p = tl.where(vis, tl.exp(sc - lse[:, None]), 0.0)
-    dp = _dot(do, tl.trans(vt), IEEE).to(ACC)
-    ds = p * (dp - dlt[:, None])
-    return dq + _dot(ds.to(kt.dtype), kt, IEEE).to(ACC) * scale
+def _sweep(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i0, i, k, v, fk, fv, sk, sv, spos, b, h,
+           Tq, Tk, H, E, S, M, W, pos, C, scale, HAS_FADING: tl.constexpr,
+           HAS_STORE: tl.constexpr, GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """Every key tile of the three sources that some row of the query tile can see, through
+    ``_tile``: the gradient walks the forward's tiles."""
+    off = Tk - Tq
+    s_q = (pos + i) // C - pos // C
+    i_last = tl.minimum(i0 + BLOCK_M, Tq) - 1
+    lo = tl.maximum(i0 + off - W + 1, 0)
+    hi = tl.minimum(i_last + off + 1, Tk)
+    for j0 in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _tile(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i, s_q, k, v, spos, b, h, 0,
+                              j0, off, W, pos, Tq, Tk, S, M, E, H, scale, 0, GRAD, BLOCK_N,
+                              BLOCK_E, IEEE, ACC)
+    if HAS_FADING:
+        lo = tl.maximum(i0 + off - 2 * W + 1, 0)
+        hi = tl.minimum(i_last + off - W + 1, Tk)
+        for j0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _tile(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i, s_q, fk, fv, spos, b,
+                                  h, 0, j0, off, W, pos, Tq, Tk, S, M, E, H, scale, 1, GRAD,
+                                  BLOCK_N, BLOCK_E, IEEE, ACC)
+    if HAS_STORE:
+        s_lo = (pos + i0) // C - pos // C
+        s_hi = (pos + i_last) // C - pos // C
+        for s in range(s_lo, s_hi + 1):
+            # js, not j0: a name the loops above left int64 would change type in this loop
+            for js in range(0, M, BLOCK_N):
+                acc, m_i, l_i = _tile(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i, s_q, sk, sv,
+                                      spos, b, h, s, js, off, W, pos, Tq, Tk, S, M, E, H, scale,
+                                      2, GRAD, BLOCK_N, BLOCK_E, IEEE, ACC)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -123,148 +138,15 @@ def _attn_fwd_kernel(q, k, v, fk, fv, sk, sv, spos, o, lse,
                      HAS_FADING: tl.constexpr, HAS_STORE: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr,
                      ACC: tl.constexpr):
-    i0 = tl.program_id(0).to(tl.int64) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    i = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    off = Tk - Tq
-    rows = ((b * Tq + i[:, None]) * H + h) * E + e[None, :]
-    q_ok = (i[:, None] < Tq) & (e[None, :] < E)
+    i0, bh, b, h, i, e = _program_rows(H, BLOCK_M, BLOCK_E)
+    rows, q_ok = _rows(b, h, i, e, Tq, H, E)
     qt = tl.load(q + rows, mask=q_ok, other=0.0)
-    s_q = (pos + i) // C - pos // C
-    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    i_last = tl.minimum(i0 + BLOCK_M, Tq) - 1
-    lo = tl.maximum(i0 + off - W + 1, 0)
-    hi = tl.minimum(i_last + off + 1, Tk)
-    for j0 in range(lo, hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, i, s_q, k, v, spos, b, h, 0, j0, off, W,
-                                  pos, Tq, Tk, S, M, E, H, scale, 0, BLOCK_N, BLOCK_E, IEEE, ACC)
-    if HAS_FADING:
-        lo = tl.maximum(i0 + off - 2 * W + 1, 0)
-        hi = tl.minimum(i_last + off - W + 1, Tk)
-        for j0 in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, i, s_q, fk, fv, spos, b, h, 0, j0, off,
-                                      W, pos, Tq, Tk, S, M, E, H, scale, 1, BLOCK_N, BLOCK_E,
-                                      IEEE, ACC)
-    if HAS_STORE:
-        s_lo = (pos + i0) // C - pos // C
-        s_hi = (pos + i_last) // C - pos // C
-        for s in range(s_lo, s_hi + 1):
-            # js, not j0: a name the loops above left int64 would change type in this loop
-            for js in range(0, M, BLOCK_N):
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, i, s_q, sk, sv, spos, b, h, s, js,
-                                          off, W, pos, Tq, Tk, S, M, E, H, scale, 2, BLOCK_N,
-                                          BLOCK_E, IEEE, ACC)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    tl.store(o + rows, out.to(o.dtype.element_ty), mask=q_ok)
-    tl.store(lse + bh * Tq + i, m_i + tl.log(l_safe), mask=i < Tq)
-
-
-@triton.jit
-def _attn_dq_kernel(q, k, v, fk, fv, sk, sv, spos, do, lse, dlt, dq,
-                    Tq, Tk, H, E, S, M, W, pos, C, scale,
-                    HAS_FADING: tl.constexpr, HAS_STORE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr,
-                    ACC: tl.constexpr):
-    i0 = tl.program_id(0).to(tl.int64) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    i = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    off = Tk - Tq
-    rows = ((b * Tq + i[:, None]) * H + h) * E + e[None, :]
-    q_ok = (i[:, None] < Tq) & (e[None, :] < E)
-    qt = tl.load(q + rows, mask=q_ok, other=0.0)
-    dot_ = tl.load(do + rows, mask=q_ok, other=0.0)
-    lse_i = tl.load(lse + bh * Tq + i, mask=i < Tq, other=0.0)
-    dlt_i = tl.load(dlt + bh * Tq + i, mask=i < Tq, other=0.0)
-    s_q = (pos + i) // C - pos // C
-    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
-    i_last = tl.minimum(i0 + BLOCK_M, Tq) - 1
-    lo = tl.maximum(i0 + off - W + 1, 0)
-    hi = tl.minimum(i_last + off + 1, Tk)
-    for j0 in range(lo, hi, BLOCK_N):
-        acc = _dq_tile(acc, qt, dot_, lse_i, dlt_i, i, s_q, k, v, spos, b, h, 0, j0, off, W,
-                       pos, Tq, Tk, S, M, E, H, scale, 0, BLOCK_N, BLOCK_E, IEEE, ACC)
-    if HAS_FADING:
-        lo = tl.maximum(i0 + off - 2 * W + 1, 0)
-        hi = tl.minimum(i_last + off - W + 1, Tk)
-        for j0 in range(lo, hi, BLOCK_N):
-            acc = _dq_tile(acc, qt, dot_, lse_i, dlt_i, i, s_q, fk, fv, spos, b, h, 0, j0, off,
-                           W, pos, Tq, Tk, S, M, E, H, scale, 1, BLOCK_N, BLOCK_E, IEEE, ACC)
-    if HAS_STORE:
-        s_lo = (pos + i0) // C - pos // C
-        s_hi = (pos + i_last) // C - pos // C
-        for s in range(s_lo, s_hi + 1):
-            for js in range(0, M, BLOCK_N):
-                acc = _dq_tile(acc, qt, dot_, lse_i, dlt_i, i, s_q, sk, sv, spos, b, h, s, js,
-                               off, W, pos, Tq, Tk, S, M, E, H, scale, 2, BLOCK_N, BLOCK_E,
-                               IEEE, ACC)
-    tl.store(dq + rows, acc, mask=q_ok)
-
-
-@triton.jit
-def _attn_dkdv_kernel(q, kb, vb, spos, do, lse, dlt, dk, dv,
-                      Tq, Tk, H, E, S, M, W, pos, C, scale,
-                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_E: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
-    """Gradients of one source's keys and values: program (key tile [x snapshot], b * H + h)."""
-    pid = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    off = Tk - Tq
-    e = tl.arange(0, BLOCK_E)
-    if MODE == 2:
-        n_tiles = tl.cdiv(M, BLOCK_N)
-        s = pid // n_tiles
-        j0 = (pid % n_tiles) * BLOCK_N
-        c_abs = pos // C + s
-        i_lo = tl.maximum(c_abs * C - pos, 0)
-        i_hi = tl.minimum((c_abs + 1) * C - pos, Tq)
-    else:
-        s = pid * 0
-        j0 = pid * BLOCK_N
-        j_last = tl.minimum(j0 + BLOCK_N, Tk) - 1
-        if MODE == 0:
-            i_lo = tl.maximum(j0 - off, 0)
-            i_hi = tl.minimum(j_last - off + W, Tq)
-        else:
-            i_lo = tl.maximum(j0 - off + W, 0)
-            i_hi = tl.minimum(j_last - off + 2 * W, Tq)
-    j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
-    kt, vt, sp = _load_kv(MODE, kb, vb, spos, j, e, b, h, s, H, E, Tk, S, M)
-    dk_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
-    dv_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
-    for i0 in range(i_lo, i_hi, BLOCK_M):
-        i = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        rows = ((b * Tq + i[:, None]) * H + h) * E + e[None, :]
-        q_ok = (i[:, None] < Tq) & (e[None, :] < E)
-        qt = tl.load(q + rows, mask=q_ok, other=0.0)
-        dot_ = tl.load(do + rows, mask=q_ok, other=0.0)
-        lse_i = tl.load(lse + bh * Tq + i, mask=i < Tq, other=0.0)
-        dlt_i = tl.load(dlt + bh * Tq + i, mask=i < Tq, other=0.0)
-        s_q = (pos + i) // C - pos // C
-        # transposed tiles [BN, BM]: keys along rows, queries along columns
-        scT = _dot(kt, tl.trans(qt), IEEE).to(ACC) * scale
-        vis = _visible(MODE, i[None, :], j[:, None], sp[:, None], s_q[None, :], s, off, W, pos,
-                       Tq, Tk, M)
-        pT = tl.where(vis, tl.exp(scT - lse_i[None, :]), 0.0)
-        dv_acc += _dot(pT.to(dot_.dtype), dot_, IEEE).to(ACC)
-        dpT = _dot(vt, tl.trans(dot_), IEEE).to(ACC)
-        dsT = pT * (dpT - dlt_i[None, :])
-        dk_acc += _dot(dsT.to(qt.dtype), qt, IEEE).to(ACC) * scale
-    if MODE == 2:
-        row_ok = j < M
-    else:
-        row_ok = j < Tk
-    kv_ok = row_ok[:, None] & (e[None, :] < E)
-    dkp, dvp = _kv_ptrs(MODE, dk, dv, j, e, b, h, s, H, E, Tk, S, M)
-    tl.store(dkp, dk_acc, mask=kv_ok)
-    tl.store(dvp, dv_acc, mask=kv_ok)
+    acc, m_i, l_i = _softmax_start(BLOCK_M, BLOCK_E, ACC)
+    # the gradient's do, lse and D are not read here: qt and m_i stand in
+    acc, m_i, l_i = _sweep(acc, m_i, l_i, qt, qt, m_i, m_i, i0, i, k, v, fk, fv, sk, sv, spos, b,
+                           h, Tq, Tk, H, E, S, M, W, pos, C, scale, HAS_FADING, HAS_STORE, False,
+                           BLOCK_M, BLOCK_N, BLOCK_E, IEEE, ACC)
+    _store_rows(o, lse, rows, q_ok, i, bh, Tq, acc, m_i, l_i)
 
 
 class _Cfg(TileConfig):
@@ -309,6 +191,9 @@ class _WindowedReadout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        # imported here: the backward kernels use this module's tile helpers
+        from .windowed_readout_bwd import _attn_dkdv_kernel, _attn_dq_kernel
+
         q, k, v, fk, fv, sk, sv, sp, o, lse = ctx.saved_tensors
         cfg = ctx.cfg
         acc = acc_dtype(q.dtype)
@@ -357,9 +242,7 @@ def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chu
         raise ValueError(f"{where}: k must be [B={B}, Tk >= {Tq}, H={H}, E={E}], got "
                          f"{tuple(k.shape)}")
     for name, t in (("v", v), ("fading_k", fading_k), ("fading_v", fading_v)):
-        if t is not None and t.shape != k.shape:
-            raise ValueError(f"{where}: {name} must have k's shape {tuple(k.shape)}, got "
-                             f"{tuple(t.shape)}")
+        check_same_shape(where, name, t, "k", k)
     if (fading_k is None) != (fading_v is None):
         raise ValueError(f"{where}: give both fading_k and fading_v, or neither")
     if not isinstance(pos, int) or pos < k.shape[1] - Tq:
@@ -383,9 +266,7 @@ def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chu
         raise ValueError(f"{where}: store_k must be [B={B}, H={H}, snapshots={S}, slots, E={E}] "
                          f"(one snapshot per chunk the queries touch), got "
                          f"{tuple(store_k.shape)}")
-    if store_v.shape != store_k.shape:
-        raise ValueError(f"{where}: store_v must have store_k's shape {tuple(store_k.shape)}, "
-                         f"got {tuple(store_v.shape)}")
+    check_same_shape(where, "store_v", store_v, "store_k", store_k)
     want = (B, S, store_k.shape[3])
     if tuple(store_pos.shape) != want or store_pos.dtype.is_floating_point:
         raise ValueError(f"{where}: store_pos must be an integer tensor of shape {want}, got "

@@ -24,19 +24,30 @@ import jax.numpy as jnp
 import numpy as np
 
 import memcore
+from memcore.backends.jax.numerics import layer_norm, rms_norm
 from memcore.spec.model import Model
-from memcore.tasks.model_args import check_task_model
+from memcore.tasks import model_args
 
-NORM_EPS = 1e-5  # as memcore.tasks.stack
 F32 = jnp.float32
 
 
 def _norm(kind: str, x, w):
-    if kind == "rms":
-        return x / jnp.sqrt((x * x).mean(-1, keepdims=True) + NORM_EPS) * w
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / jnp.sqrt(var + NORM_EPS) * w
+    # The JAX model realization's norms, as the torch stack uses the torch realization's.
+    return rms_norm(x, w) if kind == "rms" else layer_norm(x, w)
+
+
+def _conv(x, w):
+    # Causal depthwise: y_t = sum_k w[:, k] x_{t-K+1+k}; left zero padding (torch's conv1d).
+    K, T = w.shape[1], x.shape[1]
+    xp = jnp.pad(x, ((0, 0), (K - 1, 0), (0, 0)))
+    return sum(xp[:, k:k + T, :] * w[:, k] for k in range(K))
+
+
+def _state_bytes(mixer, g):
+    # run_blocks' mix for state_bytes: the mixer's output and its streaming state's bytes.
+    y, state = mixer(g)
+    ref = mixer.to_reference_state(state)
+    return y, sum(_nbytes(a) for a in ref.values() if hasattr(a, "shape"))
 
 
 def _f32(a):
@@ -63,9 +74,7 @@ def _check_tokens(tokens, vocab: int):
         raise TypeError(f"tokens must hold integer ids, got dtype {tokens.dtype}")
     if not isinstance(tokens, jax.core.Tracer) and tokens.size:
         t = np.asarray(tokens)
-        if t.min() < 0 or t.max() >= vocab:
-            raise ValueError(f"tokens must lie in [0, vocab_size={vocab}), got values from "
-                             f"{t.min()} to {t.max()}")
+        model_args.check_token_range(int(t.min()), int(t.max()), vocab)
 
 
 def _rows(h, positions):
@@ -88,7 +97,7 @@ class JaxTaskLM(eqx.Module):
 
     def __init__(self, spec: Model, params: dict | None = None, seed: int = 0,
                  short_conv: int = 0):
-        params = check_task_model("JaxTaskLM", spec, params, seed, short_conv)
+        params = model_args.check_task_model("JaxTaskLM", spec, params, seed, short_conv)
         self.spec = spec
         self.short_conv = short_conv
         self.embed = _f32(params["embed.weight"])
@@ -105,13 +114,6 @@ class JaxTaskLM(eqx.Module):
         self.convs = tuple(_f32(w) for w in conv_init(spec.d_model, short_conv, seed,
                                                       len(spec.layers))) if short_conv else ()
 
-    @staticmethod
-    def _conv(x, w):
-        # Causal depthwise: y_t = sum_k w[:, k] x_{t-K+1+k}; left zero padding (torch's conv1d).
-        K, T = w.shape[1], x.shape[1]
-        xp = jnp.pad(x, ((0, 0), (K - 1, 0), (0, 0)))
-        return sum(xp[:, k:k + T, :] * w[:, k] for k in range(K))
-
     def check_inputs(self, tokens) -> None:
         _check_tokens(tokens, self.spec.vocab_size)
 
@@ -119,17 +121,9 @@ class JaxTaskLM(eqx.Module):
         """tokens [B, T] -> (final normed hidden states [B, T, D], the summed bmojo innovation
         loss or None)."""
         _check_tokens(tokens, self.spec.vocab_size)
-        h = self.embed[tokens]
-        aux = None
-        for i, mixer in enumerate(self.mixers):
-            g = _norm(self.spec.norm, h, self.norms[i])
-            if self.short_conv:
-                g = self._conv(g, self.convs[i])
-            y, _, a = mixer.forward_aux(g)
-            if a is not None:
-                aux = a if aux is None else aux + a
-            h = h + y
-        return _norm(self.spec.norm, h, self.norm_f), aux
+        h, auxes = model_args.run_blocks(self, self.embed[tokens], _norm, _conv,
+                                         model_args.forward_aux)
+        return _norm(self.spec.norm, h, self.norm_f), model_args.sum_aux(auxes)
 
     def head(self, h):
         return (h @ self.embed.T) * self.spec.logit_scale
@@ -170,18 +164,8 @@ class JaxTaskLM(eqx.Module):
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or tokens.shape[0] != 1:
             raise ValueError(f"state_bytes: tokens must be [1, T], got {tuple(tokens.shape)}")
-        h = self.embed[tokens]
-        total = 0
-        for i, mixer in enumerate(self.mixers):
-            g = _norm(self.spec.norm, h, self.norms[i])
-            if self.short_conv:
-                g = self._conv(g, self.convs[i])
-                total += (self.short_conv - 1) * self.spec.d_model * 4
-            y, state = mixer(g)
-            ref = mixer.to_reference_state(state)
-            total += sum(_nbytes(a) for a in ref.values() if hasattr(a, "shape"))
-            h = h + y
-        return int(total)
+        _, sizes = model_args.run_blocks(self, self.embed[tokens], _norm, _conv, _state_bytes)
+        return int(sum(sizes) + model_args.conv_state_bytes(self))
 
 
 def _nbytes(a) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -41,7 +40,7 @@ import optax
 from memcore.checkpoint import atomic_write
 from memcore.tasks.jax_stack import pad_positions
 from memcore.tasks.mqar import IGNORE
-from memcore.tasks.train import CHECKPOINT, TrainConfig, _say, log_progress, lr_at
+from memcore.tasks.train import TrainConfig, lr_at, run_steps, start_run
 
 F32 = jnp.float32
 CLIP_EPS = 1e-6  # torch's clip_grad_norm_ adds it to the norm
@@ -226,39 +225,23 @@ def _train(model, dev, batch_fn, cfg, eval_fn, resume, name, quiet, loss_fn, tim
            pad_token) -> dict:
     optimizer = make_optimizer(cfg)
     opt_state = optimizer.init(trainable(model))
-    log_path = ckpt_path = None
-    if cfg.out_dir:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        log_path = os.path.join(cfg.out_dir, "log.jsonl")
-        ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT)
-    start, losses, evals = 0, [], []
-    if resume:
-        if not ckpt_path:
-            raise ValueError("--resume needs --out (the folder holding the checkpoint)")
-        model, opt_state, meta = load_checkpoint(ckpt_path, model, opt_state)
-        start = meta["step"]
-        losses = list(meta["history"]["losses"])
-        evals = [tuple(e) for e in meta["history"]["evals"]]
-        _say(f"[{name}] resumed from {ckpt_path} at step {start}", quiet)
-    elif log_path and os.path.exists(log_path):
-        os.remove(log_path)
+
+    def load(path: str) -> dict:
+        nonlocal model, opt_state
+        model, opt_state, meta = load_checkpoint(path, model, opt_state)
+        return meta
+
+    run = start_run(cfg, name, quiet, resume, load)
     # Every input of the step committed to one device: a mix of committed and uncommitted
     # arrays would compile the step twice.
     model, opt_state = jax.device_put((model, opt_state), dev)
-
-    def log(record: dict) -> None:
-        if log_path:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps({"model": name, **record}) + "\n")
-
     loss, loss_args = (masked_loss, (float(cfg.aux_weight),)) if loss_fn is None else \
         (loss_fn, ())
     clip = float(cfg.grad_clip) if cfg.grad_clip else None
     check = getattr(model, "check_inputs", None)
-    t0 = time.time()
-    metric = evals[-1][1] if evals else None
-    step = start
-    while step < cfg.steps:
+
+    def step_fn(step: int) -> float:
+        nonlocal model, opt_state
         raw = batch_fn(step)
         if loss_fn is None:
             inputs, batch = _masked_batch(*raw, time_multiple, pad_token)
@@ -271,26 +254,11 @@ def _train(model, dev, batch_fn, cfg, eval_fn, resume, name, quiet, loss_fn, tim
             np.asarray(lr_at(step, cfg), np.float32), dev)
         model, opt_state, reported = _step(model, opt_state, batch, optimizer, loss, loss_args,
                                            clip)
-        step += 1
-        losses.append(float(reported))
-        log_progress(name, step, cfg, losses[-1], start, t0, log, quiet)
-        stop = False
-        if eval_fn is not None and (step == cfg.steps or
-                                    (cfg.eval_every and step % cfg.eval_every == 0)):
-            metric = float(eval_fn(model))
-            evals.append((step, metric))
-            _say(f"[{name}] step {step} eval {metric:.4f}", quiet)
-            log({"step": step, "eval": metric, "seconds": time.time() - t0})
-            stop = cfg.early_stop is not None and metric > cfg.early_stop
-        if ckpt_path and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stop):
-            save_checkpoint(ckpt_path, model, opt_state, step, cfg,
-                            {"losses": losses, "evals": evals})
-        if stop:
-            _say(f"[{name}] early stop at step {step}: {metric:.4f} > {cfg.early_stop}", quiet)
-            break
-    if eval_fn is not None and (not evals or evals[-1][0] != step):
-        metric = float(eval_fn(model))
-        evals.append((step, metric))
-        log({"step": step, "eval": metric, "seconds": time.time() - t0})
-    return {"losses": losses, "evals": evals, "steps": step, "metric": metric,
-            "seconds": time.time() - t0, "model": model}
+        return float(reported)
+
+    def save(path: str, step: int, history: dict) -> None:
+        save_checkpoint(path, model, opt_state, step, cfg, history)
+
+    res = run_steps(cfg, name, quiet, run, step_fn,
+                    None if eval_fn is None else lambda final: float(eval_fn(model)), save)
+    return {**res, "model": model}

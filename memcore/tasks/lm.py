@@ -8,9 +8,7 @@ past the training length.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -19,7 +17,8 @@ import torch
 
 import memcore
 from memcore import spec as S
-from memcore.tasks.train import TrainConfig, check_backend, train
+from memcore.tasks import plots, runs
+from memcore.tasks.train import TrainConfig, check_backend
 
 MODELS = ("bmojo", "mamba", "transformer", "transformer_window", "bmojo_f", "mosaic", "jamba")
 VOCAB = 256  # bytes
@@ -28,6 +27,9 @@ HELD_OUT = 0.1
 
 @dataclass(frozen=True)
 class LMConfig:
+    """The models' sizes (``n_layers`` blocks), the training and the held-out evaluation
+    (``eval_windows`` windows of ``eval_factor`` * ``seq_len`` bytes)."""
+
     seq_len: int = 128  # training length L; evaluation runs to 4L
     d_model: int = 64
     n_heads: int = 2
@@ -44,11 +46,8 @@ class LMConfig:
     eval_factor: int = 4
 
     def __post_init__(self):
-        for name in ("seq_len", "d_model", "n_heads", "n_layers", "batch_size", "steps",
-                     "eval_windows", "eval_factor"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"lm: {name} must be an int >= 1, got {v!r}")
+        runs.check_counts("lm", self, ("seq_len", "d_model", "n_heads", "n_layers",
+                                       "batch_size", "steps", "eval_windows", "eval_factor"))
         if self.seq_len < 2:
             raise ValueError(f"lm: seq_len must be >= 2, got {self.seq_len}")
 
@@ -96,6 +95,16 @@ class NextByte(torch.nn.Module):
     def forward(self, tokens, mask=None):
         logits, _, self.aux_loss = self.model.forward_aux(tokens)
         return logits if mask is None else logits[mask]
+
+
+def next_token_model(backend: str, spec, seed: int):
+    """``spec``'s realization with ``memcore.init(spec, seed)``'s parameters behind the loop's
+    interface: ``NextByte`` (torch) or ``jax_stack.JaxNextByte``."""
+    if backend == "jax":
+        from memcore.tasks.jax_stack import JaxNextByte
+
+        return JaxNextByte(spec, seed=seed)
+    return NextByte(memcore.realize(spec, backend="torch", params=memcore.init(spec, seed)))
 
 
 def _windows(data: np.ndarray, n: int, length: int, rng: np.random.Generator):
@@ -147,7 +156,7 @@ def run(text: str, models, cfg: LMConfig = LMConfig(), seed: int = 0, device: st
     data = read_bytes(text, int(np.ceil(T_eval / HELD_OUT)) + 1)
     cut = int(len(data) * (1 - HELD_OUT))
     train_data, test_data = data[:cut], data[cut:]
-    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    say = runs.say_unless(quiet)
     t0 = time.time()
     results = {"text": os.path.abspath(text), "config": asdict(cfg), "seed": seed,
                "backend": backend, "models": {}}
@@ -162,21 +171,11 @@ def run(text: str, models, cfg: LMConfig = LMConfig(), seed: int = 0, device: st
         tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=seed, log_every=log_every,
                            warmup=min(50, cfg.steps // 10), min_lr_ratio=0.1, out_dir=sub,
                            checkpoint_every=checkpoint_every, device=device)
-        if backend == "jax":
-            from memcore.tasks import jax_train
-            from memcore.tasks.jax_stack import JaxNextByte, n_params
-
-            res = jax_train.train(JaxNextByte(spec, seed=seed), batches, tcfg, resume=resume,
-                                  name=name, quiet=quiet)
-            model = res["model"]
-            per = loss_by_position_jax(model, test_data, cfg, seed)
-            params = n_params(model)
-        else:
-            model = NextByte(memcore.realize(spec, backend="torch",
-                                             params=memcore.init(spec, seed)))
-            res = train(model, batches, tcfg, resume=resume, name=name, quiet=quiet)
-            per = loss_by_position(model, test_data, cfg, seed)
-            params = sum(p.numel() for p in model.parameters())
+        model, res, params = runs.train_model(
+            backend, next_token_model(backend, spec, seed), batches, tcfg,
+            resume=resume, name=name, quiet=quiet)
+        per = (loss_by_position_jax if backend == "jax" else loss_by_position)(
+            model, test_data, cfg, seed)
         L = cfg.seq_len
         results["models"][name] = {
             "train_loss": float(np.mean(res["losses"][-10:])) if res["losses"] else None,
@@ -186,19 +185,11 @@ def run(text: str, models, cfg: LMConfig = LMConfig(), seed: int = 0, device: st
             "params": params, "seconds": round(res["seconds"], 1)}
         say(f"[{name}] held-out loss (nats/byte): positions < L {per[:L].mean():.3f}, "
             f"L..4L {per[L:].mean():.3f}")
-    results["seconds"] = round(time.time() - t0, 1)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "results.json"), "w") as fh:
-            json.dump(results, fh, indent=2)
-        from memcore.tasks import plots
-        results["plot"] = plots.loss_by_position(results, os.path.join(out_dir, "lm.png"))
-    return results
+    return runs.finish(results, out_dir, t0, plots.loss_by_position, "lm.png")
 
 
 def table(results: dict) -> str:
-    lines = [f"{'model':<20} {'train':>7} {'<L':>7} {'L..4L':>7} {'params':>9}", "-" * 54]
-    for name, r in results["models"].items():
-        lines.append(f"{name:<20} {r['train_loss']:>7.3f} {r['loss_within_L']:>7.3f} "
-                     f"{r['loss_L_to_4L']:>7.3f} {r['params']:>9,}")
-    return "\n".join(lines)
+    return runs.table(f"{'model':<20} {'train':>7} {'<L':>7} {'L..4L':>7} {'params':>9}", 54,
+                      (f"{name:<20} {r['train_loss']:>7.3f} {r['loss_within_L']:>7.3f} "
+                       f"{r['loss_L_to_4L']:>7.3f} {r['params']:>9,}"
+                       for name, r in results["models"].items()))

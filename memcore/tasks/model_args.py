@@ -1,6 +1,9 @@
-"""Argument checks shared by the task models of both backends (no torch or JAX import)."""
+"""What the task models of both backends share (no torch or JAX import): their argument checks
+and the pass through their blocks."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import memcore
 from memcore.spec.model import Model
@@ -18,3 +21,49 @@ def check_task_model(cls: str, spec, params, seed: int, short_conv: int) -> dict
     if isinstance(short_conv, bool) or not isinstance(short_conv, int) or short_conv < 0:
         raise ValueError(f"short_conv must be an int >= 0 (0: none), got {short_conv!r}")
     return memcore.init(spec, seed) if params is None else params
+
+
+def check_token_range(lo: int, hi: int, vocab: int) -> None:
+    """Token ids from ``lo`` to ``hi`` (the smallest and largest given) must lie in
+    [0, vocab)."""
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"tokens must lie in [0, vocab_size={vocab}), got values from "
+                         f"{lo} to {hi}")
+
+
+def run_blocks(model, h, norm: Callable, conv: Callable, mix: Callable) -> tuple:
+    """The residual stream of a task model (``TaskLM`` or ``JaxTaskLM``, with its backend's
+    ``norm(kind, x, w)`` and ``conv(x, w)``): for each block i, ``y, out_i = mix(mixer_i, g)``
+    on g = conv(norm1_i(h)) (the convolution only with ``short_conv``), then h = h + y.
+    Returns (h, [out_i for each block])."""
+    outs = []
+    for i, mixer in enumerate(model.mixers):
+        g = norm(model.spec.norm, h, model.norms[i])
+        if model.short_conv:
+            g = conv(g, model.convs[i])
+        y, out = mix(mixer, g)
+        outs.append(out)
+        h = h + y
+    return h, outs
+
+
+def forward_aux(mixer, g) -> tuple:
+    """``run_blocks``' ``mix`` for training: (the mixer's output, its aux loss or None)."""
+    y, _, aux = mixer.forward_aux(g)
+    return y, aux
+
+
+def sum_aux(auxes):
+    """The blocks' aux losses summed in order (the bmojo layers' innovation losses), or None
+    when no block has one."""
+    total = None
+    for a in auxes:
+        if a is not None:
+            total = a if total is None else total + a
+    return total
+
+
+def conv_state_bytes(model) -> int:
+    """Bytes of the short convolutions' last K-1 inputs at float32, over all blocks."""
+    return len(model.mixers) * (model.short_conv - 1) * model.spec.d_model * 4 \
+        if model.short_conv else 0

@@ -17,10 +17,8 @@ autoregressively after a context of c steps, mean absolute error against the tru
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -30,7 +28,8 @@ import torch
 from torch import nn
 
 import memcore.ops
-from memcore.tasks.train import TrainConfig, check_backend, train
+from memcore.tasks import plots, runs
+from memcore.tasks.train import TrainConfig, check_backend
 
 PERIODS = tuple(Fraction(k, 2) for k in range(1, 8))  # 0.5, 1, ..., 3.5
 STEPS_PER_UNIT = 800 / 18  # at least 3 full periods of 3.5 in a window of 800
@@ -109,6 +108,15 @@ class MoonsMemory(nn.Module):
         return self.out(y.reshape(B, T, 6))
 
 
+def memory_model(backend: str, heads: int, seed: int):
+    """``MoonsMemory`` (torch) or its twin ``jax_stack.JaxMoonsMemory``."""
+    if backend == "jax":
+        from memcore.tasks.jax_stack import JaxMoonsMemory
+
+        return JaxMoonsMemory(heads, seed, beta=BETA)
+    return MoonsMemory(heads, seed)
+
+
 def clipped_loss(model, x, y):
     err = (model(x) - y).clamp(-0.5, 0.5)
     loss = (err * err).mean()
@@ -175,11 +183,8 @@ class MoonsConfig:
     horizon: int = 25
 
     def __post_init__(self):
-        for name in ("length", "batch_size", "steps", "eval_sequences", "context_step",
-                     "horizon"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"moons: {name} must be an int >= 1, got {v!r}")
+        runs.check_counts("moons", self, ("length", "batch_size", "steps", "eval_sequences",
+                                          "context_step", "horizon"))
         if self.length <= self.horizon + 1:
             raise ValueError(f"moons: length must exceed horizon + 1 = {self.horizon + 1}, "
                              f"got {self.length}")
@@ -190,7 +195,7 @@ def run(cfg: MoonsConfig = MoonsConfig(), heads=(1, 3), seed: int = 100, device:
         quiet: bool = False) -> dict:
     check_backend(backend)
     train_sets, held = period_sets()
-    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    say = runs.say_unless(quiet)
     contexts = list(range(1, cfg.length - cfg.horizon + 1, cfg.context_step))
     erng = np.random.default_rng([seed, 5])
     eval_sets = {"train " + _name(train_sets[0]): train_sets[0], "held-out " + _name(held): held}
@@ -205,12 +210,7 @@ def run(cfg: MoonsConfig = MoonsConfig(), heads=(1, 3), seed: int = 100, device:
                "models": {}}
     t0 = time.time()
     for h in heads:
-        if backend == "jax":
-            from memcore.tasks.jax_stack import JaxMoonsMemory
-
-            model = JaxMoonsMemory(h, seed, beta=BETA)
-        else:
-            model = MoonsMemory(h, seed)
+        model = memory_model(backend, h, seed)
 
         def batches(step):
             rng = np.random.default_rng([seed, step])
@@ -224,14 +224,13 @@ def run(cfg: MoonsConfig = MoonsConfig(), heads=(1, 3), seed: int = 100, device:
                            grad_clip=None, log_every=log_every, device=device,
                            out_dir=os.path.join(out_dir, name.replace(" ", "_"))
                            if out_dir else None)
+        model, res, _ = runs.train_model(
+            backend, model, batches, tcfg,
+            {"torch": {"loss_fn": clipped_loss}, "jax": {"loss_fn": clipped_loss_jax}},
+            name=name, quiet=quiet)
         if backend == "jax":
-            from memcore.tasks import jax_train
-
-            res = jax_train.train(model, batches, tcfg, name=name, quiet=quiet,
-                                  loss_fn=clipped_loss_jax)
-            model, rollout = res["model"], rollout_error_jax
+            rollout = rollout_error_jax
         else:
-            res = train(model, batches, tcfg, name=name, quiet=quiet, loss_fn=clipped_loss)
             model.to("cpu")
             rollout = rollout_error
         errs = {k: [round(float(e), 5) for e in rollout(model, d, contexts, cfg.horizon)]
@@ -241,14 +240,7 @@ def run(cfg: MoonsConfig = MoonsConfig(), heads=(1, 3), seed: int = 100, device:
         for k, e in errs.items():
             say(f"[{name}] {k}: 25-step error {e[0]:.3f} at c=1 -> {e[-1]:.3f} at "
                 f"c={contexts[-1]}")
-    results["seconds"] = round(time.time() - t0, 1)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "results.json"), "w") as fh:
-            json.dump(results, fh, indent=2)
-        from memcore.tasks import plots
-        results["plot"] = plots.moons_error(results, os.path.join(out_dir, "moons.png"))
-    return results
+    return runs.finish(results, out_dir, t0, plots.moons_error, "moons.png")
 
 
 def _name(ps) -> str:
@@ -260,8 +252,6 @@ def table(results: dict) -> str:
     picks = [i for i, c in enumerate(contexts) if i in (0, len(contexts) // 4,
                                                            len(contexts) // 2, len(contexts) - 1)]
     head = f"{'model':<8} {'set':<22} " + " ".join(f"c={contexts[i]:<5}" for i in picks)
-    lines = [head, "-" * len(head)]
-    for name, r in results["models"].items():
-        for k, e in r["error"].items():
-            lines.append(f"{name:<8} {k:<22} " + " ".join(f"{e[i]:<7.3f}" for i in picks))
-    return "\n".join(lines)
+    return runs.table(head, len(head),
+                      (f"{name:<8} {k:<22} " + " ".join(f"{e[i]:<7.3f}" for i in picks)
+                       for name, r in results["models"].items() for k, e in r["error"].items()))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -17,15 +16,18 @@ import numpy as np
 import torch
 
 from memcore import spec as S
-from memcore.tasks import mqar
+from memcore.tasks import mqar, plots, runs
 from memcore.tasks.stack import TaskLM
-from memcore.tasks.train import CHECKPOINT, TrainConfig, check_backend, train
+from memcore.tasks.train import CHECKPOINT, TrainConfig, check_backend
 
 MODELS = ("bmojo", "mamba", "transformer", "transformer_window", "bmojo_f", "mosaic", "jamba")
 
 
 @dataclass(frozen=True)
 class MQARConfig:
+    """One MQAR run: the data (Zoology's generator), the 2-layer model and its training
+    (``steps`` 0: ``epochs`` passes over ``train_examples``)."""
+
     vocab_size: int = 8192
     seq_len: int = 64
     num_kv_pairs: int = 4
@@ -183,21 +185,19 @@ def run_one(name: str, cfg: MQARConfig, seed: int = 0, device: str = "cpu",
             raise ValueError("--resume needs --out (the folder holding the checkpoints)")
         resume = False  # this model had not written a checkpoint yet: it starts afresh
     if backend == "jax":
-        from memcore.tasks import jax_train
-        from memcore.tasks.jax_stack import JaxTaskLM, n_params
+        from memcore.tasks.jax_stack import JaxTaskLM
 
-        res = jax_train.train(JaxTaskLM(spec, seed=seed, short_conv=cfg.short_conv),
-                              _batches(cfg, seed), tcfg, eval_fn=evaluate, resume=resume,
-                              name=name, quiet=quiet)
-        model = res["model"]
-        state_bytes, params = model.state_bytes(x_test[:1]), n_params(model)
+        model = JaxTaskLM(spec, seed=seed, short_conv=cfg.short_conv)
     else:
         model = TaskLM(spec, seed=seed, short_conv=cfg.short_conv)
-        res = train(model, _batches(cfg, seed), tcfg, eval_fn=evaluate, resume=resume,
-                    name=name, quiet=quiet)
+    model, res, params = runs.train_model(backend, model, _batches(cfg, seed), tcfg,
+                                          eval_fn=evaluate, resume=resume, name=name,
+                                          quiet=quiet)
+    if backend == "jax":
+        state_bytes = model.state_bytes(x_test[:1])
+    else:
         model.to("cpu")
         state_bytes = model.state_bytes(torch.as_tensor(x_test[:1]))
-        params = sum(p.numel() for p in model.parameters())
     return {"accuracy": res["metric"], "state_bytes": state_bytes, "params": params,
             "steps": res["steps"], "seconds": round(res["seconds"], 1),
             "final_loss": res["losses"][-1] if res["losses"] else None,
@@ -252,17 +252,6 @@ def _map(jobs_args: list, jobs: int):
             yield f.result()
 
 
-def _write(results: dict, out_dir: str | None, t0: float) -> None:
-    """results.json after every model, so that a long run leaves what it has finished."""
-    results["seconds"] = round(time.time() - t0, 1)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = os.path.join(out_dir, ".results.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(results, fh, indent=2)
-        os.replace(tmp, os.path.join(out_dir, "results.json"))
-
-
 def run(models, quick: bool = True, seed: int = 0, device: str = "cpu",
         out_dir: str | None = None, overrides: dict | None = None, resume: bool = False,
         checkpoint_every: int = 0, backend: str = "torch", log_every: int = 50,
@@ -275,7 +264,7 @@ def run(models, quick: bool = True, seed: int = 0, device: str = "cpu",
     check_backend(backend)
     models = check_models(models)
     t0 = time.time()
-    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    say = runs.say_unless(quiet)
     results: dict = {"models": {}, "deviations": [], "seed": seed, "device": device,
                      "backend": backend}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -298,36 +287,32 @@ def run(models, quick: bool = True, seed: int = 0, device: str = "cpu",
         for name, res in _map(jobs_args, jobs):
             results["models"][name] = res
             say(f"[{name}] accuracy {res['accuracy']:.4f}")
-            _write(results, out_dir, t0)
+            runs.write_results(results, out_dir, t0)  # a long run leaves what it has finished
         results["models"] = {n: results["models"][n] for n in models}  # the order asked for
     else:
         results["config"] = {"protocol": "zoology figure 2", "grid": FULL_GRID,
                              "widths": FULL_WIDTHS, "lrs": FULL_LRS, "vocab_size": 8192}
-        runs = []
+        sweep = []
         for name, cfg in full_plan(models):
             cfg = replace(cfg, **overrides)
             tag = f"{name}-L{cfg.seq_len}-d{cfg.d_model}-lr{cfg.lr:.2e}"
             sub = os.path.join(out_dir, tag) if out_dir else None
             r = run_one(name, cfg, seed, device, sub, resume, checkpoint_every, log_every,
                         quiet, backend)
-            runs.append({"model": name, "seq_len": cfg.seq_len, "num_kv_pairs": cfg.num_kv_pairs,
-                         "d_model": cfg.d_model, "lr": cfg.lr, **r})
-        results["runs"] = runs
+            sweep.append({"model": name, "seq_len": cfg.seq_len,
+                          "num_kv_pairs": cfg.num_kv_pairs, "d_model": cfg.d_model, "lr": cfg.lr,
+                          **r})
+        results["runs"] = sweep
         for name in models:  # headline: the best over LR at the largest (L, d) grid point
-            mine = [r for r in runs if r["model"] == name]
+            mine = [r for r in sweep if r["model"] == name]
             best = max(mine, key=lambda r: (r["seq_len"], r["d_model"], r["accuracy"]))
             results["models"][name] = {k: best[k] for k in ("accuracy", "state_bytes", "params")}
-    _write(results, out_dir, t0)
-    if out_dir:
-        from memcore.tasks import plots
-        results["plot"] = plots.accuracy_vs_memory(results, os.path.join(out_dir, "mqar.png"))
-    return results
+    return runs.finish(results, out_dir, t0, plots.accuracy_vs_memory, "mqar.png")
 
 
 def table(results: dict) -> str:
-    lines = [f"{'model':<20} {'accuracy':>8} {'state bytes':>12} {'params':>9} {'seconds':>8}",
-             "-" * 61]
-    for name, r in results["models"].items():
-        lines.append(f"{name:<20} {r['accuracy']:>8.4f} {r['state_bytes']:>12,} "
-                     f"{r['params']:>9,} {r.get('seconds', float('nan')):>8}")
-    return "\n".join(lines)
+    return runs.table(
+        f"{'model':<20} {'accuracy':>8} {'state bytes':>12} {'params':>9} {'seconds':>8}", 61,
+        (f"{name:<20} {r['accuracy']:>8.4f} {r['state_bytes']:>12,} "
+         f"{r['params']:>9,} {r.get('seconds', float('nan')):>8}"
+         for name, r in results["models"].items()))

@@ -18,6 +18,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def accuracy_vs_memory(results: dict, path: str) -> str | None:
     """MQAR accuracy against the memory footprint at the evaluation length (state + store +
     KV cache bytes), one point per model, log-scaled footprint. Returns the path or None."""
@@ -38,61 +45,57 @@ def accuracy_vs_memory(results: dict, path: str) -> str | None:
                      f"V={cfg['vocab_size']}, d={cfg['d_model']}")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def loss_by_position(results: dict, path: str, bucket: int = 8) -> str | None:
     """Held-out next-byte loss against position (averaged over buckets of positions), one
     line per model, the training length marked."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    lines = []
     for name, r in results["models"].items():
         per = r["loss_by_position"]
         n = len(per) // bucket
-        xs = [bucket * i + bucket / 2 for i in range(n)]
-        ys = [sum(per[bucket * i:bucket * (i + 1)]) / bucket for i in range(n)]
-        ax.plot(xs, ys, label=name)
-    L = results["config"]["seq_len"]
-    ax.axvline(L, color="k", ls="--", lw=0.8, label="training length")
-    ax.set_xlabel("position")
-    ax.set_ylabel("held-out loss (nats/byte)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        lines.append((name, [bucket * i + bucket / 2 for i in range(n)],
+                      [sum(per[bucket * i:bucket * (i + 1)]) / bucket for i in range(n)]))
+    marks = [dict(x=results["config"]["seq_len"], color="k", ls="--", lw=0.8,
+                  label="training length")]
+    return _line_panels(path, [(None, lines, marks)], "position", "held-out loss (nats/byte)",
+                        (6, 4))
 
 
 def moons_error(results: dict, path: str) -> str | None:
     """25-step prediction error against context length, 1 head vs 3 heads, one panel per
     period set, with its single periods (dotted) and LCM (dashed) marked."""
+    panels = []
+    for key, marks in results["marks"].items():
+        lines = [(name, results["contexts"], r["error"][key])
+                 for name, r in results["models"].items()]
+        panels.append((f"periods {key}", lines,
+                       [dict(x=p, color="gray", ls=":", lw=0.8) for p in marks["periods"]] +
+                       [dict(x=marks["lcm"], color="k", ls="--", lw=0.8, label="LCM")]))
+    return _line_panels(path, panels, "context length (steps)", "25-step mean |error|",
+                        (5 * len(panels), 3.6))
+
+
+def _line_panels(path: str, panels: list, xlabel: str, ylabel: str, figsize) -> str | None:
+    """Line plots side by side, one panel per (title or None, [(label, xs, ys)], [axvline
+    keywords]), each with a grid and a legend. Returns the path or None."""
     plt = _pyplot()
     if plt is None:
         return None
-    sets = list(results["marks"])
-    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], sets, strict=True):
-        for name, r in results["models"].items():
-            ax.plot(results["contexts"], r["error"][key], label=name)
-        marks = results["marks"][key]
-        for p in marks["periods"]:
-            ax.axvline(p, color="gray", ls=":", lw=0.8)
-        ax.axvline(marks["lcm"], color="k", ls="--", lw=0.8, label="LCM")
-        ax.set_title(f"periods {key}")
-        ax.set_xlabel("context length (steps)")
-        ax.set_ylabel("25-step mean |error|")
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize, squeeze=False)
+    for ax, (title, lines, marks) in zip(axes[0], panels, strict=True):
+        for label, xs, ys in lines:
+            ax.plot(xs, ys, label=label)
+        for mark in marks:
+            ax.axvline(**mark)
+        if title is not None:
+            ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def regbench_bars(results: dict, path: str) -> str | None:
@@ -108,7 +111,4 @@ def regbench_bars(results: dict, path: str) -> str | None:
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"RegBench, {results['config']['train_dfas']} training automata")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

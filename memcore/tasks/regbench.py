@@ -15,20 +15,18 @@ Metrics at every position whose target is a letter:
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-import memcore
 from memcore import spec as S
-from memcore.tasks.lm import NextByte
+from memcore.tasks import plots, runs
+from memcore.tasks.lm import next_token_model
 from memcore.tasks.mqar import IGNORE
-from memcore.tasks.train import TrainConfig, check_backend, train
+from memcore.tasks.train import TrainConfig, check_backend
 
 LETTERS = 18
 SEP = 18  # "|"
@@ -166,6 +164,9 @@ def metrics(probs: torch.Tensor, valid: np.ndarray, labels: np.ndarray) -> tuple
 
 @dataclass(frozen=True)
 class RegBenchConfig:
+    """The automata (training and test sets, longest string), the models' sizes and the
+    training."""
+
     train_dfas: int = 1000
     test_dfas: int = 100
     max_string_len: int = 49
@@ -179,11 +180,9 @@ class RegBenchConfig:
     lr: float = 1e-3
 
     def __post_init__(self):
-        for name in ("train_dfas", "test_dfas", "max_string_len", "d_model", "n_heads",
-                     "n_layers", "batch_size", "steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"regbench: {name} must be an int >= 1, got {v!r}")
+        runs.check_counts("regbench", self, ("train_dfas", "test_dfas", "max_string_len",
+                                             "d_model", "n_heads", "n_layers", "batch_size",
+                                             "steps"))
 
 
 def model_spec(name: str, cfg: RegBenchConfig):
@@ -242,7 +241,7 @@ def run(models, cfg: RegBenchConfig = RegBenchConfig(), seed: int = 0, device: s
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"--models: unknown model(s) {unknown}; choose among {list(MODELS)}")
-    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    say = runs.say_unless(quiet)
     train_items, test_items = make_data(cfg, seed)
     results = {"config": asdict(cfg), "seed": seed, "backend": backend, "models": {}}
     t0 = time.time()
@@ -258,23 +257,17 @@ def run(models, cfg: RegBenchConfig = RegBenchConfig(), seed: int = 0, device: s
         tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=seed, log_every=log_every,
                            warmup=max(1, cfg.steps // 10), min_lr_ratio=0.1, out_dir=sub,
                            device=device)
+        # --backend jax: batches vary in length, padded with PAD to a multiple of TIME_BUCKET
+        # (unlabelled), so that few shapes compile.
+        model, res, params = runs.train_model(
+            backend, next_token_model(backend, spec, seed), batches, tcfg,
+            {"jax": {"time_multiple": TIME_BUCKET, "pad_token": PAD}}, name=name, quiet=quiet)
         if backend == "jax":
-            from memcore.tasks import jax_train
-            from memcore.tasks.jax_stack import JaxNextByte, n_params
-
-            # Batches vary in length: padded with PAD to a multiple of TIME_BUCKET (unlabelled),
-            # so that few shapes compile.
-            res = jax_train.train(JaxNextByte(spec, seed=seed), batches, tcfg, name=name,
-                                  quiet=quiet, time_multiple=TIME_BUCKET, pad_token=PAD)
-            model = res["model"]
-            probs_of, params = _probs_jax, n_params(model)
+            probs_of = _probs_jax
             results["time_bucket"] = TIME_BUCKET
         else:
-            model = NextByte(memcore.realize(spec, backend="torch",
-                                             params=memcore.init(spec, seed)))
-            res = train(model, batches, tcfg, name=name, quiet=quiet)
             model.eval()
-            probs_of, params = _probs_torch, sum(p.numel() for p in model.parameters())
+            probs_of = _probs_torch
         accs, tvds, ns = [], [], []
         for s in range(0, len(test_items), 8):
             x, y, valid = encode_batch(test_items[s:s + 8])
@@ -289,18 +282,10 @@ def run(models, cfg: RegBenchConfig = RegBenchConfig(), seed: int = 0, device: s
                                    "seconds": round(res["seconds"], 1)}
         r = results["models"][name]
         say(f"[{name}] accuracy {r['accuracy']:.3f}, TVD {r['tvd']:.3f}")
-    results["seconds"] = round(time.time() - t0, 1)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "results.json"), "w") as fh:
-            json.dump(results, fh, indent=2)
-        from memcore.tasks import plots
-        results["plot"] = plots.regbench_bars(results, os.path.join(out_dir, "regbench.png"))
-    return results
+    return runs.finish(results, out_dir, t0, plots.regbench_bars, "regbench.png")
 
 
 def table(results: dict) -> str:
-    lines = [f"{'model':<12} {'accuracy':>8} {'TVD':>7} {'params':>9}", "-" * 40]
-    for name, r in results["models"].items():
-        lines.append(f"{name:<12} {r['accuracy']:>8.3f} {r['tvd']:>7.3f} {r['params']:>9,}")
-    return "\n".join(lines)
+    return runs.table(f"{'model':<12} {'accuracy':>8} {'TVD':>7} {'params':>9}", 40,
+                      (f"{name:<12} {r['accuracy']:>8.3f} {r['tvd']:>7.3f} {r['params']:>9,}"
+                       for name, r in results["models"].items()))

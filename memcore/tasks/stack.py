@@ -22,18 +22,28 @@ import torch
 from torch import nn
 
 import memcore
+from memcore.backends.torch.numerics import layer_norm, rms_norm
 from memcore.spec.model import Model
-from memcore.tasks.model_args import check_task_model
-
-NORM_EPS = 1e-5  # the reference's epsilon (spec/reference/_xp.py)
+from memcore.tasks import model_args
 
 
 def _norm(kind: str, x, w):
-    if kind == "rms":
-        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + NORM_EPS) * w
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + NORM_EPS) * w
+    # The torch model realization's norms: without short_conv the stack is that realization.
+    return rms_norm(x, w) if kind == "rms" else layer_norm(x, w)
+
+
+def _conv(x, w):
+    # Causal depthwise: y_t = sum_k w[:, k] x_{t-K+1+k}; left zero padding.
+    K = w.shape[1]
+    xt = torch.nn.functional.pad(x.transpose(1, 2), (K - 1, 0))
+    return torch.nn.functional.conv1d(xt, w[:, None, :], groups=w.shape[0]).transpose(1, 2)
+
+
+def _state_bytes(mixer, g):
+    # run_blocks' mix for state_bytes: the mixer's output and its streaming state's bytes.
+    y, state = mixer(g)
+    return y, sum(a.numel() * a.element_size() for a in state.values()
+                  if isinstance(a, torch.Tensor))
 
 
 class TaskLM(nn.Module):
@@ -42,7 +52,7 @@ class TaskLM(nn.Module):
     def __init__(self, spec: Model, params: dict | None = None, seed: int = 0,
                  short_conv: int = 0):
         super().__init__()
-        params = check_task_model("TaskLM", spec, params, seed, short_conv)
+        params = model_args.check_task_model("TaskLM", spec, params, seed, short_conv)
         self.spec = spec
         self.short_conv = short_conv
         t = {n: torch.as_tensor(np.asarray(a, dtype=np.float32)) for n, a in params.items()}
@@ -65,33 +75,18 @@ class TaskLM(nn.Module):
                 self.convs.append(nn.Parameter(w))
         self.aux_loss = None
 
-    def _conv(self, x, w):
-        # Causal depthwise: y_t = sum_k w[:, k] x_{t-K+1+k}; left zero padding.
-        K = w.shape[1]
-        xt = torch.nn.functional.pad(x.transpose(1, 2), (K - 1, 0))
-        return torch.nn.functional.conv1d(xt, w[:, None, :], groups=w.shape[0]).transpose(1, 2)
-
     def hidden(self, tokens):
         """tokens [B, T] -> final normed hidden states [B, T, D]; sets ``aux_loss`` (the sum
         of the bmojo layers' innovation losses, or None)."""
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
             raise ValueError(f"tokens must be a [batch, T] torch tensor of ids, got "
                              f"{type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}")
-        V = self.spec.vocab_size
-        if tokens.numel() and bool(((tokens < 0) | (tokens >= V)).any()):
-            raise ValueError(f"tokens must lie in [0, vocab_size={V}), got values from "
-                             f"{int(tokens.min())} to {int(tokens.max())}")
-        h = self.embed[tokens]
-        aux = None
-        for i, mixer in enumerate(self.mixers):
-            g = _norm(self.spec.norm, h, self.norms[i])
-            if self.short_conv:
-                g = self._conv(g, self.convs[i])
-            y, _, a = mixer.forward_aux(g)
-            if a is not None:
-                aux = a if aux is None else aux + a
-            h = h + y
-        self.aux_loss = aux
+        if tokens.numel():
+            model_args.check_token_range(int(tokens.min()), int(tokens.max()),
+                                         self.spec.vocab_size)
+        h, auxes = model_args.run_blocks(self, self.embed[tokens], _norm, _conv,
+                                         model_args.forward_aux)
+        self.aux_loss = model_args.sum_aux(auxes)
         return _norm(self.spec.norm, h, self.norm_f)
 
     def head(self, h):
@@ -112,15 +107,5 @@ class TaskLM(nn.Module):
         cache) plus the convolutions' last K-1 inputs, at float32."""
         if tokens.ndim != 2 or tokens.shape[0] != 1:
             raise ValueError(f"state_bytes: tokens must be [1, T], got {tuple(tokens.shape)}")
-        h = self.embed[tokens]
-        total = 0
-        for i, mixer in enumerate(self.mixers):
-            g = _norm(self.spec.norm, h, self.norms[i])
-            if self.short_conv:
-                g = self._conv(g, self.convs[i])
-                total += (self.short_conv - 1) * self.spec.d_model * 4
-            y, state = mixer(g)
-            total += sum(a.numel() * a.element_size() for a in state.values()
-                         if isinstance(a, torch.Tensor))
-            h = h + y
-        return int(total)
+        _, sizes = model_args.run_blocks(self, self.embed[tokens], _norm, _conv, _state_bytes)
+        return int(sum(sizes) + model_args.conv_state_bytes(self))

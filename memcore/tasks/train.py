@@ -76,7 +76,7 @@ def log_progress(name: str, step: int, cfg: TrainConfig, loss: float, start: int
     same for both backends' loops)."""
     if cfg.log_every and step % cfg.log_every == 0:
         rate = (step - start) / max(1e-9, time.time() - t0)
-        _say(f"[{name}] step {step}/{cfg.steps} loss {loss:.4f} "
+        say(f"[{name}] step {step}/{cfg.steps} loss {loss:.4f} "
              f"lr {lr_at(step - 1, cfg):.2e} {rate:.2f} steps/s", quiet)
         log({"step": step, "loss": loss, "lr": lr_at(step - 1, cfg),
              "seconds": time.time() - t0})
@@ -213,9 +213,88 @@ def distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _say(msg: str, quiet: bool) -> None:
+def say(msg: str, quiet: bool) -> None:
+    """A progress line on stderr (both backends' loops)."""
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Run:
+    """Where a run starts (both backends' loops): its first step, the history so far, the
+    checkpoint path (None without ``out_dir``) and the JSON-lines log."""
+    start: int
+    losses: list
+    evals: list
+    checkpoint: str | None
+    log: Callable[[dict], None]
+
+
+def start_run(cfg: TrainConfig, name: str, quiet: bool, resume: bool,
+              load: Callable[[str], dict], write_log: bool = True) -> Run:
+    """The run's folder, log and checkpoint path; with ``resume``, ``load(path)`` restores the
+    checkpoint and returns its metadata, else a fresh run starts a fresh log."""
+    log_path = ckpt_path = None
+    if cfg.out_dir:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        log_path = os.path.join(cfg.out_dir, "log.jsonl") if write_log else None
+        ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT)
+    start, losses, evals = 0, [], []
+    if resume:
+        if not ckpt_path:
+            raise ValueError("--resume needs --out (the folder holding the checkpoint)")
+        meta = load(ckpt_path)
+        start = meta["step"]
+        losses = list(meta["history"]["losses"])
+        evals = [tuple(e) for e in meta["history"]["evals"]]
+        say(f"[{name}] resumed from {ckpt_path} at step {start}", quiet)
+    elif log_path and os.path.exists(log_path):
+        os.remove(log_path)
+
+    def log(record: dict) -> None:
+        if log_path:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"model": name, **record}) + "\n")
+
+    return Run(start, losses, evals, ckpt_path, log)
+
+
+def run_steps(cfg: TrainConfig, name: str, quiet: bool, run: Run, step_fn: Callable[[int], float],
+              evaluate: Callable[[bool], float] | None,
+              save: Callable[[str, int, dict], None] | None) -> dict:
+    """The steps from ``run.start`` to ``cfg.steps`` (both backends' loops): ``step_fn(step)``
+    trains one step and returns its reported loss; ``evaluate(final)`` the metric (``final``:
+    after the last step, training over); ``save(path, step, history)`` writes a checkpoint
+    (None: this process writes none). Progress, evaluation, early stop and checkpoints as
+    ``train`` documents."""
+    losses, evals, log = run.losses, run.evals, run.log
+    t0 = time.time()
+    metric = evals[-1][1] if evals else None
+    step = run.start
+    while step < cfg.steps:
+        losses.append(step_fn(step))
+        step += 1
+        log_progress(name, step, cfg, losses[-1], run.start, t0, log, quiet)
+        stop = False
+        if evaluate is not None and (step == cfg.steps or
+                                     (cfg.eval_every and step % cfg.eval_every == 0)):
+            metric = evaluate(False)
+            evals.append((step, metric))
+            say(f"[{name}] step {step} eval {metric:.4f}", quiet)
+            log({"step": step, "eval": metric, "seconds": time.time() - t0})
+            stop = cfg.early_stop is not None and metric > cfg.early_stop
+        if save is not None and run.checkpoint and cfg.checkpoint_every and (
+                step % cfg.checkpoint_every == 0 or stop):
+            save(run.checkpoint, step, {"losses": losses, "evals": evals})
+        if stop:
+            say(f"[{name}] early stop at step {step}: {metric:.4f} > {cfg.early_stop}", quiet)
+            break
+    if evaluate is not None and (not evals or evals[-1][0] != step):
+        metric = evaluate(True)
+        evals.append((step, metric))
+        log({"step": step, "eval": metric, "seconds": time.time() - t0})
+    return {"losses": losses, "evals": evals, "steps": step, "metric": metric,
+            "seconds": time.time() - t0}
 
 
 def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
@@ -238,33 +317,10 @@ def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
         # Each rank takes every world-th example of the step's batch; gradients are averaged.
         net = torch.nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(model, cfg)
-    log_path = ckpt_path = None
-    if cfg.out_dir:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        log_path = os.path.join(cfg.out_dir, "log.jsonl") if rank == 0 else None
-        ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT)
-    start, losses, evals = 0, [], []
-    if resume:
-        if not ckpt_path:
-            raise ValueError("--resume needs --out (the folder holding the checkpoint)")
-        meta = load_checkpoint(ckpt_path, model, opt)
-        start = meta["step"]
-        losses = list(meta["history"]["losses"])
-        evals = [tuple(e) for e in meta["history"]["evals"]]
-        _say(f"[{name}] resumed from {ckpt_path} at step {start}", quiet)
-    elif log_path and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log (only rank 0 writes it)
+    run = start_run(cfg, name, quiet, resume, lambda path: load_checkpoint(path, model, opt),
+                    write_log=rank == 0)  # only rank 0 writes the log
 
-    def log(record: dict) -> None:
-        if log_path:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps({"model": name, **record}) + "\n")
-
-    t0 = time.time()
-    metric = evals[-1][1] if evals else None
-    step = start
-    model.train()
-    while step < cfg.steps:
+    def step_fn(step: int) -> float:
         batch = [torch.as_tensor(a, device=dev)[rank::world] for a in batch_fn(step)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -277,30 +333,18 @@ def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        step += 1
-        losses.append(float(ce.detach()))
-        log_progress(name, step, cfg, losses[-1], start, t0, log, quiet)
-        stop = False
-        if eval_fn is not None and (step == cfg.steps or
-                                    (cfg.eval_every and step % cfg.eval_every == 0)):
-            model.eval()
-            metric = float(eval_fn(model))
-            model.train()
-            evals.append((step, metric))
-            _say(f"[{name}] step {step} eval {metric:.4f}", quiet)
-            log({"step": step, "eval": metric, "seconds": time.time() - t0})
-            stop = cfg.early_stop is not None and metric > cfg.early_stop
-        if ckpt_path and rank == 0 and cfg.checkpoint_every and (
-                step % cfg.checkpoint_every == 0 or stop):
-            save_checkpoint(ckpt_path, model, opt, step, cfg,
-                            {"losses": losses, "evals": evals})
-        if stop:
-            _say(f"[{name}] early stop at step {step}: {metric:.4f} > {cfg.early_stop}", quiet)
-            break
-    if eval_fn is not None and (not evals or evals[-1][0] != step):
+        return float(ce.detach())
+
+    def evaluate(final: bool) -> float:
         model.eval()
         metric = float(eval_fn(model))
-        evals.append((step, metric))
-        log({"step": step, "eval": metric, "seconds": time.time() - t0})
-    return {"losses": losses, "evals": evals, "steps": step, "metric": metric,
-            "seconds": time.time() - t0}
+        if not final:
+            model.train()
+        return metric
+
+    def save(path: str, step: int, history: dict) -> None:
+        save_checkpoint(path, model, opt, step, cfg, history)
+
+    model.train()
+    return run_steps(cfg, name, quiet, run, step_fn, None if eval_fn is None else evaluate,
+                     save if rank == 0 else None)

@@ -83,15 +83,20 @@ def layer_state_arrays(layer, state) -> dict[str, np.ndarray]:
     return {"state." + k: v for k, v in state_arrays(state).items()}
 
 
+def _as_pair(actual, expected):
+    a = to_numpy(actual).astype(np.float64)
+    b = to_numpy(expected).astype(np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: actual {a.shape}, expected {b.shape}")
+    return a, b
+
+
 def relative_error(actual, expected) -> float:
     """max |actual - expected| / max |expected| (absolute where expected is all zero).
 
     Shapes must match exactly: a silent broadcast would hide a wrong shape.
     """
-    a = to_numpy(actual).astype(np.float64)
-    b = to_numpy(expected).astype(np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ: actual {a.shape}, expected {b.shape}")
+    a, b = _as_pair(actual, expected)
     if a.size == 0:
         return 0.0
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
@@ -103,10 +108,7 @@ def relative_error(actual, expected) -> float:
 
 def relative_rmse(actual, expected) -> float:
     """||actual - expected||_2 / ||expected||_2, the float32 and bf16 measure of DESIGN 6."""
-    a = to_numpy(actual).astype(np.float64)
-    b = to_numpy(expected).astype(np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ: actual {a.shape}, expected {b.shape}")
+    a, b = _as_pair(actual, expected)
     if a.size == 0:
         return 0.0
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):

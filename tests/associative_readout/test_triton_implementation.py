@@ -1,5 +1,5 @@
-"""The torch backend's primitive functions choose between the Triton kernels and the torch path
-(``implementation=``, ``MEMCORE_KERNELS``): same results and states as the reference."""
+"""The torch backend's associative readout takes the Triton kernel or the torch path as told
+(``MEMCORE_KERNELS``), with and without a capacity: same results as the reference."""
 
 from __future__ import annotations
 
@@ -10,29 +10,14 @@ pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 import memcore.kernels.triton.associative_readout as readout_mod  # noqa: E402
 from kcheck import assert_close  # noqa: E402
-from memcore.backends.torch import implementation  # noqa: E402
 from primitives import REF as ops  # noqa: E402
 from primitives import TORCH as api  # noqa: E402
-
-F64 = torch.float64
-
-
-def spy(monkeypatch, module, name):
-    calls = []
-    real = getattr(module, name)
-
-    def wrapped(*a, **kw):
-        calls.append(name)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(module, name, wrapped)
-    return calls
+from tritoncheck import F64, both_paths, take_path  # noqa: E402
 
 
-@pytest.mark.parametrize("mode", ["triton", "torch"])
+@both_paths
 def test_associative_readout_both_paths(mode, monkeypatch, device):
-    monkeypatch.setenv(implementation.ENV, mode)
-    calls = spy(monkeypatch, readout_mod, "associative_readout")
+    calls = take_path(monkeypatch, mode, readout_mod, "associative_readout")
     g = torch.Generator().manual_seed(4)
     k, v = (torch.randn(2, 9, 2, 5, generator=g, dtype=F64).to(device) for _ in range(2))
     for cap in (None, 3):

@@ -1,5 +1,6 @@
-"""The torch backend's primitive functions choose between the Triton kernels and the torch path
-(``implementation=``, ``MEMCORE_KERNELS``): same results and states as the reference."""
+"""The torch backend's eidetic store operations (top entries, merge, innovation scores and
+selection) take the Triton kernels or the torch path as told (``MEMCORE_KERNELS``): same entries
+and scores as the reference."""
 
 from __future__ import annotations
 
@@ -11,23 +12,9 @@ pytest.importorskip("triton", reason="the Triton kernels need triton")
 import memcore.kernels.triton.eidetic_store as select_mod  # noqa: E402
 from kcheck import assert_close  # noqa: E402
 from memcore.backends.torch import eidetic_store as TE  # noqa: E402
-from memcore.backends.torch import implementation  # noqa: E402
 from primitives import REF as ops  # noqa: E402
 from primitives import TORCH as api  # noqa: E402
-
-F64 = torch.float64
-
-
-def spy(monkeypatch, module, name):
-    calls = []
-    real = getattr(module, name)
-
-    def wrapped(*a, **kw):
-        calls.append(name)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(module, name, wrapped)
-    return calls
+from tritoncheck import F64, both_paths, take_path  # noqa: E402
 
 
 def entry_set(B, H, S, E, device, g, pos):
@@ -42,10 +29,9 @@ def entry_set(B, H, S, E, device, g, pos):
             "pos": pos.to(device)}
 
 
-@pytest.mark.parametrize("mode", ["triton", "torch"])
+@both_paths
 def test_store_ops_both_paths(mode, monkeypatch, device):
-    monkeypatch.setenv(implementation.ENV, mode)
-    calls = spy(monkeypatch, select_mod, "top_indices")
+    calls = take_path(monkeypatch, mode, select_mod, "top_indices")
     g = torch.Generator().manual_seed(5)
     a = entry_set(2, 2, 5, 3, device, g, torch.tensor([[4, -1, 9, 2, -1], [0, 1, 2, 3, 5]]))
     b = entry_set(2, 2, 3, 3, device, g, torch.tensor([[11, 10, -1], [7, 6, 8]]))
@@ -59,10 +45,9 @@ def test_store_ops_both_paths(mode, monkeypatch, device):
     assert_close("r", api.innovation_scores(x, s, w), ops.innovation_scores(x, s, w), F64)
 
 
-@pytest.mark.parametrize("mode", ["triton", "torch"])
+@both_paths
 def test_innovation_select_both_paths(mode, monkeypatch, device):
-    monkeypatch.setenv(implementation.ENV, mode)
-    calls = spy(monkeypatch, select_mod, "select_indices")
+    calls = take_path(monkeypatch, mode, select_mod, "select_indices")
     g = torch.Generator().manual_seed(6)
     toks = entry_set(1, 2, 11, 3, device, g, torch.arange(11)[None])
     store = entry_set(1, 2, 3, 3, device, g, torch.tensor([[-1, -1, -1]]))

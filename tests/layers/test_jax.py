@@ -10,13 +10,13 @@ from jaxcheck import (
     F64_RTOL,
     LAYER_CASES,
     assert_states_close,
+    check_parallel_form,
     inputs,
-    params64,
+    realized,
     ref_forward,
     rel_err,
     scan_steps,
 )
-from memcore.backends.jax.realize import realize
 
 IDS = list(LAYER_CASES)
 T = 7  # not a multiple of any chunk, longer than every window
@@ -24,23 +24,12 @@ T = 7  # not a multiple of any chunk, longer than every window
 
 @pytest.fixture(params=IDS)
 def case(request):
-    spec = LAYER_CASES[request.param]
-    params = params64(spec)
-    return spec, params, realize(spec, params)
+    return realized(LAYER_CASES[request.param])
 
 
 def test_parallel_matches_reference(case):
     spec, params, layer = case
-    x = inputs(spec, 2, T)
-    y_ref, s_ref, aux_ref = ref_forward(spec, params, x)
-    y, state, aux = layer.forward_aux(jnp.asarray(x))
-    assert y.dtype == jnp.float64
-    assert rel_err(y, y_ref) <= F64_RTOL
-    assert_states_close(layer.to_reference_state(state), s_ref)
-    if aux_ref is None:
-        assert aux is None
-    else:
-        assert rel_err(aux, aux_ref) <= F64_RTOL
+    check_parallel_form(spec, params, layer, inputs(spec, 2, T))
 
 
 def test_streaming_scan_matches_reference(case):

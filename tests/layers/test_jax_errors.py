@@ -49,16 +49,24 @@ def test_state_errors(layer):
         layer.init_state(0)
 
 
-def test_growing_cache_needs_and_respects_max_len():
+def test_growing_cache_respects_max_len_and_grows_without_it():
     full = realize(S.transformer(4, 2, window=None))
-    with pytest.raises(ValueError, match=r"max_len is required"):
-        full.init_state(1)
     state = full.init_state(1, max_len=4)
     _, state = full(jnp.zeros((1, 3, 4)), state)
     with pytest.raises(ValueError, match=r"max_len=4 tokens.*pos=3, tokens=2"):
         full(jnp.zeros((1, 2, 4)), state)
-    with pytest.raises(ValueError, match=r"needs a state from init_state"):
-        full.step(jnp.zeros((1, 4)))
+    # without max_len the cache starts empty and grows, as torch's does; step with no state too
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 4)))
+    y_whole, _ = full(x)
+    state = full.init_state(1)
+    assert state.growable and state.arrays["k"].shape[2] == 0
+    y_a, state = full(x[:, :2], state)
+    y_t, state = full.step(x[:, 2], state)
+    y_b, state = full(x[:, 3:], state)
+    got = jnp.concatenate([y_a, y_t[:, None], y_b], axis=1)
+    assert float(jnp.max(jnp.abs(got - y_whole))) <= 1e-9
+    y0, _ = full.step(x[:, 0])
+    assert float(jnp.max(jnp.abs(y0 - y_whole[:, 0]))) <= 1e-9
 
 
 def test_model_and_realize_errors():
@@ -68,8 +76,10 @@ def test_model_and_realize_errors():
         model(jnp.asarray([[1, 5]]))
     with pytest.raises(TypeError, match=r"tokens must hold integer token ids, got dtype float"):
         model(jnp.zeros((1, 2)))
-    with pytest.raises(ValueError, match=r"generate: max_new_tokens must be a positive int, got 0"):
-        model.generate(jnp.asarray([[1]]), 0)
+    with pytest.raises(ValueError, match=r"max_new_tokens must be a non-negative int, got -1"):
+        model.generate(jnp.asarray([[1]]), -1)
+    none, state = model.generate(jnp.asarray([[1, 2]]), 0)
+    assert none.shape == (1, 0) and int(state.pos) == 2
     with pytest.raises(TypeError, match=r"unknown options \['window'\]"):
         realize(spec, window=3)
     bad = memcore.init(spec)

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
-from kcheck import assert_close, gpu, grads  # noqa: E402
+from kcheck import assert_close, assert_grads_close, gpu  # noqa: E402
 from memcore.kernels.triton.leaky_average import (  # noqa: E402
     leaky_average,
     leaky_average_ref,
@@ -36,14 +36,7 @@ def check(args, chunk, dtype):
     assert y.dtype == args["k"].dtype and hT.dtype == hr.dtype
     assert_close("kbar", y, yr, dtype)
     assert_close("final_state", hT, hr, dtype)
-    g = torch.Generator().manual_seed(1)
-    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y)
-    dh = torch.randn(hT.shape, generator=g, dtype=torch.float64).to(hT)
-    got = grads((y, hT), list(args.values()), (dy, dh))
-    want = grads((yr, hr), list(args.values()), (dy, dh))
-    for name, a, b in zip(args, got, want, strict=True):
-        assert a.dtype == args[name].dtype, name
-        assert_close(f"d{name}", a, b, dtype)
+    assert_grads_close((y, hT), (yr, hr), args, dtype)
 
 
 # (batch, T, heads, head_dim, chunk): T off the chunk grid, T = 1, odd and wide head widths

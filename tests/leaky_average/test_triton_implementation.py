@@ -1,5 +1,5 @@
-"""The torch backend's primitive functions choose between the Triton kernels and the torch path
-(``implementation=``, ``MEMCORE_KERNELS``): same results and states as the reference."""
+"""The torch backend's leaky average takes the Triton kernel or the torch path as told
+(``MEMCORE_KERNELS``): same outputs and final state as the reference."""
 
 from __future__ import annotations
 
@@ -10,29 +10,14 @@ pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 import memcore.kernels.triton.leaky_average as leaky_mod  # noqa: E402
 from kcheck import assert_close  # noqa: E402
-from memcore.backends.torch import implementation  # noqa: E402
 from primitives import REF as ops  # noqa: E402
 from primitives import TORCH as api  # noqa: E402
-
-F64 = torch.float64
-
-
-def spy(monkeypatch, module, name):
-    calls = []
-    real = getattr(module, name)
-
-    def wrapped(*a, **kw):
-        calls.append(name)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(module, name, wrapped)
-    return calls
+from tritoncheck import F64, both_paths, take_path  # noqa: E402
 
 
-@pytest.mark.parametrize("mode", ["triton", "torch"])
+@both_paths
 def test_leaky_average_both_paths(mode, monkeypatch, device):
-    monkeypatch.setenv(implementation.ENV, mode)
-    calls = spy(monkeypatch, leaky_mod, "leaky_average")
+    calls = take_path(monkeypatch, mode, leaky_mod, "leaky_average")
     g = torch.Generator().manual_seed(1)
     k = torch.randn(2, 7, 3, 5, generator=g, dtype=F64)
     ld = -torch.rand(3, generator=g, dtype=F64)

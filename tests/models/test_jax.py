@@ -12,8 +12,10 @@ import torch
 from jaxcheck import (
     F64_RTOL,
     assert_states_close,
+    check_parallel_form,
     inputs,
     params64,
+    realized,
     ref_forward,
     rel_err,
 )
@@ -32,21 +34,13 @@ T = 6
 
 @pytest.fixture(params=list(MODELS))
 def case(request):
-    spec = MODELS[request.param]
-    params = params64(spec)
-    return spec, params, realize(spec, params)
+    return realized(MODELS[request.param])
 
 
 def test_model_forms_match_reference(case):
     spec, params, model = case
     tokens = inputs(spec, 2, T)
-    logits_ref, s_ref, aux_ref = ref_forward(spec, params, tokens)
-    logits, state, aux = model.forward_aux(jnp.asarray(tokens))
-    assert rel_err(logits, logits_ref) <= F64_RTOL
-    assert_states_close(model.to_reference_state(state), s_ref)
-    assert (aux is None) == (aux_ref is None)
-    if aux is not None:
-        assert rel_err(aux, aux_ref) <= F64_RTOL
+    logits_ref, s_ref = check_parallel_form(spec, params, model, tokens)
     # Split 2 + 4, the second call from a converted reference state.
     _, s2, _ = ref_forward(spec, params, tokens[:, :2])
     y2, state = model(jnp.asarray(tokens[:, 2:]), model.from_reference_state(s2, max_len=T))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from memcore.spec.reference import model as RM
-from torchcheck import F64, assert_states_close, rel
+from torchcheck import F64, assert_states_close, model_steps, rel
 
 import memcore
 from memcore import spec as S
@@ -55,11 +55,8 @@ def test_logits_match_reference_in_both_forms(case):
     assert (aux is None) == (aux_ref is None)
     if aux_ref is not None:
         assert rel(aux, aux_ref) <= F64
-    s, outs = None, []
-    for t in range(tok.shape[1]):
-        out, s = model.step(tok[:, t], s)
-        outs.append(out)
-    assert rel(torch.stack(outs, 1), ref) <= F64
+    y_s, s = model_steps(model, tok)
+    assert rel(y_s, ref) <= F64
     assert_states_close(s, s_ref)
     for a in (1, 4, 10):
         l1, s1 = model(tok[:, :a])

@@ -9,25 +9,11 @@ from memcore.backends.torch import leaky_average as torch_leaky
 from primitives import NAMES
 from primitives import REF as R
 from primitives import TORCH as O
-from torchcheck import F64, rel
+from torchcheck import F64, randn, rel, scan_args
 
 import memcore.ops as mops
 
 D64 = torch.float64
-
-
-def _randn(g, *shape, dtype=D64):
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def _scan_args(g, Bt, Dc, N, T, groups, dtype=D64):
-    u, delta, z = (_randn(g, Bt, Dc, T, dtype=dtype) for _ in range(3))
-    A = -torch.rand(Dc, N, generator=g, dtype=torch.float64).to(dtype) * 2
-    shape = (Bt, groups, N, T) if groups else (Bt, N, T)
-    B, C = _randn(g, *shape, dtype=dtype), _randn(g, *shape, dtype=dtype)
-    D, bias = _randn(g, Dc, dtype=dtype), _randn(g, Dc, dtype=dtype)
-    h0 = _randn(g, Bt, Dc, N, dtype=dtype)
-    return u, delta, A, B, C, D, z, bias, h0
 
 
 def test_memcore_ops_routes_torch_tensors_to_the_backend(monkeypatch):
@@ -40,7 +26,7 @@ def test_memcore_ops_routes_torch_tensors_to_the_backend(monkeypatch):
 
     monkeypatch.setattr(torch_leaky, "leaky_average", spy)
     g = torch.Generator().manual_seed(0)
-    k = _randn(g, 1, 4, 2, 3)
+    k = randn(g, 1, 4, 2, 3)
     y = mops.leaky_average(k, torch.tensor([-0.5, -1.0], dtype=D64))
     assert calls == [1]
     assert rel(y, R.leaky_average(k, torch.tensor([-0.5, -1.0], dtype=D64))) <= F64
@@ -51,14 +37,14 @@ def test_memcore_ops_routes_torch_tensors_to_the_backend(monkeypatch):
 
 def test_ops_reject_bad_shapes():
     g = torch.Generator().manual_seed(0)
-    u, delta, A, B, C, D, z, bias, h0 = _scan_args(g, 2, 4, 3, 5, 0)
+    u, delta, A, B, C, D, z, bias, h0 = scan_args(g, 2, 4, 3, 5, 0)
     with pytest.raises(ValueError, match="delta must have u's shape"):
         O.selective_scan(u, delta[..., :4], A, B, C)
     with pytest.raises(ValueError, match="initial_state must be"):
         O.selective_scan(u, delta, A, B, C, initial_state=h0[:, :3])
     with pytest.raises(ValueError, match="log_decay must be"):
-        O.leaky_average(_randn(g, 1, 4, 2, 3), torch.zeros(3, dtype=D64))
-    q = _randn(g, 1, 4, 2, 3)
+        O.leaky_average(randn(g, 1, 4, 2, 3), torch.zeros(3, dtype=D64))
+    q = randn(g, 1, 4, 2, 3)
     with pytest.raises(ValueError, match="window must be an int"):
         O.windowed_readout(q, q, q, None, fading_k=q, fading_v=q)
     with pytest.raises(ValueError, match="k must have q's shape"):

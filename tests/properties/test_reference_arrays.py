@@ -10,21 +10,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from refcheck import (
-    REALIZATIONS,
     assert_close,
+    assert_fold_matches,
+    assert_split_matches,
     assert_states_equal,
-    fold,
+    each_realization,
     forward,
     inputs,
     is_model,
     params64,
-    to_numpy,
 )
 
 from memcore import spec as S
 
-IDS = [name for name, _ in REALIZATIONS]
-STRATEGIES = [s for _, s in REALIZATIONS]
 MAX_T = 8
 
 # JAX compiles every op for every new shape (tens of milliseconds each on CPU), so drawing
@@ -90,7 +88,7 @@ def _assert_library(lib_name, y, state):
 
 
 @pytest.mark.parametrize("lib_name", ["torch"])
-@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@each_realization
 @given(data=st.data())
 def test_forms_agree_on_each_library_and_match_numpy(lib_name, spec_st, data):
     _library(lib_name)
@@ -108,19 +106,11 @@ def test_forms_agree_on_each_library_and_match_numpy(lib_name, spec_st, data):
     assert_close(y, y_np, f"y ({lib_name} vs numpy)")
     assert_states_equal(state, state_np, f"state ({lib_name} vs numpy)")
 
-    ys, state_s = fold(spec, params, x)
-    assert_close(np.stack([to_numpy(v) for v in ys], axis=1), y_np,
-                 f"y (fold of step on {lib_name})")
-    assert_states_equal(state_s, state_np, f"final state (fold of step on {lib_name})")
-
-    y1, s1 = forward(spec, params, x[:, :a])
-    y2, s2 = forward(spec, params, x[:, a:], s1)
-    assert_close(np.concatenate([to_numpy(y1), to_numpy(y2)], axis=1), y_np,
-                 f"y (split at {a} on {lib_name})")
-    assert_states_equal(s2, state_np, f"final state (split at {a} on {lib_name})")
+    assert_fold_matches(spec, params, x, y_np, state_np, f" on {lib_name}")
+    assert_split_matches(spec, params, x, a, y_np, state_np, f" on {lib_name}")
 
 
-@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@each_realization
 @given(data=st.data())
 def test_library_params_match_numpy_params(spec_st, data):
     """Parameters given as torch tensors (not numpy) give the same numbers: the reference
@@ -158,13 +148,5 @@ def test_forms_agree_on_jax_and_match_numpy_and_torch(spec):
         assert_close(y, y_t, "y (jax vs torch)")
         assert_states_equal(state, state_t, "state (jax vs torch)")
 
-    ys, state_s = fold(spec, params, x)
-    assert_close(np.stack([to_numpy(v) for v in ys], axis=1), y_np, "y (fold of step on jax)")
-    assert_states_equal(state_s, state_np, "final state (fold of step on jax)")
-
-    a = JAX_SPLIT
-    y1, s1 = forward(spec, params, x[:, :a])
-    y2, s2 = forward(spec, params, x[:, a:], s1)
-    assert_close(np.concatenate([to_numpy(y1), to_numpy(y2)], axis=1), y_np,
-                 f"y (split at {a} on jax)")
-    assert_states_equal(s2, state_np, f"final state (split at {a} on jax)")
+    assert_fold_matches(spec, params, x, y_np, state_np, " on jax")
+    assert_split_matches(spec, params, x, JAX_SPLIT, y_np, state_np, " on jax")

@@ -4,14 +4,15 @@ array of the final state) and forward(x[:a]) then forward(x[a:], state) == forwa
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from refcheck import (
     MAX_T,
-    REALIZATIONS,
     assert_close,
+    assert_fold_matches,
+    assert_split_matches,
     assert_states_equal,
+    each_realization,
     fold,
     forward,
     inputs,
@@ -19,15 +20,12 @@ from refcheck import (
     params64,
 )
 
-IDS = [name for name, _ in REALIZATIONS]
-STRATEGIES = [s for _, s in REALIZATIONS]
-
 # T = 1, T < W, T not a multiple of the chunk, chunk > T all come from small T against the
 # drawn windows and chunks; T = 1 is also drawn on its own often.
 lengths = st.one_of(st.just(1), st.integers(1, MAX_T))
 
 
-@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@each_realization
 @given(data=st.data())
 def test_parallel_equals_folded_step(spec_st, data):
     spec = data.draw(spec_st, label="spec")
@@ -37,12 +35,10 @@ def test_parallel_equals_folded_step(spec_st, data):
     params = params64(spec, seed)
     x = inputs(spec, B, T, seed)
     y, state = forward(spec, params, x)
-    ys, state_s = fold(spec, params, x)
-    assert_close(np.stack(ys, axis=1), y, "y (fold of step vs forward)")
-    assert_states_equal(state_s, state, "final state")
+    assert_fold_matches(spec, params, x, y, state)
 
 
-@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@each_realization
 @given(data=st.data())
 def test_split_forward_equals_forward(spec_st, data):
     spec = data.draw(spec_st, label="spec")
@@ -54,13 +50,10 @@ def test_split_forward_equals_forward(spec_st, data):
     y, state = forward(spec, params, x)
     # Every split a, so splits inside a chunk, at chunk ends and at window edges all occur.
     for a in range(1, T):
-        y1, s1 = forward(spec, params, x[:, :a])
-        y2, s2 = forward(spec, params, x[:, a:], s1)
-        assert_close(np.concatenate([y1, y2], axis=1), y, f"y (split at a={a})")
-        assert_states_equal(s2, state, f"final state (split at a={a})")
+        assert_split_matches(spec, params, x, a, y, state)
 
 
-@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@each_realization
 @given(data=st.data())
 def test_three_way_mix_of_forms(spec_st, data):
     """forward on a prefix, a few steps, then forward on the rest: the state crosses forms both
@@ -81,7 +74,7 @@ def test_three_way_mix_of_forms(spec_st, data):
     assert_states_equal(s, state, "final state")
 
 
-@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@each_realization
 @given(data=st.data())
 def test_float32_follows_float64(spec_st, data):
     """float32 inputs and parameters accumulate in float32 and return float32; the result stays
@@ -129,7 +122,7 @@ def _grows(spec) -> bool:
                or (hasattr(s, "capacity") and s.capacity is None) for s in layers)
 
 
-@pytest.mark.parametrize("spec_st", STRATEGIES, ids=IDS)
+@each_realization
 @given(data=st.data())
 def test_streaming_state_size_is_constant_unless_unbounded(spec_st, data):
     spec = data.draw(spec_st, label="spec")

@@ -14,7 +14,7 @@ from memcore.backends.torch import banded as attention
 from memcore.backends.torch import selective_scan as scan
 from memcore.spec.reference import layers as RL
 from memcore.spec.reference import model as RM
-from torchcheck import F64, assert_states_close, rel, steps
+from torchcheck import F64, assert_states_close, model_steps, rel, steps
 
 import memcore
 from memcore.testing import strategies as mst
@@ -69,9 +69,6 @@ def test_models_match_reference(spec, data, tiles):
         logits, state = model(tok)
     assert rel(logits, ref) <= F64
     assert_states_close(state, s_ref)
-    s, outs = None, []
-    for t in range(tok.shape[1]):
-        out, s = model.step(tok[:, t], s)
-        outs.append(out)
-    assert rel(torch.stack(outs, 1), ref) <= F64
+    y_s, s = model_steps(model, tok)
+    assert rel(y_s, ref) <= F64
     assert_states_close(s, s_ref)

@@ -9,8 +9,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 from memcore.backends.torch import implementation  # noqa: E402
-
-F64 = torch.float64
+from tritoncheck import F64  # noqa: E402
 
 
 def test_kernels_enabled_follows_device_and_env(monkeypatch):

@@ -37,6 +37,23 @@ def inputs(Bt, Dc, T, N, G, dtype, seed=0, with_z=True):
     )
 
 
+def grads_both(x, objective, **kw):
+    """Gradients of objective(kernel(**x, **kw)) and of objective(reference(**x, **kw)) to
+    every input in x, each jitted: (name, kernel's, reference's) per input."""
+    names = list(x)
+
+    def loss(fn, **extra):
+        def f(*args):
+            return objective(fn(**dict(zip(names, args, strict=True)), **kw, **extra))
+        return f
+
+    argnums = tuple(range(len(names)))
+    got = jax.jit(jax.grad(loss(selective_scan, interpret=True, poison=True), argnums))(
+        *x.values())
+    want = jax.jit(jax.grad(loss(reference), argnums))(*x.values())
+    return list(zip(names, got, want, strict=True))
+
+
 # T = 1; T not a multiple of the chunk; odd channel and state widths; grouped B/C; more
 # channels than one program holds
 SHAPES = [(1, 3, 1, 1, None), (2, 5, 37, 3, None), (1, 6, 20, 5, 3), (1, 40, 9, 2, None)]
@@ -80,20 +97,8 @@ def test_gradients(shape):
     r = np.random.default_rng(4)
     gy = jnp.asarray(r.standard_normal(x["u"].shape))
     gh = jnp.asarray(r.standard_normal(x["initial_state"].shape))
-    names = list(x)
-
-    def loss(fn, **kw):
-        def f(*args):
-            y, h = fn(**dict(zip(names, args, strict=True)), delta_softplus=True,
-                      return_final_state=True, **kw)
-            return jnp.sum(y * gy) + jnp.sum(h * gh)
-        return f
-
-    argnums = tuple(range(len(names)))
-    got = jax.jit(jax.grad(loss(selective_scan, interpret=True, poison=True), argnums))(
-        *x.values())
-    want = jax.jit(jax.grad(loss(reference), argnums))(*x.values())
-    for name, g, w in zip(names, got, want, strict=True):
+    for name, g, w in grads_both(x, lambda out: jnp.sum(out[0] * gy) + jnp.sum(out[1] * gh),
+                                 delta_softplus=True, return_final_state=True):
         check(f"d{name}", g, w, jnp.float64)
 
 
@@ -101,19 +106,8 @@ def test_gradients(shape):
 def test_gradients_low_precision(dtype):
     x = inputs(1, 5, 19, 3, None, dtype, seed=14)
     gy = jnp.asarray(np.random.default_rng(15).standard_normal(x["u"].shape), jnp.float32)
-    names = list(x)
-
-    def loss(fn, **kw):
-        def f(*args):
-            y = fn(**dict(zip(names, args, strict=True)), delta_softplus=True, **kw)
-            return jnp.sum(y.astype(jnp.float32) * gy)
-        return f
-
-    argnums = tuple(range(len(names)))
-    got = jax.jit(jax.grad(loss(selective_scan, interpret=True, poison=True), argnums))(
-        *x.values())
-    want = jax.jit(jax.grad(loss(reference), argnums))(*x.values())
-    for name, g, w in zip(names, got, want, strict=True):
+    for name, g, w in grads_both(x, lambda y: jnp.sum(y.astype(jnp.float32) * gy),
+                                 delta_softplus=True):
         assert g.dtype == w.dtype, name
         check(f"d{name}", g, w, dtype)
 
@@ -126,19 +120,8 @@ def test_gradients_optional_inputs_absent():
     r = np.random.default_rng(13)
     gy = jnp.asarray(r.standard_normal(x["u"].shape))
     gh = jnp.asarray(r.standard_normal(x["initial_state"].shape))
-    names = list(x)
-
-    def loss(fn, **kw):
-        def f(*args):
-            y, h = fn(**dict(zip(names, args, strict=True)), return_final_state=True, **kw)
-            return jnp.sum(y * gy) + jnp.sum(h * gh)
-        return f
-
-    argnums = tuple(range(len(names)))
-    got = jax.jit(jax.grad(loss(selective_scan, interpret=True, poison=True), argnums))(
-        *x.values())
-    want = jax.jit(jax.grad(loss(reference), argnums))(*x.values())
-    for name, g, w in zip(names, got, want, strict=True):
+    for name, g, w in grads_both(x, lambda out: jnp.sum(out[0] * gy) + jnp.sum(out[1] * gh),
+                                 return_final_state=True):
         check(f"d{name}", g, w, jnp.float64)
 
 

@@ -7,30 +7,16 @@ import pytest
 import torch
 from primitives import REF as R
 from primitives import TORCH as O
-from torchcheck import F32, F64, rel, rmse
+from torchcheck import F32, F64, rel, rmse, scan_args
 
 D64 = torch.float64
-
-
-def _randn(g, *shape, dtype=D64):
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def _scan_args(g, Bt, Dc, N, T, groups, dtype=D64):
-    u, delta, z = (_randn(g, Bt, Dc, T, dtype=dtype) for _ in range(3))
-    A = -torch.rand(Dc, N, generator=g, dtype=torch.float64).to(dtype) * 2
-    shape = (Bt, groups, N, T) if groups else (Bt, N, T)
-    B, C = _randn(g, *shape, dtype=dtype), _randn(g, *shape, dtype=dtype)
-    D, bias = _randn(g, Dc, dtype=dtype), _randn(g, Dc, dtype=dtype)
-    h0 = _randn(g, Bt, Dc, N, dtype=dtype)
-    return u, delta, A, B, C, D, z, bias, h0
 
 
 @pytest.mark.parametrize("T", [1, 15, 16, 17, 50])
 @pytest.mark.parametrize("groups", [0, 1, 3])
 def test_selective_scan(T, groups):
     g = torch.Generator().manual_seed(T + groups)
-    u, delta, A, B, C, D, z, bias, h0 = _scan_args(g, 2, 6, 3, T, groups)
+    u, delta, A, B, C, D, z, bias, h0 = scan_args(g, 2, 6, 3, T, groups)
     for kw in (dict(), dict(D=D, z=z, delta_bias=bias, delta_softplus=True, initial_state=h0)):
         y, h = O.selective_scan(u, delta, A, B, C, return_final_state=True, **kw)
         y_r, h_r = R.selective_scan(u, delta, A, B, C, return_final_state=True, **kw)
@@ -50,7 +36,7 @@ def test_selective_scan(T, groups):
 
 def test_selective_scan_gradients_include_the_initial_state():
     g = torch.Generator().manual_seed(0)
-    args = [a.requires_grad_(True) for a in _scan_args(g, 2, 4, 3, 21, 2)]
+    args = [a.requires_grad_(True) for a in scan_args(g, 2, 4, 3, 21, 2)]
     w = torch.randn(2, 4, 21, generator=g, dtype=D64)
     wh = torch.randn(2, 4, 3, generator=g, dtype=D64)
     grads = []
@@ -66,7 +52,7 @@ def test_selective_scan_gradients_include_the_initial_state():
 
 def test_selective_scan_float32():
     g = torch.Generator().manual_seed(1)
-    args = _scan_args(g, 2, 8, 4, 70, 0)
+    args = scan_args(g, 2, 8, 4, 70, 0)
     u, delta, A, B, C, D, z, bias, h0 = (a.float() for a in args)
     y = O.selective_scan(u, delta, A, B, C, D, z, bias, True, initial_state=h0)
     y_r = R.selective_scan(*args[:7], args[7], True, initial_state=args[8])

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
-from kcheck import assert_close, gpu, grads  # noqa: E402
+from kcheck import assert_close, assert_grads_close, gpu, grads  # noqa: E402
 from memcore.kernels.triton.selective_scan import (  # noqa: E402
     selective_scan,
     selective_scan_ref,
@@ -53,15 +53,7 @@ def check(args, softplus, chunk, dtype):
     assert y.dtype == args["u"].dtype and hT.dtype == hr.dtype
     assert_close("y", y, yr, dtype)
     assert_close("final_state", hT, hr, dtype)
-    g = torch.Generator().manual_seed(1)
-    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y)
-    dh = torch.randn(hT.shape, generator=g, dtype=torch.float64).to(hT)
-    inputs = list(args.values())
-    got = grads((y, hT), inputs, (dy, dh))
-    want = grads((yr, hr), inputs, (dy, dh))
-    for name, a, b in zip(args, got, want, strict=True):
-        assert a.dtype == args[name].dtype, name
-        assert_close(f"d{name}", a, b, dtype)
+    assert_grads_close((y, hT), (yr, hr), args, dtype)
 
 
 # (batch, channels, T, d_state, groups, chunk): T off the chunk grid, T = 1, T < chunk,

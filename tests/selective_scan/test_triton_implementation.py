@@ -1,5 +1,5 @@
-"""The torch backend's primitive functions choose between the Triton kernels and the torch path
-(``implementation=``, ``MEMCORE_KERNELS``): same results and states as the reference."""
+"""The torch backend's selective scan takes the Triton kernel or the torch path as told
+(``MEMCORE_KERNELS``): same outputs and final state as the reference."""
 
 from __future__ import annotations
 
@@ -10,23 +10,9 @@ pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 import memcore.kernels.triton.selective_scan as scan_mod  # noqa: E402
 from kcheck import assert_close  # noqa: E402
-from memcore.backends.torch import implementation  # noqa: E402
 from primitives import REF as ops  # noqa: E402
 from primitives import TORCH as api  # noqa: E402
-
-F64 = torch.float64
-
-
-def spy(monkeypatch, module, name):
-    calls = []
-    real = getattr(module, name)
-
-    def wrapped(*a, **kw):
-        calls.append(name)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(module, name, wrapped)
-    return calls
+from tritoncheck import F64, both_paths, take_path  # noqa: E402
 
 
 def scan_args(device, seed=0):
@@ -42,10 +28,9 @@ def scan_args(device, seed=0):
     return {k: v.to(device) for k, v in args.items()}
 
 
-@pytest.mark.parametrize("mode", ["triton", "torch"])
+@both_paths
 def test_selective_scan_both_paths(mode, monkeypatch, device):
-    monkeypatch.setenv(implementation.ENV, mode)
-    calls = spy(monkeypatch, scan_mod, "selective_scan")
+    calls = take_path(monkeypatch, mode, scan_mod, "selective_scan")
     args = scan_args(device)
     y, h = api.selective_scan(**args, delta_softplus=True, return_final_state=True)
     yr, hr = ops.selective_scan(**args, delta_softplus=True, return_final_state=True)

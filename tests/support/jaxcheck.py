@@ -7,11 +7,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import refcheck
 from memcore.backends.jax.realize import realize
 from memcore.spec.reference import layers as RL
 from memcore.spec.reference import model as RM
+from refcheck import is_model
 
-import memcore
 from memcore import spec as S
 
 F64_RTOL = 1e-9  # DESIGN 6: backend vs reference, float64
@@ -47,23 +48,14 @@ def as_jax(*arrays):
     return [None if a is None else jnp.asarray(a) for a in arrays]
 
 
-def is_model(spec) -> bool:
-    return isinstance(spec, S.Model)
-
-
 def params64(spec, seed: int = 0, jitter: float = 0.1) -> dict:
-    """``memcore.init`` in float64 plus a small perturbation, so constant initial values
-    (D = 1, equal per-head scales) cannot hide a wrong index."""
-    p = memcore.init(spec, seed=seed, dtype=np.float64)
-    rng = np.random.default_rng(seed + 777)
-    return {k: v + jitter * rng.standard_normal(v.shape) for k, v in p.items()}
+    """refcheck's perturbed float64 parameters, from a perturbation stream of their own."""
+    return refcheck.params64(spec, seed, jitter, offset=777)
 
 
 def inputs(spec, B: int, T: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    if is_model(spec):
-        return rng.integers(0, spec.vocab_size, size=(B, T)).astype(np.int32)
-    return rng.standard_normal((B, T, spec.d_model))
+    """refcheck's inputs, with int32 tokens for a model spec."""
+    return refcheck.inputs(spec, B, T, seed, tokens=np.int32)
 
 
 def ref_forward(spec, params, x, state=None):
@@ -146,3 +138,23 @@ def assert_states_close(got: dict, want: dict, rtol: float = F64_RTOL):
 
 def jax_layer(spec, params):
     return realize(spec, params)
+
+
+def realized(spec):
+    """(spec, its perturbed float64 parameters, the JAX realization on them)."""
+    params = params64(spec)
+    return spec, params, realize(spec, params)
+
+
+def check_parallel_form(spec, params, layer, x):
+    """The JAX parallel form on x against the reference's: a float64 output, the final state,
+    and the aux loss (present in both or in neither). Returns the reference's (y, state)."""
+    y_ref, s_ref, aux_ref = ref_forward(spec, params, x)
+    y, state, aux = layer.forward_aux(jnp.asarray(x))
+    assert y.dtype == jnp.float64
+    assert rel_err(y, y_ref) <= F64_RTOL
+    assert_states_close(layer.to_reference_state(state), s_ref)
+    assert (aux is None) == (aux_ref is None)
+    if aux is not None:
+        assert rel_err(aux, aux_ref) <= F64_RTOL
+    return y_ref, s_ref

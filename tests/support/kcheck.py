@@ -38,6 +38,19 @@ def grads(out, inputs, cotangents):
     return torch.autograd.grad(loss, live)
 
 
+def assert_grads_close(got_out, want_out, inputs: dict, dtype, seed: int = 1) -> None:
+    """The gradients of the kernel's outputs and of the reference's to every input, against one
+    float64 normal cotangent per output drawn from ``seed``: each in its input's dtype and
+    within the dtype's tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    cot = tuple(torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in got_out)
+    got = grads(got_out, list(inputs.values()), cot)
+    want = grads(want_out, list(inputs.values()), cot)
+    for name, a, b in zip(inputs, got, want, strict=True):
+        assert a.dtype == inputs[name].dtype, name
+        assert_close(f"d{name}", a, b, dtype)
+
+
 # where the kernels run in this test run (conftest set TRITON_INTERPRET before this import)
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "") == "1" else "cuda"
 

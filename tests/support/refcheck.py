@@ -4,6 +4,7 @@ parameters in float64, a runner for both forms, and comparisons of outputs and s
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 from memcore.spec.reference import layers as L
 from memcore.spec.reference import model as M
@@ -161,24 +162,28 @@ REALIZATIONS = [
     ("jamba", jamba_specs()),
 ]
 
+# One test per realization: the decorated test takes the realization's strategy as spec_st.
+each_realization = pytest.mark.parametrize(
+    "spec_st", [s for _, s in REALIZATIONS], ids=[name for name, _ in REALIZATIONS])
+
 
 def is_model(spec) -> bool:
     return isinstance(spec, S.Model)
 
 
-def params64(spec, seed: int = 0, jitter: float = 0.1) -> dict:
-    """``memcore.init`` in float64 plus a small random perturbation, so constant initial
-    values (D = 1, equal scales per head) cannot hide a wrong index."""
+def params64(spec, seed: int = 0, jitter: float = 0.1, offset: int = 12345) -> dict:
+    """``memcore.init`` in float64 plus a small random perturbation (drawn from seed + offset),
+    so constant initial values (D = 1, equal scales per head) cannot hide a wrong index."""
     p = memcore.init(spec, seed=seed, dtype=np.float64)
-    rng = np.random.default_rng(seed + 12345)
+    rng = np.random.default_rng(seed + offset)
     return {k: v + jitter * rng.standard_normal(v.shape) for k, v in p.items()}
 
 
-def inputs(spec, B: int, T: int, seed: int = 0):
-    """A float64 [B, T, D] input, or int64 [B, T] tokens for a model spec."""
+def inputs(spec, B: int, T: int, seed: int = 0, tokens=np.int64):
+    """A float64 [B, T, D] input, or [B, T] tokens of dtype ``tokens`` for a model spec."""
     rng = np.random.default_rng(seed)
     if is_model(spec):
-        return rng.integers(0, spec.vocab_size, size=(B, T)).astype(np.int64)
+        return rng.integers(0, spec.vocab_size, size=(B, T)).astype(tokens)
     return rng.standard_normal((B, T, spec.d_model))
 
 
@@ -193,7 +198,7 @@ def step(spec, params, x_t, state=None):
 
 
 def fold(spec, params, x, state=None):
-    """Streaming form folded over x's time axis: (y stacked on axis 1, final state)."""
+    """Streaming form folded over x's time axis: (the list of step outputs, final state)."""
     ys = []
     for t in range(x.shape[1]):
         y_t, state = step(spec, params, x[:, t], state)
@@ -251,3 +256,20 @@ def assert_states_equal(got, want, what: str = "state", rtol: float = RTOL) -> N
             assert np.array_equal(g, w), f"{what}: integer arrays differ:\n{g}\n{w}"
         else:
             assert_close(g, w, what, rtol)
+
+
+def assert_fold_matches(spec, params, x, y, state, where: str = "") -> None:
+    """The streaming form folded over x gives the parallel form's y and final state."""
+    ys, state_s = fold(spec, params, x)
+    assert_close(np.stack([to_numpy(v) for v in ys], axis=1), y, f"y (fold of step{where})")
+    assert_states_equal(state_s, state, f"final state (fold of step{where})")
+
+
+def assert_split_matches(spec, params, x, a, y, state, where: str = "") -> None:
+    """forward(x[:, :a]) then forward(x[:, a:], its state) gives the whole call's y and final
+    state."""
+    y1, s1 = forward(spec, params, x[:, :a])
+    y2, s2 = forward(spec, params, x[:, a:], s1)
+    assert_close(np.concatenate([to_numpy(y1), to_numpy(y2)], axis=1), y,
+                 f"y (split at {a}{where})")
+    assert_states_equal(s2, state, f"final state (split at {a}{where})")

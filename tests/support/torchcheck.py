@@ -103,3 +103,29 @@ def detach_state(state):
     if isinstance(state, tuple):
         return tuple(detach_state(v) for v in state)
     return state.detach() if isinstance(state, torch.Tensor) else state
+
+
+def randn(g, *shape, dtype=torch.float64):
+    """Standard normal draws made in float64 (the same numbers for every dtype), then cast."""
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def scan_args(g, Bt, Dc, N, T, groups, dtype=torch.float64):
+    """Selective scan inputs (u, delta, A, B, C, D, z, delta_bias, initial_state); ``groups``
+    0 gives B and C without a group axis."""
+    u, delta, z = (randn(g, Bt, Dc, T, dtype=dtype) for _ in range(3))
+    A = -torch.rand(Dc, N, generator=g, dtype=torch.float64).to(dtype) * 2
+    shape = (Bt, groups, N, T) if groups else (Bt, N, T)
+    B, C = randn(g, *shape, dtype=dtype), randn(g, *shape, dtype=dtype)
+    D, bias = randn(g, Dc, dtype=dtype), randn(g, Dc, dtype=dtype)
+    h0 = randn(g, Bt, Dc, N, dtype=dtype)
+    return u, delta, A, B, C, D, z, bias, h0
+
+
+def model_steps(model, tok, state=None):
+    """The model's step form over tok's time axis: (logits stacked on axis 1, final state)."""
+    outs = []
+    for t in range(tok.shape[1]):
+        out, state = model.step(tok[:, t], state)
+        outs.append(out)
+    return torch.stack(outs, 1), state

@@ -62,29 +62,10 @@ def test_trains_like_the_torch_loop(tmp_path):
     assert [r["lr"] for r in logs[1]] == [lr_at(s, TrainConfig(**cfg)) for s in range(5)]
 
 
-class _Stop(Exception):
-    pass
-
-
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(interrupted_and_resumed):
     cfg = dict(steps=6, lr=3e-3, seed=0, checkpoint_every=3, log_every=0, warmup=1,
                grad_clip=CLIP)
-    whole = jax_train.train(_jax_model(), _batches,
-                            TrainConfig(out_dir=str(tmp_path / "a"), **cfg), quiet=True)
-
-    def interrupted(step):
-        if step == 4:
-            raise _Stop  # after the checkpoint at step 3, inside step 4
-        return _batches(step)
-
-    out = str(tmp_path / "b")
-    with pytest.raises(_Stop):
-        jax_train.train(_jax_model(), interrupted, TrainConfig(out_dir=out, **cfg), quiet=True)
-    # another initialisation proves that the checkpoint restores the parameters
-    resumed = jax_train.train(_jax_model(seed=9), _batches, TrainConfig(out_dir=out, **cfg),
-                              resume=True, quiet=True)
-    assert len(whole["losses"]) == len(resumed["losses"]) == 6
-    np.testing.assert_array_equal(resumed["losses"], whole["losses"])
+    whole, resumed = interrupted_and_resumed(jax_train.train, _jax_model, _batches, cfg)
     a, b = whole["model"].state_dict(), resumed["model"].state_dict()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

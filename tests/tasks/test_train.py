@@ -69,29 +69,9 @@ def test_cosine_schedule():
     assert lr_at(100, cfg) == pytest.approx(1e-3)
 
 
-class _Stop(Exception):
-    pass
-
-
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(interrupted_and_resumed):
     cfg = dict(steps=6, lr=3e-3, seed=0, checkpoint_every=3, log_every=0)
-    whole = train(_model(), _batches, TrainConfig(out_dir=str(tmp_path / "a"), **cfg),
-                  quiet=True)
-
-    def interrupted(step):
-        if step == 4:
-            raise _Stop  # after the checkpoint at step 3, inside step 4
-        return _batches(step)
-
-    out = str(tmp_path / "b")
-    with pytest.raises(_Stop):
-        train(_model(), interrupted, TrainConfig(out_dir=out, **cfg), quiet=True)
-    # a different initialisation proves that the checkpoint restores the parameters
-    resumed_model = _model(seed=9)
-    resumed = train(resumed_model, _batches, TrainConfig(out_dir=out, **cfg), resume=True,
-                    quiet=True)
-    assert len(whole["losses"]) == len(resumed["losses"]) == 6
-    np.testing.assert_array_equal(resumed["losses"], whole["losses"])
+    whole, resumed = interrupted_and_resumed(train, _model, _batches, cfg)
     # the resumed run's last 2 steps really ran (not replayed from the file)
     assert resumed["losses"][3:] == whole["losses"][3:]
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
-from kcheck import DEVICE, assert_close, gpu, grads  # noqa: E402
+from kcheck import DEVICE, assert_close, assert_grads_close, gpu  # noqa: E402
 from memcore.kernels.triton.windowed_readout import (  # noqa: E402
     windowed_readout,
     windowed_readout_ref,
@@ -42,13 +42,7 @@ def qkv(B, T, H, E, dtype, device, fading, seed=0, Tk=None):
 def compare(got_out, want_out, inputs, dtype, seed=1):
     assert got_out.dtype == inputs["q"].dtype
     assert_close("o", got_out, want_out, dtype)
-    g = torch.Generator().manual_seed(seed)
-    do = torch.randn(got_out.shape, generator=g, dtype=torch.float64).to(got_out)
-    got = grads((got_out,), list(inputs.values()), (do,))
-    want = grads((want_out,), list(inputs.values()), (do,))
-    for name, a, b in zip(inputs, got, want, strict=True):
-        assert a.dtype == inputs[name].dtype, name
-        assert_close(f"d{name}", a, b, dtype)
+    assert_grads_close((got_out,), (want_out,), inputs, dtype, seed)
 
 
 # (B, T, H, E, W): T off the 16-row tile, T < W, T = 1, odd head widths, W = 1,

@@ -1,5 +1,6 @@
-"""The torch backend's primitive functions choose between the Triton kernels and the torch path
-(``implementation=``, ``MEMCORE_KERNELS``): same results and states as the reference."""
+"""The torch backend's windowed readout on the Triton kernel (``implementation=``,
+``MEMCORE_KERNELS``), split across calls through its state, and on the torch path: same outputs
+and states as the reference."""
 
 from __future__ import annotations
 
@@ -10,23 +11,9 @@ pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 import memcore.kernels.triton.windowed_readout as attn_mod  # noqa: E402
 from kcheck import assert_close  # noqa: E402
-from memcore.backends.torch import implementation  # noqa: E402
 from primitives import REF as ops  # noqa: E402
 from primitives import TORCH as api  # noqa: E402
-
-F64 = torch.float64
-
-
-def spy(monkeypatch, module, name):
-    calls = []
-    real = getattr(module, name)
-
-    def wrapped(*a, **kw):
-        calls.append(name)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(module, name, wrapped)
-    return calls
+from tritoncheck import F64, take_path  # noqa: E402
 
 
 @pytest.mark.parametrize("window,fading,split", [(4, True, 7), (4, True, 2), (3, False, 5),
@@ -34,8 +21,7 @@ def spy(monkeypatch, module, name):
 def test_windowed_readout_split_through_state(window, fading, split, monkeypatch, device):
     """Kernels on both halves, the state passed between them in the reference's ring layout:
     same outputs and final state as one reference pass."""
-    monkeypatch.setenv(implementation.ENV, "triton")
-    calls = spy(monkeypatch, attn_mod, "windowed_readout")
+    calls = take_path(monkeypatch, "triton", attn_mod, "windowed_readout")
     g = torch.Generator().manual_seed(2)
     B, T, H, E = 2, 15, 2, 3
     t = {n: torch.randn(B, T, H, E, generator=g, dtype=F64).to(device)
@@ -62,8 +48,7 @@ def test_windowed_readout_split_through_state(window, fading, split, monkeypatch
 
 
 def test_windowed_readout_torch_path_takes_no_kernel(monkeypatch):
-    monkeypatch.setenv(implementation.ENV, "torch")
-    calls = spy(monkeypatch, attn_mod, "windowed_readout")
+    calls = take_path(monkeypatch, "torch", attn_mod, "windowed_readout")
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 6, 1, 4, generator=g, dtype=F64) for _ in range(3))
     o = api.windowed_readout(q, k, v, 2)

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from .. import eidetic_store as store
+from ..banded import dense_partial
 from ..numerics import POS_DTYPE, combine, linear
 from ..rings import cache_write, ring_positions, ring_to_seq, ring_write, seq_to_ring
 from ..rotary import rope
-from ..windowed_readout import dense_partial, readout
+from ..windowed_readout import readout
 from . import mamba, sub
 
 
