@@ -14,6 +14,7 @@ from memcore import interop, spec
 from memcore.api import check_finite, check_params, init, param_shapes, realize
 from memcore.checkpoint import load, load_params, save
 from memcore.registry import available_backends, get_backend, register_backend
+from memcore.spec.sizes import allocation_limit, set_allocation_limit
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "spec", "init", "realize", "param_shapes", "check_params", "check_finite",
     "save", "load", "load_params", "interop",
     "available_backends", "get_backend", "register_backend", "ops", "testing",
+    "set_allocation_limit", "allocation_limit",
 ]
 
 

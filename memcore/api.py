@@ -6,6 +6,7 @@ import numpy as np
 
 from memcore.spec import LAYER_KINDS, Model, Spec
 from memcore.spec.params import check_params, init, param_shapes
+from memcore.spec.sizes import check_allocation
 
 from .registry import get_backend
 
@@ -29,13 +30,15 @@ def realize(spec: Spec, backend: str = "reference", params: dict | None = None, 
     ``equinox.Module`` for "jax", a plain object for "reference".
 
     params: a dict from ``memcore.init`` (default: ``init(spec, seed)``). ``check=True`` also
-    rejects parameters holding NaN or infinity.
+    rejects parameters holding NaN or infinity. A spec whose parameters or batch-1 state would
+    exceed the allocation limit (``memcore.set_allocation_limit``) is refused here.
     """
     if not isinstance(spec, (Model,) + LAYER_KINDS):
         raise TypeError(f"spec must be a memcore layer or model spec, got {spec!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a backend name (str), got {backend!r}")
     factory = get_backend(backend)
+    check_allocation(spec, what="state" if params is not None else "both")
     if params is not None:
         check_params(spec, params)
         if check:

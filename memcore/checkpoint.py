@@ -4,68 +4,67 @@
     layer = memcore.checkpoint.load("model.safetensors", backend="torch")
     spec, params = memcore.checkpoint.load_params("model.safetensors")
 
-The file is a plain safetensors file (readable by the ``safetensors`` library): an 8-byte
-little-endian header length, a JSON header, then the raw tensor bytes. The header's
-``__metadata__`` holds ``format`` ("memcore.checkpoint"), ``format_version``, ``spec`` (the spec's
-JSON) and ``memcore_version``. Tensors keep their dtype: float16 and bfloat16 are stored as they
-are. The file is written atomically: a failure while writing leaves any previous file intact.
+The file is a plain safetensors file, read and written with the ``safetensors`` library. The
+header's ``__metadata__`` holds ``format`` ("memcore.checkpoint"), ``format_version``, ``spec``
+(the spec's JSON) and ``memcore_version``. Parameters are floating point and keep their dtype:
+float16 and bfloat16 are stored as they are.
+
+Before the library sees a file, memcore checks what a crafted one could abuse: only a regular
+file is opened; the header is bounded in length and nesting and each entry is checked (a float
+dtype, a shape, offsets tiling the data); the spec is bounded, then checked against the
+allocation limit (``memcore.set_allocation_limit``) and the tensors' names and shapes. Each
+refusal is a ValueError naming the file and the entry. Writes are atomic (``atomic_write``).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
-import tempfile
+import re
 
 import numpy as np
+import safetensors
+import safetensors.numpy as st_numpy
 
-from memcore.spec import Spec, from_json
+from memcore import safetensors_file as sf
+from memcore.atomic_files import atomic_write
+from memcore.spec import LAYER_KINDS, Model, Spec, from_json
 from memcore.spec.params import check_params, param_shapes
+from memcore.spec.sizes import check_allocation
 
-__all__ = ["save", "load", "load_params", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save", "load", "load_params", "atomic_write", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "memcore.checkpoint"
 FORMAT_VERSION = 1
-# A header larger than this is not a plausible checkpoint (the safetensors library's own limit).
-_MAX_HEADER = 100_000_000
-
-_NUMPY_CODES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
-    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
-}
-_CODE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+_MAX_SPEC = 1_000_000  # characters of spec JSON: thousands of layers
+_SAVED = ("float64", "float32", "float16", "bfloat16")  # numpy dtype names save accepts
 
 
-# --- turning parameters of any framework into (code, shape, bytes) -------------------------
+# --- writing -------------------------------------------------------------------------------
 
-def _as_array(name: str, value) -> tuple[str, np.ndarray]:
-    """(safetensors dtype code, a numpy array holding the stored bytes) of one parameter;
-    zero-copy where the source allows it."""
+def _bfloat16(what: str):
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(f"{what} is bfloat16, which numpy needs the ml_dtypes package to "
+                        f"hold; pip install ml_dtypes") from None
+    return ml_dtypes.bfloat16
+
+
+def _as_array(name: str, value) -> np.ndarray:
+    """A numpy array holding one parameter's stored bytes; zero-copy where the source allows."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch, without importing it
         t = value.detach().cpu().contiguous()
         if str(t.dtype) == "torch.bfloat16":
-            # numpy has no bfloat16: the raw 16-bit patterns are the stored bytes.
             import torch
 
-            return "BF16", t.view(torch.int16).numpy().view(np.uint16)
-        value = t.numpy()
+            value = t.view(torch.int16).numpy().view(_bfloat16(f"save: parameter {name!r}"))
+        else:
+            value = t.numpy()
     arr = np.asarray(value)  # JAX arrays come out here, bfloat16 as ml_dtypes.bfloat16
-    code = _NUMPY_CODES.get(arr.dtype.name)
-    if code is None:
+    if arr.dtype.name not in _SAVED:
         raise TypeError(f"save: parameter {name!r} has dtype {arr.dtype}, which a checkpoint "
-                        f"cannot hold; expected one of {sorted(_NUMPY_CODES)}")
-    if code == "BF16":
-        arr = arr.view(np.uint16)
-    return code, arr
-
-
-def _tensor_bytes(name: str, value) -> bytes:
-    _, arr = _as_array(name, value)
-    arr = np.ascontiguousarray(arr)
-    return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+                        f"cannot hold; expected one of {list(_SAVED)}")
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
 def _spec_and_params(obj) -> tuple[Spec, dict]:
@@ -92,125 +91,22 @@ def _spec_and_params(obj) -> tuple[Spec, dict]:
     return spec, params
 
 
-# --- writing -------------------------------------------------------------------------------
-
-def _header(spec: Spec, records: list) -> bytes:
-    import memcore
-
-    header: dict = {"__metadata__": {
-        "format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": spec.to_json(),
-        "memcore_version": memcore.__version__,
-    }}
-    offset = 0
-    for name, (code, shape, size) in records:
-        header[name] = {"dtype": code, "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    # Pad with spaces to 8 bytes, as the safetensors library does, so tensors stay aligned.
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename durable; not every platform lets a directory be opened.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _file_mode(path: str) -> int:
-    try:
-        return os.stat(path).st_mode & 0o777  # overwriting keeps the old file's mode
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def save(path, obj) -> None:
     """Write ``obj``'s spec and parameters to ``path`` (a safetensors file), atomically.
 
     obj: a realized object of any backend (it has ``.spec``; parameters from ``state_dict()``
     if it has one, else from ``.params``), or a pair ``(spec, params)``.
     """
+    import memcore
+
     path = os.fspath(path)
     spec, params = _spec_and_params(obj)
     check_params(spec, params)
-    names = sorted(params)
-    # The header needs every shape and size before any data; bytes are made one at a time.
-    described = []
-    for n in names:
-        code, arr = _as_array(n, params[n])
-        described.append((n, (code, tuple(arr.shape), arr.nbytes)))
-    header = _header(spec, described)
+    tensors = {n: _as_array(n, params[n]) for n in sorted(params)}
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": spec.to_json(),
+                "memcore_version": memcore.__version__}
+    atomic_write(path, lambda tmp: st_numpy.save_file(tensors, tmp, metadata=metadata))
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            for n in names:
-                f.write(_tensor_bytes(n, params[n]))
-
-    atomic_write(path, write)
-
-
-def atomic_write(path, write, prefix: str | None = None) -> None:
-    """Make ``path`` by ``write(tmp)`` into a temporary file beside it, flushed to disk, then
-    moved into place (``os.replace``): a reader sees the old file or the whole new one, and a
-    failure leaves the old file as it was and no temporary behind. ``prefix`` names the
-    temporary (default: ``.<name>.``)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    prefix = "." + os.path.basename(path) + "." if prefix is None else prefix
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
-    try:
-        if hasattr(os, "fchmod"):
-            # mkstemp makes the file private; give it the mode a plain open() would.
-            os.fchmod(fd, _file_mode(path))
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-# --- reading -------------------------------------------------------------------------------
-
-def _read_file(path: str) -> tuple[dict, memoryview]:
-    """The parsed header and the data bytes of a safetensors file, with errors naming path."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    with open(path, "rb") as f:
-        blob = f.read()
-    bad = f"checkpoint {path!r} is not a valid safetensors file"
-    if len(blob) < 8:
-        raise ValueError(f"{bad}: {len(blob)} bytes, too short for a header (truncated?)")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > _MAX_HEADER or 8 + n > len(blob):
-        raise ValueError(f"{bad}: header length {n} does not fit in the file's {len(blob)} "
-                         f"bytes (truncated or corrupt)")
-    try:
-        header = json.loads(blob[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{bad}: the header is not JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{bad}: the header is not a JSON object")
-    return header, memoryview(blob)[8 + n:]  # a view: tensors are copied out once
 
 
 def _metadata_spec(path: str, header: dict) -> Spec:
@@ -218,92 +114,104 @@ def _metadata_spec(path: str, header: dict) -> Spec:
     where = f"checkpoint {path!r}"
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{where} is a safetensors file but not a memcore checkpoint: its "
-                         f"metadata has no format={FORMAT!r} (got {meta!r})")
+                         f"metadata has no format={FORMAT!r} (got {sf.short(meta)})")
+    odd = next((k for k, v in meta.items() if not isinstance(v, str)), None)
+    if odd is not None:
+        raise ValueError(f"{where}: __metadata__ must map names to strings; {odd!r} is "
+                         f"{sf.short(meta[odd])}")
     version = meta.get("format_version")
-    if not (isinstance(version, str) and version.isdigit()):
+    if not (isinstance(version, str) and re.fullmatch(r"[0-9]{1,9}", version)):
         raise ValueError(f"{where}: format_version must be an integer string, got {version!r}")
     if int(version) > FORMAT_VERSION:
         raise ValueError(f"{where} has format_version {version}; this memcore reads up to "
                          f"{FORMAT_VERSION}: upgrade memcore")
-    if "spec" not in meta:
+    text = meta.get("spec")
+    if text is None:
         raise ValueError(f"{where}: the metadata holds no spec")
     try:
-        return from_json(meta["spec"])
+        if len(text) > _MAX_SPEC:
+            raise ValueError(f"it is {len(text)} characters long, beyond the limit of "
+                             f"{_MAX_SPEC}")
+        depth = sf.json_depth(text)
+        if depth > sf.MAX_DEPTH:
+            raise ValueError(f"it nests {depth} levels deep, beyond the limit of {sf.MAX_DEPTH}")
+        spec = from_json(text)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: the spec in its metadata does not parse: {err}") from None
+        raise ValueError(f"{where}: the spec in its metadata does not parse: "
+                         f"{sf.clip(str(err), 300)}") from None
+    if not isinstance(spec, (Model,) + LAYER_KINDS):
+        raise ValueError(f"{where}: the spec in its metadata is a {spec.kind} spec, not a "
+                         f"layer or model spec")
+    try:
+        # Refused before anything is allocated: loading realizes the spec's parameters here
+        # and a state later; neither may exceed the limit.
+        check_allocation(spec, what="both")
+    except ValueError as err:
+        raise ValueError(f"{where}: the spec in its metadata is too large: {err}") from None
+    return spec
 
 
-def _tensors(path: str, header: dict, data: memoryview) -> dict[str, np.ndarray]:
-    bad = f"checkpoint {path!r} is not a valid safetensors file"
-    out, spans = {}, []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            count = int(np.prod(shape, dtype=np.int64))
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{bad}: tensor {name!r} has a malformed entry {info!r}") from None
-        if code not in _CODE_SIZES:
-            raise ValueError(f"{bad}: tensor {name!r} has unknown dtype {code!r}")
-        if not (0 <= begin <= end <= len(data)) or end - begin != count * _CODE_SIZES[code]:
-            raise ValueError(f"{bad}: tensor {name!r} ({code}, shape {shape}) has byte range "
-                             f"[{begin}, {end}), outside the {len(data)} data bytes or of the "
-                             f"wrong size (truncated or corrupt)")
-        spans.append((begin, end, name))
-        out[name] = _decode(path, name, code, shape, data[begin:end])
-    # The tensors tile the data exactly, as the format requires: no overlap, gap or tail.
-    reached = 0
-    for begin, end, name in sorted(spans):
-        if begin != reached:
-            raise ValueError(f"{bad}: tensor {name!r} starts at byte {begin}, expected {reached} "
-                             f"(overlapping or missing data)")
-        reached = end
-    if reached != len(data):
-        raise ValueError(f"{bad}: {len(data) - reached} bytes after the last tensor")
+
+def _check_against_spec(path: str, spec: Spec, entries: dict) -> None:
+    # Zero-stride stand-ins carry the stored shapes into the spec's own check, allocating
+    # nothing.
+    standins = {n: np.broadcast_to(np.float32(0), s) for n, (_, s) in entries.items()}
+    try:
+        check_params(spec, standins)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path!r}: {err}") from None
+
+
+def _read_tensors(path: str, fd: int, entries: dict) -> dict[str, np.ndarray]:
+    """The tensors, read by the safetensors library. On Linux it opens the descriptor already
+    checked (through /proc), so the file cannot be swapped for another in between."""
+    for name, (code, _) in entries.items():
+        if code == "BF16":
+            _bfloat16(f"checkpoint {path!r}: tensor {name!r}")
+            break
+    source = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else path
+    name = None
+    try:
+        with safetensors.safe_open(source, framework="numpy") as f:
+            out = {}
+            for name in entries:
+                out[name] = f.get_tensor(name)  # copied out of the file: the arrays own it
+    except (safetensors.SafetensorError, OSError, ValueError, TypeError) as err:
+        entry = "" if name is None else f" tensor {name!r}"
+        raise ValueError(f"checkpoint {path!r}: the safetensors library cannot read{entry}: "
+                         f"{err}") from None
     return out
-
-
-def _decode(path: str, name: str, code: str, shape: tuple, raw: memoryview) -> np.ndarray:
-    if code == "BF16":
-        try:
-            import ml_dtypes
-        except ImportError:
-            raise TypeError(f"checkpoint {path!r}: tensor {name!r} is bfloat16, which numpy "
-                            f"needs the ml_dtypes package to hold; pip install ml_dtypes") from None
-        return np.frombuffer(raw, dtype="<u2").reshape(shape).view(ml_dtypes.bfloat16).copy()
-    dtype = {"BOOL": np.dtype(bool)}.get(code)
-    if dtype is None:
-        kind = {"F": "f", "I": "i", "U": "u"}[code[0]]
-        dtype = np.dtype(f"<{kind}{_CODE_SIZES[code]}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def load_params(path, dtype=None) -> tuple[Spec, dict[str, np.ndarray]]:
     """The spec and the parameters (numpy arrays) of a checkpoint.
 
     Parameters keep their stored dtype (bfloat16 as ``ml_dtypes.bfloat16``) unless ``dtype``
-    is given: then every floating parameter is cast to it (e.g. ``np.float32`` for a backend
-    that cannot take numpy bfloat16).
+    is given: then every parameter is cast to it (e.g. ``np.float32`` for a backend that cannot
+    take numpy bfloat16).
 
-    Raises FileNotFoundError for a missing file, and ValueError naming the path for a file that
-    is not a safetensors file (corrupt or truncated), has no memcore metadata, holds a spec
-    that does not parse, or holds parameters that do not match the spec (missing, unexpected
-    and misshapen names are listed).
+    Raises FileNotFoundError for a missing file, and ValueError naming the path (and the entry)
+    for anything else that is wrong: not a regular file; not a safetensors file (corrupt,
+    truncated, malformed entries, integer or boolean tensors); no memcore metadata; a spec that
+    does not parse or is beyond the allocation limit; parameters that do not match the spec
+    (missing, unexpected and misshapen names are listed).
     """
     path = os.fspath(path)
-    header, data = _read_file(path)
-    spec = _metadata_spec(path, header)
-    params = _tensors(path, header, data)
     if dtype is not None:
         dtype = np.dtype(dtype)
         if not np.issubdtype(dtype, np.floating):
             raise TypeError(f"load_params: dtype must be a floating dtype, got {dtype}")
-        params = {k: v.astype(dtype) if v.dtype.kind in "fV" else v for k, v in params.items()}
+    fd = sf.open_regular(path)
     try:
-        check_params(spec, params)
-    except ValueError as err:
-        raise ValueError(f"checkpoint {path!r}: {err}") from None
+        header, data_len = sf.read_header(path, fd)
+        spec = _metadata_spec(path, header)
+        entries = sf.entries(path, header, data_len)
+        _check_against_spec(path, spec, entries)
+        params = _read_tensors(path, fd, entries)
+    finally:
+        os.close(fd)
+    if dtype is not None:
+        params = {k: v.astype(dtype) for k, v in params.items()}
     return spec, params
 
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 
 import array_api_compat
+
+from memcore.spec import validate
 
 # Function -> the primitive (file name, the same in every tree) that defines it.
 PRIMITIVE_OF = {
@@ -81,6 +84,90 @@ def route(name: str, library: str):
     return fn if fn is not None else getattr(_module(REFERENCE, PRIMITIVE_OF[name]), name)
 
 
+# Op -> (its array arguments, those of them that may be None). Every array of one call must
+# come from one library; the trees' own checks (memcore.spec.validate) then read shapes and
+# dtypes. Checked here, before routing picks a tree, so that a list, None or a mix of
+# libraries is named, whichever tree the call would reach.
+ARRAYS = {
+    "selective_scan": (("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"),
+                       ("D", "z", "delta_bias", "initial_state")),
+    "selective_state_update": (("state", "u", "delta", "A", "B", "C", "D", "z", "delta_bias"),
+                               ("D", "z", "delta_bias")),
+    "leaky_average": (("k", "log_decay", "initial_state"), ("initial_state",)),
+    "leaky_average_step": (("k_t", "log_decay", "state"), ()),
+    "windowed_readout": (("q", "k", "v", "fading_k", "fading_v"), ("fading_k", "fading_v")),
+    "windowed_readout_step": (("q_t", "k_t", "v_t", "fading_k_t", "fading_v_t"),
+                              ("fading_k_t", "fading_v_t")),
+    "windowed_readout_state": (("q",), ()),
+    "associative_readout": (("k", "v"), ()),
+    "persistent_readout": (("k", "mem_k", "mem_v"), ()),
+    "innovation_scores": (("x", "s_prev", "pred_weight"), ("s_prev", "pred_weight")),
+    "store_top": ((), ()),
+    "store_merge": ((), ()),
+}
+# Op -> its integer arguments: (name, minimum, None allowed).
+COUNTS = {
+    "windowed_readout": (("window", 1, True),),
+    "windowed_readout_step": (("window", 1, True),),
+    "windowed_readout_state": (("window", 1, True),),
+    "associative_readout": (("capacity", 1, True),),
+    "store_top": (("n", 0, False),),
+    "store_merge": (("n", 0, False),),
+}
+FLAGS = {
+    "selective_scan": ("delta_softplus", "return_final_state"),
+    "selective_state_update": ("delta_softplus",),
+    "leaky_average": ("return_final_state",),
+    "windowed_readout": ("return_final_state",),
+    "windowed_readout_state": ("fading",),
+}
+ENTRIES = {"store_top": ("entries",), "store_merge": ("a", "b")}
+
+
+@functools.cache
+def _signature(fn):
+    return inspect.signature(fn)
+
+
+def check_call(name: str, fn, args, kwargs) -> None:
+    """The checks every tree shares for a call of op ``name`` (routed to ``fn``)."""
+    try:
+        bound = _signature(fn).bind(*args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"{name}: {err}") from None
+    given = bound.arguments
+    arrays, optional = ARRAYS[name]
+    params = _signature(fn).parameters
+    validate.check_arrays(name, {a: given.get(a) for a in arrays if a in params},
+                          optional=optional)
+    for arg, minimum, allow_none in COUNTS.get(name, ()):
+        if arg in given:
+            validate.check_count(name, arg, given[arg], minimum=minimum, allow_none=allow_none)
+    for arg in FLAGS.get(name, ()):
+        if arg in given and not isinstance(given[arg], bool):
+            raise TypeError(f"{name}: {arg} must be a bool, got {given[arg]!r}")
+    for arg in ENTRIES.get(name, ()):
+        validate.check_store_entries(name, arg, given.get(arg))
+    if name == "store_merge":
+        a, b = given["a"]["k"], given["b"]["k"]
+        if validate.library(a) != validate.library(b):
+            raise TypeError(f"store_merge: a is a {validate.library(a)} entry set but b is a "
+                            f"{validate.library(b)} one; pass both from one library")
+        if tuple(a.shape[:2]) + (a.shape[3],) != tuple(b.shape[:2]) + (b.shape[3],):
+            raise ValueError(f"store_merge: a['k'] {tuple(a.shape)} and b['k'] "
+                             f"{tuple(b.shape)} must agree in batch, heads and head_dim")
+    if name == "innovation_scores":
+        validate.check_innovation_args(given["x"], given.get("s_prev"), given.get("pred_weight"))
+    if name == "windowed_readout_state":
+        q = given["q"]
+        if q.ndim < 3:
+            raise ValueError(f"windowed_readout_state: q must be [B, (T,) H, E], got shape "
+                             f"{tuple(q.shape)}")
+        if given.get("fading") and given.get("window") is None:
+            raise ValueError("windowed_readout_state: window must be an int when fading=True, "
+                             "got None")
+
+
 def _dispatching(name: str):
     ref = route(name, "numpy")
 
@@ -91,6 +178,7 @@ def _dispatching(name: str):
             if choice != "auto":
                 raise ValueError(f"{name}: implementation={choice!r} is not available for these "
                                  f"arrays; the reference has one implementation (use 'auto')")
+        check_call(name, fn, args, kwargs)
         return fn(*args, **kwargs)
 
     op.__name__ = name

@@ -3,6 +3,7 @@ names the argument."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -45,5 +46,7 @@ def divisible(owner: str, name: str, value: int, by_name: str, by: int) -> None:
 def float_arg(owner: str, name: str, value: Any, *, positive: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}: {name} must be a float, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be finite, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{owner}: {name} must be > 0, got {value}")

@@ -80,6 +80,8 @@ def from_dict(data: dict[str, Any]) -> Spec:
 
 def from_json(text: str) -> Spec:
     """Inverse of ``Spec.to_json``; validates the result."""
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise TypeError(f"spec JSON must be a str, got {type(text).__name__}")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

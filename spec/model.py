@@ -91,3 +91,10 @@ def jamba(d_model: int, n_heads: int, pattern: str = "MMMA", n_layers: int | Non
         else:
             layers.append(Transformer(d_model, n_heads, window=window, positions=positions))
     return Model(tuple(layers), vocab_size, ffn, norm)
+
+
+def has_aux(spec) -> bool:
+    """Whether a layer spec, or a layer of a model spec, reports an aux loss (the innovation
+    loss of an eidetic store); realized layers give 0 for it on an empty input."""
+    layers = spec.layers if isinstance(spec, Model) else (spec,)
+    return any(getattr(getattr(s, "readout", None), "store", None) is not None for s in layers)

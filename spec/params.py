@@ -31,6 +31,8 @@ import numpy as np
 from .base import Spec
 from .layers import BMojo, BMojoF, Mamba, Mosaic, Persistent, Transformer
 from .model import Model
+from .sizes import check_allocation
+from .validate import check_param_arrays
 
 Init = Callable[[np.random.Generator, tuple], np.ndarray]
 
@@ -154,6 +156,7 @@ def init(spec: Spec, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
     dtype = np.dtype(dtype)
     if not np.issubdtype(dtype, np.floating):
         raise TypeError(f"init: dtype must be a floating dtype, got {dtype}")
+    check_allocation(spec, what="params", dtype_bytes=dtype.itemsize)
     out = {}
     for name, (shape, fn) in _table(spec).items():
         rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
@@ -168,6 +171,7 @@ def check_params(spec: Spec, params: dict) -> None:
     want = param_shapes(spec)
     missing = sorted(set(want) - set(params))
     extra = sorted(set(params) - set(want))
+    check_param_arrays({n: params[n] for n in want if n in params})
     bad = [f"{n}: expected shape {want[n]}, got {tuple(params[n].shape)}"
            for n in want if n in params and tuple(params[n].shape) != want[n]]
     if missing or extra or bad:

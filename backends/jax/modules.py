@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from memcore.spec import validate
 from memcore.spec.base import Spec
+from memcore.spec.model import has_aux
+from memcore.spec.sizes import check_layout
 
 from . import implementation as impl
 from . import model
@@ -76,15 +78,23 @@ def _check_room(spec, state, n: int, y):
     return eqx.error_if(y, state.pos + n > cap, msg)
 
 
+def _jax_or_numpy(a, name: str) -> None:
+    # numpy arrays are taken (and moved to JAX); another library's arrays are refused by name
+    if validate.library(a) not in ("jax", "numpy"):
+        raise TypeError(f"{name} must be a JAX or numpy array, got a {validate.library(a)} "
+                        f"array ({type(a).__name__})")
+
+
 def _check_x(spec, x, streaming: bool, name: str):
-    x = jnp.asarray(x)
-    validate.check_layer_input(spec, x, streaming=streaming, name=name)
-    return x
+    validate.check_layer_input(spec, x, streaming=streaming, name=name, empty_ok=True)
+    _jax_or_numpy(x, name)
+    return jnp.asarray(x)
 
 
 def _check_tokens(spec, tokens, streaming: bool):
+    validate.check_tokens(spec, tokens, streaming=streaming, empty_ok=True)
+    _jax_or_numpy(tokens, "tokens_t" if streaming else "tokens")
     tokens = jnp.asarray(tokens)
-    validate.check_tokens(spec, tokens, streaming=streaming)
     if not is_traced(tokens):
         t = np.asarray(tokens)
         if t.size and (t.min() < 0 or t.max() >= spec.vocab_size):
@@ -96,12 +106,24 @@ def _check_tokens(spec, tokens, streaming: bool):
 
 def _prepare_state(spec, state, batch: int, n: int, dtype, streaming: bool):
     if state is None:
-        return S.init_state(spec, batch, max_len=n if S.needs_max_len(spec) else None,
+        return S.init_state(spec, batch, max_len=n if n and S.needs_max_len(spec) else None,
                             dtype=dtype, growable=True)
     S.check_state(spec, state, batch, dtype)
     if state.growable and not is_traced(state.pos):
         state = S.regrow(spec, state, int(state.pos) + n)
     return state
+
+
+def _check_layout(spec, state, batch: int, T: int, dtype) -> None:
+    """The parallel form's chunk layout within the allocation limit (its start position is
+    known outside jit only; under jit, a start at a chunk boundary is assumed)."""
+    pos = 0 if is_traced(state.pos) else int(state.pos)
+    check_layout(spec, batch=batch, T=T, pos=pos, dtype_bytes=jnp.dtype(acc_dtype(dtype)).itemsize)
+
+
+def _aux_zero(spec, dtype):
+    """The aux loss of no tokens: 0 where the spec has one, else None."""
+    return jnp.zeros((), acc_dtype(dtype)) if has_aux(spec) else None
 
 
 def _init_state(spec, batch, dtype, device, max_len) -> State:
@@ -124,6 +146,9 @@ class JaxLayer(eqx.Module, strict=True):
         x = _check_x(self.spec, x, False, "x")
         B, T, _ = x.shape
         state = _prepare_state(self.spec, state, B, T, x.dtype, False)
+        if T == 0:  # empty in, empty out; the state as it was
+            return jnp.zeros(x.shape, x.dtype), state, _aux_zero(self.spec, x.dtype)
+        _check_layout(self.spec, state, B, T, x.dtype)
         xa = x.astype(acc_dtype(x.dtype))
         y, arrays, aux = _layer_core(self.spec, self.params, xa, state.arrays, state.pos, False,
                                      impl.resolve(xa))
@@ -174,6 +199,10 @@ class JaxModel(eqx.Module, strict=True):
         tokens = _check_tokens(self.spec, tokens, False)
         B, T = tokens.shape
         state = _prepare_state(self.spec, state, B, T, self.dtype, False)
+        if T == 0:  # empty in, empty out; the state as it was
+            logits = jnp.zeros((B, 0, self.spec.vocab_size), self.dtype)
+            return logits, state, _aux_zero(self.spec, self.dtype)
+        _check_layout(self.spec, state, B, T, self.dtype)
         logits, arrays, aux = _model_core(self.spec, self.params, tokens, state.arrays,
                                           state.pos, False, self.dtype,
                                           impl.resolve(self.params["embed.weight"]))
@@ -212,6 +241,8 @@ class JaxModel(eqx.Module, strict=True):
                              "jax.random key)")
         prompt = _check_tokens(self.spec, prompt, False)
         B, T = prompt.shape
+        if T == 0:
+            raise ValueError("generate: prompt must hold at least one token, got T=0")
         if state is None:
             max_len = T + n if S.needs_max_len(self.spec) else None
             state = S.init_state(self.spec, B, max_len, self.dtype, growable=True)

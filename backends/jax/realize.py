@@ -9,6 +9,7 @@ from memcore.spec.base import Spec
 from memcore.spec.layers import LAYER_KINDS
 from memcore.spec.model import Model
 from memcore.spec.params import check_params, init
+from memcore.spec.sizes import check_allocation
 
 from .modules import JaxLayer, JaxModel
 from .numerics import POS_DTYPE
@@ -25,13 +26,21 @@ def realize(spec: Spec, params: dict | None = None, seed: int = 0, dtype=None, *
         raise TypeError(f"realize (jax): unknown options {sorted(options)}; accepted: dtype")
     if not isinstance(spec, (Model,) + LAYER_KINDS):
         raise TypeError(f"spec must be a memcore layer or model spec, got {spec!r}")
+    if dtype is not None:
+        try:
+            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise TypeError(f"realize (jax): dtype must be a floating dtype, got {dtype!r}")
     params = init(spec, seed) if params is None else params
     check_params(spec, params)
+    check_allocation(spec, what="state")
     arrays = {}
     for name, value in params.items():
-        a = jnp.asarray(np.asarray(value) if not isinstance(value, jax.Array) else value)
-        if not jnp.issubdtype(a.dtype, jnp.floating):
-            raise TypeError(f"params[{name!r}] must be floating, got dtype {a.dtype}")
+        if not isinstance(value, (jax.Array, np.ndarray)):
+            value = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+        a = jnp.asarray(value)
         arrays[name] = a if dtype is None else a.astype(dtype)
     cls = JaxModel if isinstance(spec, Model) else JaxLayer
     return cls(arrays, spec)

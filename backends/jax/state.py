@@ -14,16 +14,18 @@ store positions are integers), or use ``equinox.filter_grad``.
 
 from __future__ import annotations
 
+import array_api_compat
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from memcore.spec.layers import Mosaic, Persistent, Transformer
 from memcore.spec.model import Model
+from memcore.spec.sizes import check_allocation
 
 from . import model
 from .layers import module
-from .numerics import POS_DTYPE, acc_dtype
+from .numerics import POS_DTYPE, acc_dtype, is_traced
 from .rings import grow
 
 
@@ -70,6 +72,23 @@ def _check_batch_len(batch, max_len, spec):
         raise ValueError(f"init_state: max_len must be a positive int or None, got {max_len!r}")
 
 
+def _floating(dtype):
+    try:
+        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError(f"init_state: dtype must be a floating dtype, got {dtype!r}")
+    return dtype
+
+
+def _check_size(spec, batch: int, max_len, acc) -> None:
+    """The allocation limit, before the arrays exist (store positions are POS_DTYPE)."""
+    check_allocation(spec, what="state", batch=int(batch),
+                     max_len=None if max_len is None else int(max_len),
+                     dtype_bytes=jnp.dtype(acc).itemsize, index_bytes=jnp.dtype(POS_DTYPE).itemsize)
+
+
 def init_state(spec, batch: int, max_len: int | None = None, dtype=None,
                growable: bool | None = None) -> State:
     """The empty state; arrays in the accumulation dtype of ``dtype`` (default: JAX's default
@@ -79,7 +98,8 @@ def init_state(spec, batch: int, max_len: int | None = None, dtype=None,
     _check_batch_len(batch, max_len, spec)
     if growable is None:
         growable = max_len is None
-    acc = acc_dtype(jnp.zeros(()).dtype if dtype is None else dtype)
+    acc = acc_dtype(_floating(jnp.zeros(()).dtype if dtype is None else dtype))
+    _check_size(spec, batch, max_len, acc)
     n = 0 if max_len is None else int(max_len)
     if isinstance(spec, Model):
         arrays = model.init_state(spec, batch, acc, n)
@@ -101,6 +121,8 @@ def check_state(spec, state, batch: int, dtype, name: str = "state") -> None:
     if jnp.shape(state.pos) != () or not jnp.issubdtype(jnp.asarray(state.pos).dtype,
                                                          jnp.integer):
         raise ValueError(f"{name}.pos must be a 0-d integer array, got {state.pos!r}")
+    if not is_traced(state.pos) and int(state.pos) < 0:
+        raise ValueError(f"{name}.pos must be a non-negative int, got {int(state.pos)}")
     acc = acc_dtype(dtype)
     if isinstance(spec, Model):
         pairs = [(s, a, f"{name}.layers[{i}]") for i, (s, a) in
@@ -120,6 +142,8 @@ def check_state(spec, state, batch: int, dtype, name: str = "state") -> None:
                              f"{sorted(want)}")
         for key, ref in want.items():
             got = arrays[key]
+            if not array_api_compat.is_array_api_obj(got):
+                raise TypeError(f"{where}[{key!r}] must be an array, got {type(got).__name__}")
             shape, ref_shape = tuple(got.shape), tuple(ref.shape)
             if key in _grow_keys(s):
                 ref_shape = ref_shape[:2] + shape[2:3] + ref_shape[3:]
@@ -152,6 +176,10 @@ def regrow(spec, state: State, need: int) -> State:
     if cap is None or need <= cap:
         return state
     slots = max(int(need), 2 * cap)
+    batch = jax.tree_util.tree_leaves(state.arrays)[0].shape[0]
+    dtype = next(a.dtype for a in jax.tree_util.tree_leaves(state.arrays)
+                 if jnp.issubdtype(a.dtype, jnp.floating))
+    _check_size(spec, batch, slots, dtype)
 
     def grown(s, arrays):
         return {k: grow(a, slots) if k in _grow_keys(s) else a for k, a in arrays.items()}

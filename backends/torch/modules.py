@@ -12,9 +12,10 @@ from __future__ import annotations
 import array_api_compat.torch as xp_torch
 import torch
 from memcore.spec.layers import Mosaic, Transformer
-from memcore.spec.model import Model
+from memcore.spec.model import Model, has_aux
 from memcore.spec.params import check_params
 from memcore.spec.reference import layers as ref_layers
+from memcore.spec.sizes import check_allocation, check_layout, growing
 from memcore.spec.validate import check_layer_input, check_tokens
 from torch import nn
 
@@ -48,6 +49,38 @@ def _check_batch(batch) -> None:
         raise ValueError(f"init_state: batch must be a positive int, got {batch!r}")
 
 
+def _state_dtype(dtype, ref: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of ``dtype`` (default ``ref``), which must be a floating one."""
+    if dtype is None:
+        dtype = ref
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"init_state: dtype must be a floating torch.dtype, got {dtype!r}")
+    return acc_dtype(dtype)
+
+
+def _check_size(spec, batch: int, max_len, acc: torch.dtype) -> None:
+    check_allocation(spec, what="state", batch=batch, max_len=max_len,
+                     dtype_bytes=acc.itemsize)
+
+
+def _check_growth(spec, state, batch: int, n: int, acc: torch.dtype, streaming: bool) -> None:
+    """A growing cache (KV cache, unbounded associative memory) and the parallel form's chunk
+    layout must stay within the limit."""
+    if growing(spec):
+        _check_size(spec, batch, state["pos"] + n, acc)
+    if not streaming:
+        check_layout(spec, batch=batch, T=n, pos=state["pos"], dtype_bytes=acc.itemsize)
+
+
+def _check_tensors(state, name: str) -> None:
+    """Every array of a layer state is a torch.Tensor (before the shape and dtype checks)."""
+    if isinstance(state, dict):
+        for n, a in state.items():
+            if n not in META and not isinstance(a, torch.Tensor):
+                raise TypeError(f"{name}[{n!r}] must be a torch.Tensor, got "
+                                f"{type(a).__module__}.{type(a).__name__}")
+
+
 class TorchLayer(nn.Module):
     """A layer spec realized in torch. Parameter names are ``memcore.init``'s names."""
 
@@ -71,8 +104,9 @@ class TorchLayer(nn.Module):
         accepted for the backends' common signature: torch's caches grow."""
         _check_batch(batch)
         ref = next(self.parameters())
-        return layers.init_state(self.spec, batch, dtype=acc_dtype(dtype or ref.dtype),
-                                 device=device or ref.device)
+        acc = _state_dtype(dtype, ref.dtype)
+        _check_size(self.spec, batch, max_len, acc)
+        return layers.init_state(self.spec, batch, dtype=acc, device=device or ref.device)
 
     def _expected(self, batch: int, acc: torch.dtype) -> dict:
         key = (batch, acc)
@@ -103,6 +137,7 @@ class TorchLayer(nn.Module):
                     ok = False
                     break
         if not ok:
+            _check_tensors(state, name)
             ref_layers.check_state(self.spec, state, batch, xp_torch, dtype, name)
             raise ValueError(f"{name} does not fit this {self.spec.kind} layer (expected "
                              f"torch tensors in {acc})")
@@ -126,19 +161,25 @@ class TorchLayer(nn.Module):
         name = "x_t" if streaming else "x"
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        check_layer_input(self.spec, x, streaming=streaming, name=name)
+        check_layer_input(self.spec, x, streaming=streaming, name=name, empty_ok=True)
         check_like_params(self, x, name)
         if state is None:
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         else:
             self.check_state(state, x.shape[0], x.dtype, x.device)
         acc = acc_dtype(x.dtype)
+        if not streaming and x.shape[1] == 0:  # empty in, empty out; the state as it was
+            aux = x.new_zeros((), dtype=acc) if has_aux(self.spec) else None
+            return x.new_zeros(x.shape), state, aux
+        _check_growth(self.spec, state, x.shape[0], 1 if streaming else x.shape[1], acc,
+                      streaming)
         p = step_params(self, acc) if streaming else param_dict(self, acc)
         y, new, aux = model.run_layer(self.spec, p, x.to(acc), state, streaming, inplace)
         return y.to(x.dtype), new, aux
 
     def forward(self, x, state=None):
-        """Parallel form: x [B, T, D] -> (y [B, T, D], final state)."""
+        """Parallel form: x [B, T, D] -> (y [B, T, D], final state). T = 0 gives an empty y
+        and the state as it was."""
         return self._call(x, state, streaming=False)[:2]
 
     def forward_aux(self, x, state=None):
@@ -201,8 +242,9 @@ class TorchModel(nn.Module):
         for the backends' common signature (torch's caches grow)."""
         _check_batch(batch)
         ref = self.embed.weight
-        return model.init_state(self.spec, batch, dtype=acc_dtype(dtype or ref.dtype),
-                                device=device or ref.device)
+        acc = _state_dtype(dtype, ref.dtype)
+        _check_size(self.spec, batch, max_len, acc)
+        return model.init_state(self.spec, batch, dtype=acc, device=device or ref.device)
 
     def _check_state(self, state, B, dtype, device):
         spec = self.spec
@@ -230,7 +272,7 @@ class TorchModel(nn.Module):
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens must be a torch.Tensor of token ids, got "
                             f"{type(tokens).__name__}")
-        check_tokens(self.spec, tokens, streaming=streaming)
+        check_tokens(self.spec, tokens, streaming=streaming, empty_ok=True)
         w = self.embed.weight
         if tokens.device != w.device:
             raise ValueError(f"tokens are on device {tokens.device}, but the parameters are on "
@@ -244,6 +286,11 @@ class TorchModel(nn.Module):
             state = self.init_state(tokens.shape[0], device=tokens.device, dtype=acc)
         else:
             self._check_state(state, tokens.shape[0], acc, tokens.device)
+        if not streaming and tokens.shape[1] == 0:  # empty in, empty out; the state as it was
+            aux = w.new_zeros((), dtype=acc) if has_aux(self.spec) else None
+            return w.new_zeros((tokens.shape[0], 0, self.spec.vocab_size), dtype=acc), state, aux
+        _check_growth(self.spec, state, tokens.shape[0], 1 if streaming else tokens.shape[1], acc,
+                      streaming)
         p = step_params(self, acc) if streaming else param_dict(self, acc)
         return model.run(self.spec, p, tokens, state, streaming, inplace, logits_to_keep)
 
@@ -288,6 +335,8 @@ class TorchModel(nn.Module):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got "
                             f"{type(generator).__name__}")
+        if isinstance(prompt, torch.Tensor) and prompt.ndim == 2 and prompt.shape[1] == 0:
+            raise ValueError("generate: prompt must hold at least one token, got T=0")
         logits, state = self(prompt, state, logits_to_keep=1)
         # The parallel form may return arrays of the caller's state (e.g. a store that no
         # chunk end changed) or views of one buffer: step a copy that owns its memory.

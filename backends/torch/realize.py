@@ -7,6 +7,7 @@ from memcore.spec.base import Spec
 from memcore.spec.layers import LAYER_KINDS
 from memcore.spec.model import Model
 from memcore.spec.params import init
+from memcore.spec.sizes import check_allocation
 
 from .modules import TorchLayer, TorchModel
 
@@ -29,6 +30,7 @@ def realize(spec: Spec, params: dict | None = None, seed: int = 0, **options):
     if not isinstance(spec, (Model,) + LAYER_KINDS):
         raise TypeError(f"spec must be a memcore layer or model spec, got {spec!r}")
     params = init(spec, seed) if params is None else params
+    check_allocation(spec, what="state")
     module = TorchModel(spec, params) if isinstance(spec, Model) else TorchLayer(spec, params)
     if options.get("device") is not None or dtype is not None:
         module = module.to(device=options.get("device"), dtype=dtype)

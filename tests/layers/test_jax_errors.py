@@ -28,10 +28,14 @@ def test_input_errors_name_the_argument(layer):
         layer(jnp.zeros((3, 4)))
     with pytest.raises(ValueError, match=r"x_t must be \[batch, d_model\]"):
         layer.step(jnp.zeros((1, 3, 4)), layer.init_state(1))
-    with pytest.raises(TypeError, match=r"x must be a floating array, got dtype int32"):
+    with pytest.raises(TypeError, match=r"x must be a floating-point array, got dtype int32"):
         layer(jnp.zeros((1, 3, 4), jnp.int32))
-    with pytest.raises(ValueError, match=r"at least one token, got T=0"):
-        layer(jnp.zeros((1, 0, 4)))
+    # empty in, empty out: T = 0 gives y [B, 0, D] and the state as it was
+    _, state = layer(jnp.ones((1, 3, 4)))
+    y, same = layer(jnp.zeros((1, 0, 4)), state)
+    assert y.shape == (1, 0, 4) and same is state
+    with pytest.raises(ValueError, match=r"x has batch size 0"):
+        layer(jnp.zeros((0, 3, 4)))
 
 
 def test_state_errors(layer):

@@ -34,12 +34,17 @@ def test_wrong_ndim():
 
 
 def test_empty_sequence():
+    # the functional form refuses T = 0; the realized layer returns an empty output
     with pytest.raises(ValueError, match=r"x must hold at least one token, got T=0"):
         L.forward(SPEC, P, np.zeros((2, 0, 6)))
+    layer = memcore.realize(SPEC, params=P)
+    _, state = layer(X)
+    y, same, aux = layer.forward_aux(np.zeros((2, 0, 6)), state)
+    assert y.shape == (2, 0, 6) and same is state and float(aux) == 0.0
 
 
 def test_integer_x():
-    with pytest.raises(TypeError, match=r"x must be a floating array, got dtype int"):
+    with pytest.raises(TypeError, match=r"x must be a floating-point array, got dtype int"):
         L.forward(SPEC, P, np.zeros((2, 5, 6), dtype=np.int64))
 
 

@@ -24,8 +24,12 @@ def test_input_shape_and_dtype(layer):
         layer(x[0])
     with pytest.raises(ValueError, match=rf"width {D + 1}, expected d_model={D}"):
         layer(torch.zeros(2, 5, D + 1, dtype=torch.float64))
-    with pytest.raises(ValueError, match="at least one token, got T=0"):
-        layer(x[:, :0])
+    # empty in, empty out: T = 0 gives y [B, 0, D] and leaves the state as it was
+    _, state = layer(x)
+    y, same = layer(x[:, :0], state)
+    assert y.shape == (2, 0, D) and y.dtype == x.dtype and same is state
+    with pytest.raises(ValueError, match=r"x has batch size 0"):
+        layer(x[:0])
     with pytest.raises(TypeError, match="floating"):
         layer(x.long())
     with pytest.raises(TypeError, match="torch.Tensor"):
