@@ -1,38 +1,54 @@
 """Rotary position embedding (rotate-half, base ``ROPE_BASE``; an odd last coordinate is left
-alone), with the tables shared between the projections rotated at the same positions."""
+alone), with the tables shared between the projections rotated at the same positions.
+
+The angles p * f are float64 (positions are Python ints here), and only their cos and sin are
+cast to the compute dtype: a float32 angle is off by whole radians at p ~ 2^24 (DESIGN 6). A
+device without float64 (MPS) has its tables made on the CPU and moved.
+"""
 
 from __future__ import annotations
 
 import torch
-from memcore.spec.constants import ROPE_BASE
-
-
-def rope_inv_freq(E: int, dtype, device):
-    """The rotation's frequencies [E // 2]."""
-    half = E // 2
-    return ROPE_BASE ** (-torch.arange(half, dtype=dtype, device=device) * (2.0 / (2 * half)))
-
-
-def rope_tables(start: int, T: int, E: int, dtype, device):
-    """(cos, sin) [1, T, 1, E // 2] of the rotation at positions start .. start+T-1."""
-    inv_freq = rope_inv_freq(E, dtype, device)
-    pos = torch.arange(start, start + T, device=device).to(dtype)
-    ang = pos[:, None] * inv_freq[None, :]
-    return torch.cos(ang)[None, :, None, :], torch.sin(ang)[None, :, None, :]
-
+from memcore.spec.reference.rotary import frequencies
 
 _INV_FREQ = {}
 
 
-def step_tables(pos: int, E: int, dtype, device):
-    """``rope_tables(pos, 1, E, ...)``, with the frequencies made once per width, dtype and
-    device (the angle is the same product; a position below 2^24 is exact in float32)."""
-    key = (E, dtype, device)
+def _angle_device(device) -> torch.device:
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def rope_inv_freq(E: int, device):
+    """The rotation's frequencies [E // 2], float64 on ``device`` (made once per width and
+    device: the streaming step asks for them at every token)."""
+    key = (E, device)
     inv_freq = _INV_FREQ.get(key)
     if inv_freq is None:
-        inv_freq = _INV_FREQ[key] = rope_inv_freq(E, dtype, device)
-    ang = (inv_freq * float(pos))[None, None, None, :]
-    return torch.cos(ang), torch.sin(ang)
+        inv_freq = _INV_FREQ[key] = torch.from_numpy(frequencies(E // 2)).to(device)
+    return inv_freq
+
+
+def _tables(ang, dtype, device):
+    """cos and sin of the float64 angles, cast (and moved) only then."""
+    return (torch.cos(ang).to(device=device, dtype=dtype),
+            torch.sin(ang).to(device=device, dtype=dtype))
+
+
+def rope_tables(start: int, T: int, E: int, dtype, device):
+    """(cos, sin) [1, T, 1, E // 2] in ``dtype`` of the rotation at positions
+    start .. start+T-1."""
+    dev = _angle_device(device)
+    pos = torch.arange(start, start + T, device=dev, dtype=torch.float64)
+    cos, sin = _tables(pos[:, None] * rope_inv_freq(E, dev)[None, :], dtype, device)
+    return cos[None, :, None, :], sin[None, :, None, :]
+
+
+def step_tables(pos: int, E: int, dtype, device):
+    """``rope_tables(pos, 1, E, ...)`` for one token: the same float64 product."""
+    dev = _angle_device(device)
+    cos, sin = _tables(rope_inv_freq(E, dev) * float(pos), dtype, device)
+    return cos[None, None, None, :], sin[None, None, None, :]
 
 
 def rope(x, start: int, tables=None):
