@@ -4,14 +4,17 @@ and the store's source for the windowed readout in both forms.
 An entry set is a dict of arrays over an entry axis of length S:
 ``k``, ``v``: [B, H, S, E]; ``score``: [B, S]; ``pos``: [B, S] (int, < 0 marks an empty slot).
 
-Total order, everywhere: a filled slot before an empty one; higher score first; on equal
-score, the later position first. Positions of filled entries are distinct, so the order is
-strict on them; empty slots are ordered by index so ranks stay a permutation.
+Total order, everywhere: a filled slot before an empty one; higher score first (a NaN score
+counts as +inf); on equal score, the later position first. Positions of filled entries are
+distinct, so the order is strict on them; empty slots are ordered by index so ranks stay a
+permutation.
 """
 
 from __future__ import annotations
 
-from .numerics import device, namespace
+import math
+
+from .numerics import device, gather_rows, namespace
 from .rings import seq_positions
 
 __all__ = ["innovation_scores", "store_top", "store_merge"]
@@ -37,6 +40,11 @@ def ranks(xp, score, pos):
     """rank[b, i] = number of entries that come before entry i in the total order. [B, S]."""
     S = score.shape[1]
     filled = pos >= 0
+    # NaN compares false with everything, which would leave two entries sharing a rank. It
+    # counts as +inf instead (the forms may differ in which non-finite value a poisoned token
+    # scores), and the position breaks the tie, so the order stays strict.
+    score = xp.where(xp.isnan(score), xp.asarray(math.inf, dtype=score.dtype,
+                                                 device=device(score)), score)
     si, sj = score[:, :, None], score[:, None, :]  # i: the entry ranked, j: a competitor
     pi, pj = pos[:, :, None], pos[:, None, :]
     fi, fj = filled[:, :, None], filled[:, None, :]
@@ -56,13 +64,13 @@ def top(xp, entries: dict, n: int) -> dict:
     r = ranks(xp, entries["score"], entries["pos"])  # [B, S]
     slot = xp.arange(n, dtype=xp.int64, device=device(r))
     onehot = slot[None, :, None] == r[:, None, :]  # [B, n, S]
-    k_dtype = entries["k"].dtype
-    sel = xp.astype(onehot, k_dtype)[:, None, :, :]  # [B, 1, n, S]
+    pick = onehot[:, None, :, :]  # [B, 1, n, S]
     zero_s = xp.zeros_like(entries["score"])[:, None, :]
     return {
-        # A one-hot matmul keeps gradients flowing into the stored keys and values.
-        "k": xp.matmul(sel, entries["k"]),
-        "v": xp.matmul(sel, entries["v"]),
+        # A gather copies entries verbatim and keeps gradients flowing into the stored keys
+        # and values.
+        "k": gather_rows(xp, pick, entries["k"]),
+        "v": gather_rows(xp, pick, entries["v"]),
         "score": xp.sum(xp.where(onehot, entries["score"][:, None, :], zero_s), axis=2),
         "pos": xp.sum(xp.where(onehot, entries["pos"][:, None, :],
                                xp.zeros_like(entries["pos"])[:, None, :]), axis=2)

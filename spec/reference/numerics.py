@@ -118,7 +118,40 @@ def masked_softmax_readout(xp, scores, mask, values):
     w = xp.where(mask, xp.exp(s - m), xp.zeros_like(s))
     den = xp.sum(w, axis=-1, keepdims=True)
     den = xp.where(den > 0, den, xp.ones_like(den))
-    return xp.matmul(w / den, values)
+    return masked_matmul(xp, w / den, mask, values)
+
+
+def masked_matmul(xp, w, mask, values):
+    """``w @ values`` for weights ``w`` [..., Q, S] that are zero wherever ``mask`` is False.
+
+    A plain matmul would give 0 * NaN = NaN in every row, so a later token's NaN or infinity
+    would reach earlier rows. Non-finite values are zeroed before the matmul instead, and a
+    row is set to NaN exactly when its mask admits a non-finite value (as a step that reads
+    that value computes). On finite values the result is the plain matmul's, bit for bit.
+    """
+    bad = xp.any(~xp.isfinite(values), axis=-1, keepdims=True)  # [..., S, 1]
+    y = xp.matmul(w, xp.where(bad, xp.zeros_like(values), values))
+    hits = xp.matmul(xp.astype(mask, y.dtype), xp.astype(bad, y.dtype)) > 0  # [..., Q, 1]
+    return xp.where(hits, xp.asarray(math.nan, dtype=y.dtype, device=device(y)), y)
+
+
+def gather_rows(xp, pick, values):
+    """The rows of ``values`` [..., S, E] that ``pick`` [..., n, S] (bool, at most one True per
+    row) selects, as [..., n, E]; a row that selects nothing is zero. Leading axes broadcast.
+
+    An index gather, not a one-hot matmul: it copies each row verbatim (a NaN or infinity
+    stays in its own row and element, as a step's write keeps it) and passes gradients to
+    exactly the rows it reads.
+    """
+    lead = tuple(np.broadcast_shapes(tuple(pick.shape[:-2]), tuple(values.shape[:-2])))
+    n, S, E = pick.shape[-2], values.shape[-2], values.shape[-1]
+    if S == 0:
+        return xp.zeros(lead + (n, E), dtype=values.dtype, device=device(values))
+    idx = xp.argmax(xp.astype(pick, xp.int64), axis=-1)  # [..., n]; 0 where nothing is picked
+    idx = xp.broadcast_to(idx[..., None], lead + (n, E))
+    rows = xp.take_along_axis(xp.broadcast_to(values, lead + (S, E)), idx, axis=-2)
+    found = xp.any(pick, axis=-1, keepdims=True)  # [..., n, 1]
+    return xp.where(found, rows, xp.zeros_like(rows))
 
 
 def cast_out(xp, y, dtype):

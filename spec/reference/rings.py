@@ -6,7 +6,7 @@ A ring of ``size`` slots holds, after ``n`` tokens, position p in slot p % size 
 
 from __future__ import annotations
 
-from .numerics import device
+from .numerics import device, gather_rows
 
 INT = "int64"
 
@@ -24,10 +24,11 @@ def ring_positions(xp, n: int, size: int, like):
 
 def seq_to_ring(xp, keys, kpos, n: int, size: int):
     """The ring after ``n`` tokens, gathered from entries ``keys`` [B, H, S, E] at positions
-    ``kpos`` [S] (each position at most once). A one-hot matmul keeps autograd intact."""
+    ``kpos`` [S] (each position at most once). The gather copies entries verbatim (a NaN
+    stays in its own slot) and keeps autograd intact."""
     want = ring_positions(xp, n, size, keys)
-    onehot = xp.astype((want[:, None] == kpos[None, :]) & (want[:, None] >= 0), keys.dtype)
-    return xp.matmul(onehot, keys)  # [size, S] @ [B, H, S, E]
+    pick = (want[:, None] == kpos[None, :]) & (want[:, None] >= 0)  # [size, S]
+    return gather_rows(xp, pick, keys)  # [B, H, size, E]
 
 
 def ring_write(xp, ring, entry, pos: int):

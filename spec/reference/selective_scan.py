@@ -9,6 +9,8 @@ The two share no code beyond the parameterisation, so agreement between them is 
 
 from __future__ import annotations
 
+import math
+
 from ..validate import check_scan_args
 from .numerics import acc_dtype, cast_out, device, namespace, silu, softplus
 
@@ -34,7 +36,13 @@ def linear_recurrence(xp, log_a, b, h0, chunk: int = SCAN_CHUNK):
         # Mask before exp: above the diagonal diff is positive and could overflow.
         decay = xp.where(lower, xp.exp(xp.where(lower, diff, xp.zeros_like(diff))),
                          xp.zeros_like(diff))
-        hs = xp.matmul(decay, bb[..., :, None])[..., 0] + xp.exp(cum) * h[..., None]
+        # The decay matrix is zero above the diagonal, and 0 * NaN = NaN would carry a later
+        # non-finite b into earlier rows: zero such b instead, and mark the rows from it on.
+        bad = ~xp.isfinite(bb)
+        hs = (xp.matmul(decay, xp.where(bad, xp.zeros_like(bb), bb)[..., :, None])[..., 0]
+              + xp.exp(cum) * h[..., None])
+        hit = xp.cumulative_sum(xp.astype(bad, hs.dtype), axis=-1) > 0
+        hs = xp.where(hit, xp.asarray(math.nan, dtype=hs.dtype, device=device(hs)), hs)
         outs.append(hs)
         h = hs[..., -1]
     if not outs:
