@@ -9,6 +9,7 @@ from .gpu_timing import bench, skip, table
 
 
 def layer_section(args):
+    """Prints the table; returns the figures: one row per sequence length."""
     import memcore
 
     S = memcore.spec
@@ -22,7 +23,7 @@ def layer_section(args):
     print(f"\n3. layer forward+backward, torch backend on CUDA, D={D} H={H} W={W} "
           f"chunk={args.chunk} select={args.select} capacity={args.capacity} "
           f"batch={args.batch} {args.layer_dtype} (milliseconds, medians; peak GiB)")
-    rows = []
+    rows, skipped = [], []
     for T in args.lengths:
         res = {}
         for name, spec in specs.items():
@@ -45,7 +46,7 @@ def layer_section(args):
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 res[name] = (bench(run), peak)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: report, go on
-                skip(f"{name} at T={T}", repr(e).splitlines()[0][:300])
+                skip(f"{name} at T={T}", repr(e).splitlines()[0][:300], skipped)
             finally:
                 mod = x = None
                 torch.cuda.empty_cache()
@@ -57,3 +58,8 @@ def layer_section(args):
     print(table(["T", "full attn ms", "bmojo ms", "bmojo speed-up", "full attn peak GiB",
                  "bmojo peak GiB"], rows))
     print("  goal: bmojo speed-up >= 1.1 at T=8192")
+    keys = ["T", "full_attention_ms", "bmojo_ms", "bmojo_speedup", "full_attention_peak_gib",
+            "bmojo_peak_gib"]
+    return dict(shape=dict(D=D, H=H, W=W, chunk=args.chunk, select=args.select,
+                           capacity=args.capacity, batch=args.batch), dtype=args.layer_dtype,
+                rows=[dict(zip(keys, row, strict=True)) for row in rows], skipped=skipped)

@@ -43,8 +43,11 @@ def fwd_bwd(fn, inputs, out_grad=None):
     return run
 
 
-def skip(row: str, why: str) -> None:
+def skip(row: str, why: str, skipped: list | None = None) -> None:
+    """Print why ``row`` is not measured, and add it to ``skipped`` (the section's JSON)."""
     print(f"  skipped {row}: {why}")
+    if skipped is not None:
+        skipped.append({"row": row, "why": why})
 
 
 def table(header, rows):

@@ -16,6 +16,8 @@ def band_mask(T, span, device):
 
 
 def attention_section(args):
+    """Prints the table; returns the figures: the correctness check's error and one row per
+    kernel, with speeds relative to the sliding-window baseline named in "reference"."""
     from memcore.kernels.triton.windowed_readout import windowed_readout
 
     Bt, T, H, E = args.attn_shape
@@ -41,6 +43,7 @@ def attention_section(args):
             * max(C // M, 1))[None].expand(Bt, S, M).contiguous()
     spos = torch.where(spos >= 0, spos, -1)
 
+    skipped = []
     cands = {
         "memcore raw+fading": (lambda: windowed_readout(q, k, v, W, fk, fv), bthe),
         f"memcore raw+fading+store (C={C}, M={M})": (
@@ -56,7 +59,7 @@ def attention_section(args):
         cands[f"flash_attn window ({2 * W - 1}, 0)"] = (
             lambda: flash_attn_func(q, k, v, causal=True, window_size=(2 * W - 1, 0)), bthe[:3])
     except Exception as e:  # noqa: BLE001 - any import failure means no such baseline
-        skip("flash_attn row", f"flash_attn not importable ({e!r})")
+        skip("flash_attn row", f"flash_attn not importable ({e!r})", skipped)
     # correctness gate: the last rows against a dense two-source softmax
     with torch.no_grad():
         tail = slice(max(T - 256, 0), T)
@@ -70,7 +73,7 @@ def attention_section(args):
                 t_f = bench(fn)
             t_fb = bench(fwd_bwd(fn, inputs))
         except Exception as e:  # noqa: BLE001 - report and go on with the next row
-            skip(name, repr(e))
+            skip(name, repr(e), skipped)
             continue
         base[name] = (t_f, t_fb)
         rows.append([name, t_f, t_fb])
@@ -81,8 +84,14 @@ def attention_section(args):
         print(table(["kernel", "fwd ms", "fwd+bwd ms", f"fwd speed vs {ref}",
                      "fwd+bwd speed vs it"], rows))
     else:
+        ref = None
         print(table(["kernel", "fwd ms", "fwd+bwd ms"], rows))
     print("  goal: memcore raw+fading >= 0.8x the sliding-window baseline")
+    keys = ["kernel", "fwd_ms", "fwd_bwd_ms", "fwd_speed_vs_reference",
+            "fwd_bwd_speed_vs_reference"]
+    return dict(shape=dict(B=Bt, T=T, H=H, E=E, W=W, chunk=C, capacity=M), dtype="bfloat16",
+                check_rel_err=err, reference=ref,
+                rows=[dict(zip(keys, row, strict=False)) for row in rows], skipped=skipped)
 
 
 def triton_cdiv(a, b):

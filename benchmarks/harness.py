@@ -1,7 +1,10 @@
-"""Timing and reporting shared by the benchmarks: warm-up, medians, the machine's name."""
+"""Timing and reporting shared by the benchmarks: warm-up, medians, the machine's name, tables
+and JSON files of the figures."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
 import statistics
@@ -63,3 +66,24 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def jsonable(obj):
+    """``obj`` with every NaN or infinite float replaced by None (strict JSON has neither)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` as strict JSON, replacing the file at once: a run cut short leaves the
+    previous complete version, never half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(jsonable(obj), f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)

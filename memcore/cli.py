@@ -2,7 +2,7 @@
 
     memcore verify [--targets T ...] [--cases C ...] [-v]     the contract's checks, as a table
     memcore info                                               version, backends, libraries
-    memcore mqar [--quick] [--out DIR] [--models M ...]        multi-query associative recall
+    memcore mqar [--quick | --sweep memory] [--out DIR] ...    multi-query associative recall
     memcore lm --text FILE [--out DIR] [--models M ...]        byte-level LM, loss up to 4L
     memcore moons [--out DIR]                                  Memory Mosaics' three moons
     memcore regbench [--out DIR] [--models M ...]              in-context language learning
@@ -129,25 +129,50 @@ def _config(default, fields: dict):
     return replace(default, **{k: v for k, v in fields.items() if v is not None})
 
 
-def cmd_mqar(args) -> int:
-    from memcore.tasks import mqar_run
-
+def mqar_arguments(args) -> dict:
+    """``mqar_configs.plan``'s and ``mqar_run.run``'s arguments from the command line: the mode, the
+    configuration overrides, the swept lists (``--sweep memory``), the learning rates and seeds
+    (``--lr`` and ``--seed`` are one-value forms of ``--lrs`` and ``--seeds``)."""
+    if args.quick and args.sweep:
+        raise ValueError("--quick and --sweep are two modes: give one of them")
+    mode = "quick" if args.quick else (args.sweep or "full")
     overrides = {"steps": args.steps, "seq_len": args.seq_len, "num_kv_pairs": args.kv,
                  "vocab_size": args.vocab, "d_model": args.d_model, "batch_size": args.batch,
-                 "test_examples": args.test_examples, "lr": args.lr}
+                 "val_examples": args.val_examples, "test_examples": args.test_examples,
+                 "select": args.select, "chunk": args.chunk, "pattern": args.pattern,
+                 "hybrid_window": args.hybrid_window}
+    swept = {"window": args.window, "capacity": args.capacity, "d_state": args.d_state}
+    if mode == "memory":
+        swept = {k: v for k, v in swept.items() if v is not None}
+    else:
+        for key, values in swept.items():
+            if values is not None and len(values) != 1:
+                raise ValueError(f"--{key.replace('_', '-')} takes one value outside --sweep "
+                                 f"memory, got {values}")
+            overrides[key] = values[0] if values else None
+        swept = {}
+    for flag, one, many in (("lr", args.lr, args.lrs), ("seed", args.seed, args.seeds)):
+        if one is not None and many is not None:
+            raise ValueError(f"--{flag} and --{flag}s: give one of them")
+    lrs = args.lrs or ([args.lr] if args.lr is not None else None)
+    seeds = args.seeds or ([args.seed] if args.seed is not None else None)
+    return {"models": args.models, "mode": mode, "overrides": overrides, "swept": swept,
+            "lrs": lrs, "seeds": seeds}
+
+
+def cmd_mqar(args) -> int:
+    from memcore.tasks import mqar_configs, mqar_run
 
     def run():
-        mqar_run.check_models(args.models)
+        chosen = mqar_arguments(args)
         if args.dry_run:
-            plan = mqar_run.full_plan(args.models) if not args.quick else \
-                [(m, mqar_run.QUICK) for m in args.models]
-            print(f"memcore mqar: {len(plan)} training runs planned")
-            for name, cfg in plan:
-                print(f"  {name} L={cfg.seq_len} kv={cfg.num_kv_pairs} d={cfg.d_model} "
-                      f"lr={cfg.lr:.2e} steps={cfg.total_steps}")
+            variants, sweep, cfg = mqar_configs.plan(**chosen)
+            print(mqar_run.describe(variants, sweep, chosen["overrides"]))
+            print("deviations from Zoology's protocol:")
+            for dv in mqar_configs.deviations(cfg, sweep, chosen["models"], chosen["mode"]):
+                print(f"  - {dv}")
             return None
-        return mqar_run.run(args.models, quick=args.quick, seed=args.seed, device=args.device,
-                            out_dir=args.out, overrides=overrides, resume=args.resume,
+        return mqar_run.run(**chosen, device=args.device, out_dir=args.out, resume=args.resume,
                             checkpoint_every=args.checkpoint_every, backend=args.backend,
                             log_every=args.log_every, jobs=args.jobs)
 
@@ -159,27 +184,43 @@ def cmd_lm(args) -> int:
     from memcore.tasks import lm
 
     fields = {"seq_len": args.seq_len, "d_model": args.d_model, "batch_size": args.batch,
-              "steps": args.steps, "lr": args.lr, "eval_windows": args.eval_windows}
+              "steps": args.steps, "eval_every": args.eval_every,
+              "eval_windows": args.eval_windows, "val_windows": args.val_windows}
 
     def run():
-        return lm.run(args.text, args.models, _config(lm.LMConfig(), fields), seed=args.seed,
-                      device=args.device, out_dir=args.out, backend=args.backend,
-                      log_every=args.log_every, resume=args.resume,
-                      checkpoint_every=args.checkpoint_every)
+        return lm.run(args.text, args.models, _config(lm.LMConfig(), fields),
+                      **sweep_arguments(args, lm.LRS, lm.SEEDS), device=args.device,
+                      out_dir=args.out, backend=args.backend, log_every=args.log_every,
+                      jobs=args.jobs)
 
     return run_task_command("lm", run, lm.table, args.out, TASK_ERRORS + (FileNotFoundError,))
+
+
+def sweep_arguments(args, default_lrs, default_seeds) -> dict:
+    """The learning rates and seeds of a task's sweep (moons, regbench, lm): ``--lrs`` and
+    ``--seeds``, or their one-value forms ``--lr`` and ``--seed``; the task's protocol sweep
+    where none is given."""
+    for flag in ("lr", "seed"):
+        if getattr(args, flag, None) is not None and getattr(args, flag + "s") is not None:
+            raise ValueError(f"--{flag} and --{flag}s: give one of them")
+    lr, seed = getattr(args, "lr", None), args.seed
+    return {"lrs": args.lrs or ([lr] if lr is not None else list(default_lrs)),
+            "seeds": args.seeds or ([seed] if seed is not None else list(default_seeds))}
 
 
 def cmd_moons(args) -> int:
     from memcore.tasks import moons
 
     fields = {"steps": args.steps, "batch_size": args.batch, "length": args.length,
-              "eval_sequences": args.eval_sequences, "context_step": args.context_step}
+              "eval_sequences": args.eval_sequences, "context_step": args.context_step,
+              "val_sequences": args.val_sequences, "set_order": args.set_order,
+              "official_cache": args.official_cache or None}
 
     def run():
         return moons.run(_config(moons.MoonsConfig(), fields), heads=tuple(args.heads),
-                         seed=args.seed, device=args.device, out_dir=args.out,
-                         backend=args.backend, log_every=args.log_every)
+                         **sweep_arguments(args, moons.LRS, moons.SEEDS), device=args.device,
+                         out_dir=args.out, backend=args.backend, log_every=args.log_every,
+                         jobs=args.jobs)
 
     def report(results):
         return (f"held out: {results['held_out']}; trained on "
@@ -191,14 +232,16 @@ def cmd_moons(args) -> int:
 def cmd_regbench(args) -> int:
     from memcore.tasks import regbench
 
-    fields = {"steps": args.steps, "batch_size": args.batch, "train_dfas": args.train_dfas,
+    fields = {"steps": args.steps, "epochs": args.epochs, "batch_size": args.batch,
+              "train_dfas": args.train_dfas, "val_dfas": args.val_dfas,
               "test_dfas": args.test_dfas, "max_string_len": args.max_string_len,
-              "d_model": args.d_model}
+              "d_model": args.d_model, "eval_every": args.eval_every}
 
     def run():
         return regbench.run(args.models, _config(regbench.RegBenchConfig(), fields),
-                            seed=args.seed, device=args.device, out_dir=args.out,
-                            backend=args.backend, log_every=args.log_every)
+                            **sweep_arguments(args, regbench.LRS, regbench.SEEDS),
+                            device=args.device, out_dir=args.out, backend=args.backend,
+                            log_every=args.log_every, jobs=args.jobs)
 
     return run_task_command("regbench", run, regbench.table, args.out)
 
@@ -220,17 +263,18 @@ def _run_args(p, out_help: str, seed: int = 0, seed_help: str | None = None,
     p.add_argument("--log-every", type=int, default=50, metavar="N", help=log_help)
 
 
-def _task_args(p) -> None:
+def _task_args(p, seed: int | None = 0, seed_help: str | None = None) -> None:
     """The options of the tasks that checkpoint and resume."""
-    _run_args(p, "write results, logs, checkpoints and plots here",
-              log_help="a progress line on stderr every N steps")
+    _run_args(p, "write results, logs, checkpoints and plots here", seed=seed,
+              seed_help=seed_help, log_help="a progress line on stderr every N steps")
     p.add_argument("--steps", type=int, help="training steps (overrides the configuration)")
     _threads_arg(p)
 
 
-def _models_arg(p, models) -> None:
-    p.add_argument("--models", nargs="+", default=list(models), metavar="MODEL",
-                   help=f"default: all of {', '.join(models)}")
+def _models_arg(p, models, default=None) -> None:
+    default = models if default is None else default
+    p.add_argument("--models", nargs="+", default=list(default), metavar="MODEL",
+                   help=f"among {', '.join(models)}; default: {' '.join(default)}")
 
 
 def _sizes_args(p, **helps) -> None:
@@ -239,6 +283,21 @@ def _sizes_args(p, **helps) -> None:
     for dest, text in helps.items():
         p.add_argument("--" + dest.replace("_", "-"), type=float if dest == "lr" else int,
                        help=text)
+
+
+def _sweep_args(p, seeds: str, lrs: str) -> None:
+    """--lrs and --seeds of a task's protocol sweep."""
+    p.add_argument("--lrs", nargs="+", type=float, metavar="LR",
+                   help=f"learning rates swept for every model, chosen on validation "
+                        f"(default {lrs})")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help=f"seeds of every (model, learning rate): mean +- std "
+                        f"(default {seeds})")
+
+
+def _jobs_arg(p) -> None:
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at a time, each in its own single-thread process")
 
 
 def _threads_arg(p) -> None:
@@ -261,40 +320,81 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="version, registered backends, installed libraries")
     p.set_defaults(func=cmd_info)
 
-    from memcore.tasks.mqar_run import MODELS
+    from memcore.tasks.mqar_configs import MODELS
 
     p = sub.add_parser("mqar", help="multi-query associative recall (Zoology's protocol)")
     p.add_argument("--quick", action="store_true",
                    help="the reduced CPU configuration (default: Zoology's Figure-2 sweep)")
+    p.add_argument("--sweep", choices=["memory"],
+                   help="memory: accuracy against memory footprint, one curve per family "
+                        "(the B'MOJO paper's figure); run family by family into one --out")
     _models_arg(p, MODELS)
-    _task_args(p)
+    _task_args(p, seed=None, seed_help="one seed (the same as --seeds N)")
     _sizes_args(p, seq_len="sequence length L", kv="key-value pairs per sequence",
                 vocab="vocabulary size", d_model="model width", batch="batch size",
-                lr="learning rate", test_examples="examples in the test set")
-    p.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
+                lr="one learning rate (the same as --lrs X)",
+                val_examples="examples in the validation set (selection)",
+                test_examples="examples in the test set (reported only)",
+                select="bmojo: tokens kept per chunk", chunk="bmojo: chunk length",
+                hybrid_window="mamba_swa's attention window (0: matched to bmojo's memory)")
+    p.add_argument("--lrs", nargs="+", type=float, metavar="LR",
+                   help="learning rates swept for every model (selected on validation)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="seeds of every (model, learning rate): mean +- std")
+    for flag, text in (("window", "bmojo, bmojo_f and transformer_window's window"),
+                       ("capacity", "bmojo's store capacity"),
+                       ("d-state", "every SSM's state size")):
+        p.add_argument(f"--{flag}", nargs="+", type=int, metavar="N",
+                       help=f"{text}; under --sweep memory, the values swept (every family "
+                            f"that sweeps it)")
+    p.add_argument("--pattern", help="the hybrids' layers, one per letter: M Mamba, A "
+                                     "attention (jamba: full, mamba_swa: windowed); default MA")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the planned runs, the overrides and the deviations, and stop")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N models at a time, each in its own single-thread process "
                         "(jax: XLA's multi-threaded Eigen off)")
     p.set_defaults(func=cmd_mqar)
 
+    from memcore.tasks.lm import DEFAULT_MODELS as LM_DEFAULT
     from memcore.tasks.lm import MODELS as LM_MODELS
 
     p = sub.add_parser("lm", help="byte-level language model on a text file; loss up to 4L")
     p.add_argument("--text", required=True, metavar="FILE", help="any text file")
-    _models_arg(p, LM_MODELS)
-    _task_args(p)
-    _sizes_args(p, seq_len="training length L (evaluation: 4L)", d_model="model width",
-                batch="batch size", lr="learning rate", eval_windows="held-out windows of 4L bytes")
+    _models_arg(p, LM_MODELS, LM_DEFAULT)
+    _run_args(p, "write results, run logs and the plot here (finished runs are kept and "
+                 "reused)", seed=None, seed_help="one seed (the same as --seeds N)",
+              checkpoints=False)
+    _sizes_args(p, steps="training steps of every run (default 3000)",
+                seq_len="training length L (the test: 4L)", d_model="model width",
+                batch="batch size", lr="one learning rate (the same as --lrs X)",
+                eval_every="validation (checkpoint choice) every N steps (default 250)",
+                eval_windows="test windows of 4L bytes (default 100)",
+                val_windows="validation windows of L bytes (default 100)")
+    _sweep_args(p, "0 1 2", "1e-3 2e-3 4e-3")
+    _jobs_arg(p)
+    _threads_arg(p)
     p.set_defaults(func=cmd_lm)
 
     p = sub.add_parser("moons", help="Memory Mosaics' three moons: 1 head vs 3 heads")
     p.add_argument("--heads", nargs="+", type=int, default=[1, 3], help="default: 1 3")
-    _run_args(p, "write results and the plot here", seed=100,
-              seed_help="default: 100 (the paper's)", checkpoints=False)
+    p.add_argument("--lr", type=float, help="one learning rate (the same as --lrs X)")
+    _run_args(p, "write results, run logs and the plots here (finished runs are kept and "
+                 "reused)", seed=None, seed_help="one seed (the same as --seeds N)",
+              checkpoints=False)
     _sizes_args(p, steps="training steps (default 500)", batch="batch size (default 64)",
                 length="sequence length (default 800)",
-                eval_sequences="sequences per evaluated set",
-                context_step="spacing of evaluated context lengths")
+                eval_sequences="test sequences per evaluated set (default 512)",
+                context_step="spacing of the tested context lengths (default 1: every one)",
+                val_sequences="validation sequences, from the training sets (default 64)")
+    _sweep_args(p, "100 101 102", "3e-3 1e-2 3e-2")
+    p.add_argument("--set-order", choices=["scalar", "simd"],
+                   help="tie order of the training sets: numpy's portable argsort (default; "
+                        "the official Apple-silicon run) or its x86 SIMD one")
+    p.add_argument("--official-cache", action="store_true",
+                   help="generate as the official cached generate does (zero values for the "
+                        "last context position and the generated ones)")
+    _jobs_arg(p)
     _threads_arg(p)
     p.set_defaults(func=cmd_moons)
 
@@ -302,11 +402,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("regbench", help="in-context language learning on random automata")
     _models_arg(p, RB_MODELS)
-    _run_args(p, "write results and the plot here", checkpoints=False)
-    _sizes_args(p, steps="training steps (default 400)", batch="batch size (default 16)",
+    _run_args(p, "write results, run logs and the plot here (finished runs are kept and "
+                 "reused)", seed=None, seed_help="one seed (the same as --seeds N)",
+              checkpoints=False)
+    _sizes_args(p, steps="training steps (default 0: --epochs over the training automata)",
+                epochs="epochs when --steps is 0 (default 200)", batch="batch size (default 32)",
                 train_dfas="training automata (default 1000)",
-                test_dfas="test automata (default 100)",
-                max_string_len="longest string (default 49)", d_model="model width (default 64)")
+                val_dfas="validation automata (default 250)",
+                test_dfas="test automata (default 250)",
+                max_string_len="longest string (default 49)",
+                d_model="model width (default 128)",
+                eval_every="validation every N steps (default 0: every epoch)", lr="one "
+                "learning rate (the same as --lrs X)")
+    _sweep_args(p, "0 1 2", "2.5e-4 5e-4 1e-3")
+    _jobs_arg(p)
     _threads_arg(p)
     p.set_defaults(func=cmd_regbench)
     return parser

@@ -1,8 +1,8 @@
 """Eidetic store and innovation selection (DESIGN 2.4), fixed shapes throughout.
 
 An entry set is a dict: ``k``, ``v`` [B, H, S, E]; ``score`` [B, S]; ``pos`` [B, S] (int,
-< 0 marks an empty slot). Total order: filled before empty; higher score first; on equal score
-the later position first; empty slots by index.
+< 0 marks an empty slot). Total order: filled before empty; higher score first (a NaN score
+above every other); on equal score the later position first; empty slots by index.
 
 Selection uses ``lax.top_k`` on an exact key: top_k breaks ties by lower index, and after a
 merge equal scores do not sit in position order, while a single packed (score, position) key
@@ -36,15 +36,21 @@ def concat(a: dict, b: dict) -> dict:
 
 def ranks(score, pos):
     """rank[b, i]: how many entries come before entry i in the total order, [B, S] int32.
-    Positions of filled entries are distinct, so ranks are a permutation of 0 .. S - 1."""
+    Positions of filled entries are distinct, so ranks are a permutation of 0 .. S - 1.
+    A NaN score ranks above every other score (NaNs among themselves by position): compared
+    as they are, a NaN would neither beat nor be beaten, ranks would tie, and the selection
+    would keep an arbitrary entry."""
     S = score.shape[1]
     sc = jax.lax.stop_gradient(score)
     filled = pos >= 0
     si, sj = sc[:, :, None], sc[:, None, :]  # i: the entry ranked, j: a competitor
+    ni, nj = jnp.isnan(si), jnp.isnan(sj)
+    higher = (nj & ~ni) | (sj > si)
+    tied = (ni & nj) | (sj == si)
     pi, pj = pos[:, :, None], pos[:, None, :]
     fi, fj = filled[:, :, None], filled[:, None, :]
     idx = jnp.arange(S)
-    beats = ((fj & ~fi) | (fi & fj & ((sj > si) | ((sj == si) & (pj > pi))))
+    beats = ((fj & ~fi) | (fi & fj & (higher | (tied & (pj > pi))))
              | (~fi & ~fj & (idx[None, :] < idx[:, None])[None]))
     return jnp.sum(beats, axis=2, dtype=jnp.int32)
 

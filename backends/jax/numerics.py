@@ -91,7 +91,20 @@ def partial(scores, mask, values):
     m = jnp.max(s, axis=-1)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     w = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
-    return m, jnp.sum(w, axis=-1), jnp.matmul(w, values)
+    return m, jnp.sum(w, axis=-1), masked_matmul(w, mask, values)
+
+
+def masked_matmul(w, mask, values):
+    """w @ values for weights w [..., Q, S] that are zero wherever ``mask`` is false, exact
+    for non-finite values: a masked 0 times a NaN or an infinity would be NaN and reach every
+    row (a later token's value into earlier rows). Non-finite values are zeroed before the
+    product; a row whose mask holds a non-finite value reads NaN, as a step-by-step product
+    over the visible entries would."""
+    finite = jnp.isfinite(values)
+    out = jnp.matmul(w, jnp.where(finite, values, jnp.zeros((), values.dtype)))
+    bad = ~jnp.all(finite, axis=-1)  # [..., S]
+    hit = jnp.any(mask & bad[..., None, :], axis=-1)  # [..., Q]
+    return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
 
 
 def combine(parts):

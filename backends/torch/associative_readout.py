@@ -8,12 +8,11 @@ the keys of earlier calls sit in the layer's memory."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from memcore.spec.validate import check_associative_readout_args
 
 from .banded import band_sdpa
 from .implementation import choose
-from .numerics import acc_dtype
+from .numerics import acc_dtype, sdpa
 
 
 def _check(k, v, capacity):
@@ -35,10 +34,10 @@ def associative_readout(k, v, capacity=None, *, implementation="auto"):
     kk, vv = k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2)
     B, H, T, E = kk.shape
     if capacity is None:
-        y = vv[:, :, :1] * 0.0  # the first position reads nothing (kept on the graph)
+        # the first position reads nothing (kept on the graph, whatever v holds there)
+        y = vv[:, :, :1].masked_fill(torch.ones((), dtype=torch.bool, device=k.device), 0.0)
         if T > 1:  # strictly causal: query t reads j <= t-1
-            rest = F.scaled_dot_product_attention(kk[:, :, 1:], kk[:, :, :-1], vv[:, :, :-1],
-                                                  is_causal=True, scale=1.0)
+            rest = sdpa(kk[:, :, 1:], kk[:, :, :-1], vv[:, :, :-1], scale=1.0)
             y = torch.cat([y, rest], dim=2)
     else:
         pad = torch.zeros(B, H, capacity, E, dtype=acc, device=k.device)
@@ -76,13 +75,12 @@ def memory_readout(k, pair_k, pair_v, pos: int, capacity, *, implementation="aut
     if pos == 0:  # strictly causal: query t reads pairs j <= t-1; t = 0 reads nothing
         y = torch.zeros_like(q)
         if T > 1:
-            rest = F.scaled_dot_product_attention(q[:, :, 1:], pair_k, pair_v, is_causal=True,
-                                                  scale=1.0)
+            rest = sdpa(q[:, :, 1:], pair_k, pair_v, scale=1.0)
             y = torch.cat([y[:, :, :1], rest], dim=2)
         return y
     qp = torch.arange(pos, pos + T, device=k.device)
     mask = torch.arange(pair_k.shape[2], device=k.device)[None, :] <= qp[:, None] - 1
-    return F.scaled_dot_product_attention(q, pair_k, pair_v, attn_mask=mask, scale=1.0)
+    return sdpa(q, pair_k, pair_v, mask, scale=1.0)
 
 
 def _kernel_memory_readout(k, pair_k, pair_v, capacity):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .numerics import NEG_INF
+from .numerics import NEG_INF, finite_values, mark_seen, sdpa
 
 MIN_BLOCK = 16
 # Scores per group of query blocks: each group's temporaries (scores, weights and their
@@ -100,7 +100,11 @@ class _BandSoftmax(torch.autograd.Function):
     def forward(ctx, Q, Lws, mask, qs, *runs):
         with torch.no_grad():
             K = _cat([_windows((r, Lw), Q) for r, Lw in zip(runs[0::2], Lws, strict=True)], -2)
-            V = _cat([_windows((r, Lw), Q) for r, Lw in zip(runs[1::2], Lws, strict=True)], -2)
+            # values with non-finite entries zeroed, and which positions held one (1.0)
+            clean = [finite_values(r) for r in runs[1::2]]
+            V = _cat([_windows((r, Lw), Q) for (r, _), Lw in zip(clean, Lws, strict=True)], -2)
+            bad = _cat([b.to(r.dtype).unfold(2, Lw, Q) for (r, b), Lw in zip(clean, Lws,
+                                                                            strict=True)], -1)
             K, V = K.contiguous(), V.contiguous()
             s = qs @ K.transpose(-1, -2)
             s.masked_fill_(~mask, NEG_INF)
@@ -108,7 +112,9 @@ class _BandSoftmax(torch.autograd.Function):
                                                                               NEG_INF)
             p = s.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m))).exp_()
             l = p.sum(-1, keepdim=True)
-            acc = p @ V
+            # a row whose band holds a non-finite value reads NaN (DESIGN 6)
+            seen = (mask.to(V.dtype) @ bad[..., None])[..., 0] > 0
+            acc = mark_seen(p @ V, seen)
         ctx.save_for_backward(qs, K, V, p)
         ctx.Q, ctx.Lws = Q, Lws
         ctx.mark_non_differentiable(m)
@@ -168,6 +174,6 @@ def band_sdpa(q, pos: int, source, scale: float, block: int | None = None):
     qb, kw, vw, mask = _band_windows(q, pos, [source], block)
     empty = ~mask.any(-1, keepdim=True)  # [nB, Q, 1]
     # An empty row would give NaN; let it see every key, then zero it (no gradient leaks).
-    o = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=mask | empty, scale=scale)
+    o = sdpa(qb, kw, vw, mask | empty, scale=scale)
     o = o.masked_fill(empty, 0.0)
     return o.reshape(B, H, qb.shape[2] * qb.shape[3], E)[:, :, :T]

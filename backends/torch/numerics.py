@@ -73,15 +73,83 @@ def default_scale(E: int) -> float:
     return 1.0 / math.sqrt(E)
 
 
-def partial(scores, mask, values):
+def finite_values(values):
+    """(values with every non-finite entry set to 0, [...] whether each row held one). A
+    product with masked weights then reads no non-finite value it was not meant to see; the
+    rows it was meant to see are marked instead (``mark_seen``)."""
+    ok = torch.isfinite(values)
+    return torch.where(ok, values, 0.0), ~ok.all(-1)
+
+
+def mark_seen(out, seen):
+    """``out`` [..., Q, E] with NaN in the rows where ``seen`` [..., Q] holds."""
+    return out.masked_fill(seen[..., None], math.nan)
+
+
+def nan_rows(out):
+    """``out`` [..., E] with every row that holds a non-finite entry all NaN: a product with
+    the values a row sees is non-finite in the channels where one of them is, and a row that
+    sees a non-finite value reads NaN in every channel (what ``mark_seen`` writes)."""
+    return out.masked_fill(~torch.isfinite(out).all(-1, keepdim=True), math.nan)
+
+
+def partial(scores, mask, values, masked_zero: bool = False):
     """(m, l, acc) of a masked softmax: m the row max (-inf for a row with no key), l the sum
-    of exp(s - m), acc the sum of exp(s - m) v. scores, mask [..., Q, S]; values [..., S, E]."""
+    of exp(s - m), acc the sum of exp(s - m) v. scores, mask [..., Q, S]; values [..., S, E].
+    Masked values are never multiplied in: a row that sees a non-finite value reads NaN, one
+    that does not is exact, whatever the masked values hold. ``masked_zero``: the masked
+    values are zeros (a ring's empty slots), read as they are (no copy of the values)."""
     s = scores.masked_fill(~mask, NEG_INF)
     m = s.amax(-1, keepdim=True).detach() if s.shape[-1] else torch.full_like(
         s[..., :1], NEG_INF)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp(s - m_safe)  # masked entries: exp(-inf) = 0, and no gradient
-    return m, w.sum(-1, keepdim=True), w @ values
+    if s.shape[-2] == 1:  # one query: select its keys' values (its visible ones propagate)
+        if not masked_zero:
+            values = torch.where(mask.transpose(-1, -2), values, 0.0)
+        return m, w.sum(-1, keepdim=True), nan_rows(w @ values)
+    v0, bad = finite_values(values)
+    seen = (mask & bad[..., None, :]).any(-1)
+    return m, w.sum(-1, keepdim=True), mark_seen(w @ v0, seen)
+
+
+def sdpa(q, k, v, mask=None, scale=None):
+    """scaled_dot_product_attention of q [..., L, E] over k, v [..., S, E] with a boolean
+    ``mask`` [..., L, S] (None: causal, row i sees keys j <= i), where no masked key or value
+    reaches a row. torch's kernels multiply masked values by a weight of 0 (0 * NaN = NaN), so
+    values are read with their non-finite entries zeroed and the rows that see one are NaN;
+    some of its paths (a mask, strided inputs) also add the mask to masked keys' scores
+    (NaN + -inf = NaN), and on CPU a row whose scores are NaN reads 0; so a call with a
+    non-finite query or key takes the masked softmax of ``partial`` instead (in blocks of
+    queries), which reads keys only through ``where``."""
+    L, S = q.shape[-2], k.shape[-2]
+    if not bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
+        if mask is None:
+            i = torch.arange(L, device=q.device)
+            mask = torch.arange(S, device=q.device)[None, :] <= i[:, None]
+        return _masked_softmax(q, k, v, mask, default_scale(q.shape[-1]) if scale is None
+                               else scale)
+    v0, bad = finite_values(v)
+    if mask is None:
+        seen = bad.cumsum(-1)[..., :L] > 0
+        return mark_seen(F.scaled_dot_product_attention(q, k, v0, is_causal=True,
+                                                        scale=scale), seen)
+    seen = (mask.to(v0.dtype) @ bad.to(v0.dtype)[..., None])[..., 0] > 0
+    return mark_seen(F.scaled_dot_product_attention(q, k, v0, attn_mask=mask, scale=scale),
+                     seen)
+
+
+SOFTMAX_ELEMENTS = 1 << 22  # scores per block of queries of ``_masked_softmax``
+
+
+def _masked_softmax(q, k, v, mask, scale: float):
+    L, S = q.shape[-2], k.shape[-2]
+    lead = max(1, q[..., 0, 0].numel())
+    step = max(1, SOFTMAX_ELEMENTS // max(1, lead * S))
+    mask = mask.expand(*mask.shape[:-2], L, S)
+    outs = [combine([partial((q[..., i:i + step, :] @ k.transpose(-1, -2)) * scale,
+                             mask[..., i:i + step, :], v)]) for i in range(0, L, step)]
+    return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
 
 
 def combine(parts):

@@ -28,7 +28,7 @@ def seq_to_ring(seq, n: int):
         return seq
     if n < R:
         keep = torch.arange(R, device=seq.device) >= R - n
-        seq = seq * keep[:, None].to(seq.dtype)
+        seq = torch.where(keep[:, None], seq, 0.0)
     return torch.roll(seq, shifts=n % R, dims=2)
 
 

@@ -42,6 +42,18 @@ def _decay(cum):
     return diff.masked_fill_(_upper(cum.shape[-1], cum.device), NEG_INF).exp_()
 
 
+def _causal_sum(decay, x):
+    """sum_{s<=t} decay[t, s] x_s over the last axis, where a non-finite x_s reaches only
+    t >= s: the decay matrix's zeros above the diagonal would make 0 * NaN = NaN at every
+    earlier t, so non-finite inputs are zeroed for the product and every t at or after one is
+    set to NaN (a cumulative sum of NaN where the input was not finite, 0 elsewhere)."""
+    ok = torch.isfinite(x)
+    # einsum, not matmul: a decay shared across batch/feature dims (the leaky average) is
+    # then not expanded to x's full shape.
+    y = torch.einsum("...ts,...s->...t", decay, torch.where(ok, x, 0.0))
+    return y + torch.zeros_like(x).masked_fill_(~ok, math.nan).cumsum(-1)
+
+
 def _group(log_a, b, h0, L: int):
     """One group of whole chunks. log_a broadcastable to b [..., G*L]; h0 [...].
     Returns (h [..., G*L], h_end [...])."""
@@ -50,15 +62,13 @@ def _group(log_a, b, h0, L: int):
     bb = b.reshape(*b.shape[:-1], G, L)
     cum = la.cumsum(-1)  # [..., G, L]
     decay = _decay(cum)  # [..., G, L, L]
-    # einsum, not matmul: a decay shared across batch/feature dims (the leaky average) is
-    # then not expanded to b's full shape.
-    h_in = torch.einsum("...ts,...s->...t", decay, bb)  # from a zero start, per chunk
+    h_in = _causal_sum(decay, bb)  # from a zero start, per chunk
     # Chunk level: H_g = exp(tot_g) H_{g-1} + end_g, with H_{-1} = h0.
     tot = cum[..., -1]
     ctot = tot.cumsum(-1)  # [..., G]
     end = h_in[..., -1]
     d2 = _decay(ctot)
-    H = torch.einsum("...ts,...s->...t", d2, end) + torch.exp(ctot) * h0[..., None]
+    H = _causal_sum(d2, end) + torch.exp(ctot) * h0[..., None]
     h_prev = torch.cat([h0[..., None], H[..., :-1]], dim=-1)  # state before each chunk
     h = h_in + torch.exp(cum) * h_prev[..., None]
     return h.reshape(*h.shape[:-2], G * L), H[..., -1]

@@ -12,13 +12,12 @@ Under ``auto`` full causal attention (window None) stays on torch's scaled_dot_p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from memcore.spec.validate import check_windowed_readout_args
 
 from .banded import band_partial
 from .eidetic_store import store_partial
 from .implementation import choose
-from .numerics import acc_dtype, combine, default_scale, partial
+from .numerics import acc_dtype, combine, default_scale, partial, sdpa
 from .rings import ring_positions, ring_to_seq, ring_write, seq_to_ring
 
 
@@ -40,12 +39,12 @@ def causal_full(q, k_cache, v_cache, k, v, pos: int):
     pos .. pos+T-1 after a cache of positions 0 .. pos-1. Returns (o, keys, values)."""
     T = q.shape[2]
     if pos == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True), k, v
+        return sdpa(q, k, v), k, v
     keys = torch.cat([k_cache, k], dim=2)
     vals = torch.cat([v_cache, v], dim=2)
     qp = torch.arange(pos, pos + T, device=q.device)
     mask = torch.arange(pos + T, device=q.device)[None, :] <= qp[:, None]
-    return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask), keys, vals
+    return sdpa(q, keys, vals, mask), keys, vals
 
 
 def readout(q, pos: int, window: int, raw, fading=None, store=None, *, implementation="auto"):

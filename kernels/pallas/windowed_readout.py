@@ -70,7 +70,7 @@ def _attn_kernel(*refs, W, off, Tk, scale, fading, store, C, S, block, acc, prec
 
     def update(carry, s, vis, vt):
         """One online-softmax step over the scores s [BQ, BK] where vis holds."""
-        m, l, o = carry
+        m, l, o, bad = carry
         s = jnp.where(vis, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         # a row with nothing visible yet keeps m = -inf: shift by 0 so exp gives 0, not NaN
@@ -78,8 +78,15 @@ def _attn_kernel(*refs, W, off, Tk, scale, fading, store, C, S, block, acc, prec
         p = jnp.exp(s - m_safe)
         alpha = jnp.exp(m - m_safe)
         l = l * alpha + jnp.sum(p, axis=1, keepdims=True)
+        # The dot mixes every key of the tile into every row, and a masked p = 0 times a NaN
+        # or an infinity is NaN: zero such values, and flag the rows that can see one.
+        finite = jnp.isfinite(vt)
+        key_bad = jnp.max((~finite).astype(acc), axis=1)  # [BK]
+        bad = jnp.maximum(bad, jnp.max(jnp.where(vis, key_bad[None, :], 0.0), axis=1,
+                                       keepdims=True))
+        vt = jnp.where(finite, vt, 0.0)
         o = o * alpha + jnp.dot(p, vt, precision=precision, preferred_element_type=acc)
-        return m_new, l, o
+        return m_new, l, o, bad
 
     def scores(kt):
         return jnp.dot(q, kt.T, precision=precision, preferred_element_type=acc) * scale
@@ -115,15 +122,18 @@ def _attn_kernel(*refs, W, off, Tk, scale, fading, store, C, S, block, acc, prec
 
         return lax.fori_loop(first, last + 1, snapshot, carry)
 
+    # carry: row max, row sum, output rows, and whether a visible value was not finite
     carry = (jnp.full((block, 1), -jnp.inf, acc), jnp.zeros((block, 1), acc),
-             jnp.zeros(q.shape, acc))
+             jnp.zeros(q.shape, acc), jnp.zeros((block, 1), acc))
     carry = visit(k_ref, v_ref, 0, W, carry)
     if fading:
         carry = visit(fk_ref, fv_ref, W, 2 * W, carry)
     if store:
         carry = visit_store(carry)
-    m, l, o = carry
-    o_ref[...] = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+    m, l, o, bad = carry
+    # A row with nothing visible reads 0; a NaN sum (a visible score was NaN or +inf) stays NaN.
+    o = jnp.where(l == 0, 0.0, o / jnp.where(l == 0, 1.0, l))
+    o_ref[...] = jnp.where(bad > 0, jnp.nan, o).astype(o_ref.dtype)
     # log-sum-exp of each row for the backward (0 where nothing is visible: padded rows)
     lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)[:, 0]
 
@@ -359,7 +369,18 @@ def windowed_readout_ref(q, k, v, window, fading_k=None, fading_v=None, store_k=
     p = jnp.exp(s - lax.stop_gradient(m))
     den = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(den > 0, den, 1.0)
-    o = jnp.einsum("bnhqk,bnkhe->bnqhe", p[..., :nb], jnp.concatenate(values, axis=2))
+    # A band holds later keys too, whose p is 0, and 0 times a NaN or an infinity is NaN: the
+    # products read non-finite values as 0, and the rows that see one are set to NaN.
+    vals = jnp.concatenate(values, axis=2)  # [B, n, nb, H, E]
+    finite = jnp.isfinite(vals)
+    o = jnp.einsum("bnhqk,bnkhe->bnqhe", p[..., :nb], jnp.where(finite, vals, 0.0))
+    seen = jnp.concatenate([mask for _, _, mask in sources], axis=-1)  # [n, block, nb]
+    key_bad = ~jnp.all(finite, axis=-1)  # [B, n, nb, H]
+    hit = jnp.any(seen[None, :, :, :, None] & key_bad[:, :, None], axis=3)  # [B, n, block, H]
     if store_k is not None:
-        o = o + jnp.einsum("bnhqm,bhnqme->bnqhe", p[..., nb:], sv)
+        s_finite = jnp.isfinite(sv)
+        o = o + jnp.einsum("bnhqm,bhnqme->bnqhe", p[..., nb:], jnp.where(s_finite, sv, 0.0))
+        s_bad = ok[:, None] & ~jnp.all(s_finite, axis=-1)  # [B, H, n, block, M]
+        hit = hit | jnp.moveaxis(jnp.any(s_bad, axis=-1), 1, -1)
+    o = jnp.where(hit[..., None], jnp.nan, o)
     return o.reshape(B, n * block, H, E)[:, :Tq].astype(q.dtype)

@@ -119,9 +119,10 @@ def compile_launch(launch: Launch, arch: int):
     backend = make_backend(tgt)
     fn = launch.fn
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    # the options JITFunction.run adds before binding
-    kwargs = dict(launch.kwargs, debug=False, instrumentation_mode="",
-                  fpsan_homomorphic_casts=False)
+    # the options JITFunction.run adds before binding (the last only where this triton has it)
+    kwargs = dict(launch.kwargs, debug=False, instrumentation_mode="")
+    if hasattr(triton.knobs.compilation, "fpsan_homomorphic_casts"):
+        kwargs["fpsan_homomorphic_casts"] = False
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
                                                           specialization, options)

@@ -23,11 +23,13 @@ from .softmax_tiles import backward_rows as _backward_rows
 from .softmax_tiles import dkdv_step as _dkdv_step
 from .softmax_tiles import dot as _dot
 from .softmax_tiles import dq_part as _dq_part
+from .softmax_tiles import finite_values as _finite_values
 from .softmax_tiles import program_rows as _program_rows
 from .softmax_tiles import rows as _rows
 from .softmax_tiles import softmax_start as _softmax_start
 from .softmax_tiles import softmax_step as _softmax_step
 from .softmax_tiles import store_rows as _store_rows
+from .softmax_tiles import visible_scores as _visible_scores
 
 
 @triton.jit
@@ -64,9 +66,10 @@ def _sweep(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, k, v, b, h, i0, i, e, T, H, E,
         vis = _band(i[:, None], j[None, :], T, CAP, HAS_CAP)
         if GRAD:
             acc = acc + _dq_part(sc, vis, lse_i, dlt_i, dot_, kt, vt, IEEE, ACC)
-        else:
-            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, tl.where(vis, sc, float("-inf")), vt,
-                                          IEEE, ACC)
+        else:  # the gradient may be NaN where a value is; the forward is causal for it
+            vt, bad = _finite_values(vt)
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, _visible_scores(sc, vis, bad), vt, IEEE,
+                                          ACC)
     return acc, m_i, l_i
 
 
@@ -215,5 +218,9 @@ def associative_readout_ref(k, v, capacity=None):
     m = sc.amax(-1, keepdim=True)
     w = torch.exp(sc - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     den = w.sum(-1, keepdim=True)
-    y = (w / torch.where(den > 0, den, torch.ones_like(den))) @ vv
+    # values read with non-finite entries zeroed; a row that sees one reads NaN
+    ok = torch.isfinite(vv)
+    seen = (mask & ~ok.all(-1)[..., None, :]).any(-1, keepdim=True)
+    y = (w / torch.where(den > 0, den, torch.ones_like(den))) @ torch.where(ok, vv, 0.0)
+    y = y.masked_fill(seen, float("nan"))
     return y.permute(0, 2, 1, 3).to(k.dtype)

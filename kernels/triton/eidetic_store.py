@@ -1,7 +1,8 @@
 """Innovation selection and the eidetic store (DESIGN 2.4) in Triton.
 
 Every ordering here is the design's total order: a filled slot (position >= 0) before an empty
-one; among filled slots the higher score first, and on equal score the later position first;
+one; among filled slots the higher score first (NaN above every number, as torch sorts it), and
+on equal score the later position first;
 empty slots by their index in the set being ranked. An entry's rank is the number of entries
 that come before it, so ranks are a permutation and slot r of a result holds the entry of rank
 r: no sort, only pairwise comparisons, which are exact for ties.
@@ -39,8 +40,13 @@ def _count_before(s_i, p_i, n_i, s_j, p_j, n_j, ok_j):
     """For each entry i, how many valid entries j come before it in the total order. [I]."""
     fi = p_i[:, None] >= 0
     fj = p_j[None, :] >= 0
-    better = (s_j[None, :] > s_i[:, None]) | ((s_j[None, :] == s_i[:, None])
-                                              & (p_j[None, :] > p_i[:, None]))
+    # A NaN score ranks above every other and ties with NaN (torch's sort order): without
+    # that, no comparison with a NaN holds and two entries would share a rank.
+    nan_i = s_i[:, None] != s_i[:, None]
+    nan_j = s_j[None, :] != s_j[None, :]
+    higher = (s_j[None, :] > s_i[:, None]) | (nan_j & (nan_i == 0))
+    equal = (s_j[None, :] == s_i[:, None]) | (nan_j & nan_i)
+    better = higher | (equal & (p_j[None, :] > p_i[:, None]))
     before = ((fj & (fi == 0)) | (fi & fj & better)
               | ((fi == 0) & (fj == 0) & (n_j[None, :] < n_i[:, None])))
     return tl.sum((before & ok_j[None, :]).to(tl.int32), axis=1)

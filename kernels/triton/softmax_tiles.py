@@ -50,6 +50,24 @@ def backward_rows(q, do, lse, dlt, b, h, bh, i, e, T, H, E):
 
 
 @triton.jit
+def finite_values(vt):
+    """A value tile [BN, BE] with the rows that hold a non-finite entry zeroed, and which rows
+    those are [BN]: ``tl.dot`` multiplies masked values by a weight of 0, and 0 * NaN = NaN
+    would reach rows that cannot see them (DESIGN 6); the rows that can see them are marked
+    instead (``visible_scores``). 0 * v is 0, or NaN for an infinite or NaN v."""
+    bad = tl.sum(vt * 0.0, axis=1) != 0.0
+    return tl.where(bad[:, None], 0.0, vt), bad
+
+
+@triton.jit
+def visible_scores(sc, vis, bad):
+    """Scores for the online softmax: -inf where not visible, NaN where the visible key's
+    value (a row of bad [BN]) is not finite, so that the row reads NaN: its weight is NaN,
+    and NaN stays NaN through the rescaling, the sums and ``tl.dot``."""
+    return tl.where(vis, tl.where(bad[None, :], float("nan"), sc), float("-inf"))
+
+
+@triton.jit
 def softmax_start(BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
     """The online softmax before any key: output 0, max -inf, sum 0 per row."""
     return (tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC), tl.full([BLOCK_M], float("-inf"), dtype=ACC),
@@ -73,7 +91,7 @@ def softmax_step(acc, m_i, l_i, sc, vt, IEEE: tl.constexpr, ACC: tl.constexpr):
 @triton.jit
 def store_rows(o, lse, off, ok, i, bh, T, acc, m_i, l_i):
     """The output acc / l and the log-sum-exp m + log l of rows i (0 and m for a row that saw
-    no key)."""
+    no key; NaN where acc is, a row that saw a non-finite value)."""
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(o + off, (acc / l_safe[:, None]).to(o.dtype.element_ty), mask=ok)
     tl.store(lse + bh * T + i, m_i + tl.log(l_safe), mask=i < T)

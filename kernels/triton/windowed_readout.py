@@ -30,11 +30,13 @@ import triton.language as tl
 from .buffers import TileConfig, acc_dtype, check_device, check_float, check_same_shape, empty
 from .softmax_tiles import dot as _dot
 from .softmax_tiles import dq_part as _dq_part
+from .softmax_tiles import finite_values as _finite_values
 from .softmax_tiles import program_rows as _program_rows
 from .softmax_tiles import rows as _rows
 from .softmax_tiles import softmax_start as _softmax_start
 from .softmax_tiles import softmax_step as _softmax_step
 from .softmax_tiles import store_rows as _store_rows
+from .softmax_tiles import visible_scores as _visible_scores
 
 RAW, FADING, STORE = 0, 1, 2
 
@@ -91,9 +93,10 @@ def _tile(acc, m_i, l_i, q, do, lse, dlt, i, s_q, kb, vb, spb, b, h, s, j0, off,
                    Tq, Tk, M)
     if GRAD:
         acc = acc + _dq_part(sc, vis, lse, dlt, do, kt, vt, IEEE, ACC) * scale
-    else:
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, tl.where(vis, sc, float("-inf")), vt,
-                                      IEEE, ACC)
+    else:  # the gradient may be NaN where a value is; the forward is causal for it
+        vt, bad = _finite_values(vt)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, _visible_scores(sc, vis, bad), vt, IEEE,
+                                      ACC)
     return acc, m_i, l_i
 
 
@@ -325,5 +328,8 @@ def windowed_readout_ref(q, k, v, window, fading_k=None, fading_v=None, store_k=
             mask[:, n_plain:] = (sp >= 0) & (sp <= t - window)
         sc = torch.einsum("bhe,bnhe->bhn", q[:, i].to(acc), kk) / math.sqrt(E)
         sc = sc.masked_fill(~mask[:, None, :], float("-inf"))
-        outs.append(torch.einsum("bhn,bnhe->bhe", torch.softmax(sc, -1), vv))
+        vv = torch.where(mask[:, :, None, None], vv, 0.0)  # masked entries: never 0 * NaN
+        o = torch.einsum("bhn,bnhe->bhe", torch.softmax(sc, -1), vv)
+        # a row that sees a non-finite value is NaN in every channel, as the kernel writes it
+        outs.append(o.masked_fill(~torch.isfinite(o).all(-1, keepdim=True), float("nan")))
     return torch.stack(outs, 1).to(q.dtype)

@@ -248,17 +248,13 @@ class JaxMoonsMemory(eqx.Module):
     beta: float = eqx.field(static=True)
 
     def __init__(self, heads: int, seed: int = 0, beta: float = 50.0):
-        import torch
+        from memcore.tasks.moons import initial_weights
 
         if heads not in (1, 3):
             raise ValueError(f"moons: heads must be 1 or 3 (3 complex dims in all), got {heads}")
-        # Drawn in the torch module's order from its generator: both backends start equal.
-        gen = torch.Generator().manual_seed(seed)
-        s = 1.0 / math.sqrt(6)
-        draw = [_f32((torch.rand(3, 3, generator=gen) * 2 - 1) * s) for _ in range(6)]
-        self.phi = JaxComplexLinear(draw[0], draw[1])
-        self.psi = JaxComplexLinear(draw[2], draw[3])
-        self.out = JaxComplexLinear(draw[4], draw[5])
+        w = initial_weights(seed)  # the torch module's: both backends start equal
+        self.phi, self.psi, self.out = (JaxComplexLinear(_f32(w[f"{m}.re"]), _f32(w[f"{m}.im"]))
+                                        for m in ("phi", "psi", "out"))
         self.heads = heads
         self.beta = float(beta)
 

@@ -40,7 +40,7 @@ import optax
 from memcore.checkpoint import atomic_write
 from memcore.tasks.jax_stack import pad_positions
 from memcore.tasks.mqar import IGNORE
-from memcore.tasks.train import TrainConfig, lr_at, run_steps, start_run
+from memcore.tasks.train import TrainConfig, lr_at, run_steps, spec_of, start_run
 
 F32 = jnp.float32
 CLIP_EPS = 1e-6  # torch's clip_grad_norm_ adds it to the norm
@@ -162,7 +162,8 @@ def save_checkpoint(path: str, model, opt_state, step: int, cfg: TrainConfig,
     tensors = {f"model.{k}": np.array(v) for k, v in model.state_dict().items()}
     for k, v in _opt_leaves(opt_state).items():
         tensors[k] = np.array(v)
-    meta = {"step": step, "backend": "jax", "config": asdict(cfg), "history": history}
+    meta = {"step": step, "backend": "jax", "config": asdict(cfg), "history": history,
+            "spec": spec_of(model)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp,
                                              metadata={"train_state": json.dumps(meta)}),
                  prefix=".ckpt-")
@@ -205,9 +206,10 @@ def train(model, batch_fn: Callable, cfg: TrainConfig, eval_fn: Callable | None 
           resume: bool = False, name: str = "model", quiet: bool = False,
           loss_fn: Callable | None = None, time_multiple: int = 1, pad_token: int = 0) -> dict:
     """Train the JAX ``model`` (``memcore.tasks.jax_stack``) for ``cfg.steps`` AdamW steps on
-    ``batch_fn(step) -> (inputs, labels)`` (IGNORE where unlabelled). ``eval_fn(model) ->
-    float`` as in the torch loop. ``loss_fn(model, *batch) -> (total, reported)`` (pure,
-    traceable) replaces the masked cross-entropy; the batch is then passed as arrays.
+    ``batch_fn(step) -> (inputs, labels)`` (IGNORE where unlabelled). ``eval_fn(model)`` (a
+    float, or a dict with "val") as in the torch loop. ``loss_fn(model, *batch) -> (total,
+    reported)`` (pure, traceable) replaces the masked cross-entropy; the batch is then passed
+    as arrays.
     Returns the torch loop's dict plus "model": the trained model (modules are immutable)."""
     if isinstance(time_multiple, bool) or not isinstance(time_multiple, int) or \
             time_multiple < 1:
@@ -231,7 +233,7 @@ def _train(model, dev, batch_fn, cfg, eval_fn, resume, name, quiet, loss_fn, tim
         model, opt_state, meta = load_checkpoint(path, model, opt_state)
         return meta
 
-    run = start_run(cfg, name, quiet, resume, load)
+    run = start_run(cfg, name, quiet, resume, load, spec=spec_of(model), backend="jax")
     # Every input of the step committed to one device: a mix of committed and uncommitted
     # arrays would compile the step twice.
     model, opt_state = jax.device_put((model, opt_state), dev)
@@ -260,5 +262,5 @@ def _train(model, dev, batch_fn, cfg, eval_fn, resume, name, quiet, loss_fn, tim
         save_checkpoint(path, model, opt_state, step, cfg, history)
 
     res = run_steps(cfg, name, quiet, run, step_fn,
-                    None if eval_fn is None else lambda final: float(eval_fn(model)), save)
+                    None if eval_fn is None else lambda final: eval_fn(model), save)
     return {**res, "model": model}

@@ -1,11 +1,12 @@
-"""What the task models of both backends share (no torch or JAX import): their argument checks
-and the pass through their blocks."""
+"""What the task models of both backends share (no torch or JAX import): their argument checks,
+the pass through their blocks, and the memory a model keeps per sequence, from its spec."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import memcore
+from memcore.spec import sizes
 from memcore.spec.model import Model
 
 
@@ -65,5 +66,39 @@ def sum_aux(auxes):
 
 def conv_state_bytes(model) -> int:
     """Bytes of the short convolutions' last K-1 inputs at float32, over all blocks."""
-    return len(model.mixers) * (model.short_conv - 1) * model.spec.d_model * 4 \
-        if model.short_conv else 0
+    return _conv_bytes(model.spec, model.short_conv)
+
+
+def _conv_bytes(spec, short_conv: int) -> int:
+    return spec.n_layers * (short_conv - 1) * spec.d_model * FLOAT_BYTES if short_conv else 0
+
+
+FLOAT_BYTES = 4  # the task models keep their states in float32
+
+
+def _filled(layer, seq_len: int) -> int | None:
+    """The entries a growing cache holds after ``seq_len`` tokens: a full KV cache every token's
+    key and value; Memory Mosaics' associative memory without a capacity every pair but the
+    last (its look-ahead value is the next token's); None for a bounded state."""
+    if layer.kind == "transformer" and layer.window is None:
+        return seq_len
+    if layer.kind == "mosaic" and layer.capacity is None:
+        return max(seq_len - 1, 0)
+    return None
+
+
+def memory_bytes(spec, seq_len: int, short_conv: int = 0) -> int:
+    """Bytes a task model (``TaskLM``, ``JaxTaskLM``) keeps per sequence at evaluation length
+    ``seq_len``, from its spec: each mixer's streaming state (``memcore.spec.sizes.state_bytes``:
+    recurrent state, windows, eidetic store and candidates, float32 with int64 store positions)
+    with its growing cache filled to ``seq_len``, plus the short convolutions' last K-1 inputs.
+    State + store + KV cache, as the B'MOJO paper counts memory."""
+    if not isinstance(spec, Model):
+        raise TypeError(f"memory_bytes: spec must be a memcore model spec, got "
+                        f"{type(spec).__name__}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+        raise ValueError(f"memory_bytes: seq_len must be an int >= 0, got {seq_len!r}")
+    states = sum(sizes.state_bytes(layer, 1, max_len=_filled(layer, seq_len),
+                                   dtype_bytes=FLOAT_BYTES, index_bytes=8)
+                 for layer in spec.layers)
+    return states + _conv_bytes(spec, short_conv)

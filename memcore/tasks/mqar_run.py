@@ -1,8 +1,12 @@
-"""MQAR experiments: the models compared, the quick configuration, Zoology's Figure-2 sweep,
-and the results file.
+"""MQAR experiments: training every model of a plan (``memcore.tasks.mqar_configs``) under the
+protocol, and the results.
 
-Every model has 2 mixer layers and no MLP (Zoology). The quick configuration departs from
-Zoology's protocol in ways listed in ``QUICK_DEVIATIONS``; they are printed and recorded.
+Every model has 2 mixer layers and no MLP (Zoology). Every mode runs the protocol of
+``memcore.tasks.protocol``: each (learning rate, seed) trains on the same budget, early-stops and
+keeps its checkpoint on a validation set disjoint from the test set (both sets the same for every
+model and seed); each model keeps the rate with the best mean validation accuracy and reports the
+test accuracy there, mean +- std over seeds. ``deviations`` lists every departure from Zoology's
+protocol, computed from the configuration that ran.
 """
 
 from __future__ import annotations
@@ -10,118 +14,21 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import numpy as np
-import torch
 
-from memcore import spec as S
-from memcore.tasks import mqar, plots, runs
-from memcore.tasks.stack import TaskLM
+from memcore.tasks import model_args, mqar, plots, protocol, runs
+from memcore.tasks.mqar_configs import MODELS, MQARConfig, deviations, model_spec, plan
 from memcore.tasks.train import CHECKPOINT, TrainConfig, check_backend
 
-MODELS = ("bmojo", "mamba", "transformer", "transformer_window", "bmojo_f", "mosaic", "jamba")
+TEST_STREAM, VAL_STREAM = 4, 5  # the held-out sets' generator streams (training: [seed, ...])
+# Per-step cost on a CPU, most expensive first (the scans, then the hybrids, then attention).
+SLOWEST_FIRST = ("bmojo", "bmojo_f", "mamba", "mamba_swa", "jamba", "mosaic", "transformer",
+                 "transformer_window")
 
 
-@dataclass(frozen=True)
-class MQARConfig:
-    """One MQAR run: the data (Zoology's generator), the 2-layer model and its training
-    (``steps`` 0: ``epochs`` passes over ``train_examples``)."""
-
-    vocab_size: int = 8192
-    seq_len: int = 64
-    num_kv_pairs: int = 4
-    d_model: int = 64
-    n_heads: int = 1
-    d_state: int = 16
-    window: int = 8  # bmojo's raw window; also transformer_window's
-    chunk: int = 16  # bmojo store: chunk length, tokens kept per chunk, capacity
-    select: int = 8
-    capacity: int = 32
-    short_conv: int = 0  # width of the causal depthwise conv before each mixer (0: none)
-    batch_size: int = 512
-    steps: int = 0  # 0: epochs * train_examples / batch_size
-    epochs: int = 64
-    train_examples: int = 100_000  # 0: fresh samples every step
-    test_examples: int = 3_000
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    aux_weight: float = 0.1
-    early_stop: float = 0.99
-    eval_every: int = 0
-    random_non_queries: bool = False
-
-    def __post_init__(self):
-        mqar.check_config(self.vocab_size, self.seq_len, self.num_kv_pairs)
-
-    @property
-    def total_steps(self) -> int:
-        if self.steps:
-            return self.steps
-        if not self.train_examples:
-            raise ValueError("MQARConfig: with fresh samples (train_examples=0) give steps")
-        return self.epochs * -(-self.train_examples // self.batch_size)
-
-
-# L=64, kv=4: the keys sit at positions 0..7 and the median query slot offset is about 4, so
-# most queries come 9 or more tokens after their pair; a raw window of 4 misses them (recall then
-# needs the store or the fading memory). The store's first chunk is exactly the 8 context tokens.
-QUICK = MQARConfig(vocab_size=512, seq_len=64, num_kv_pairs=4, d_model=64, n_heads=1,
-                   d_state=4, window=4, chunk=8, select=8, capacity=16, short_conv=3,
-                   batch_size=32, steps=800, train_examples=0, test_examples=256, lr=3e-3,
-                   eval_every=50, early_stop=0.99)
-
-QUICK_DEVIATIONS = [
-    "vocab 512 instead of 8192 (keys [1,256), values [256,512))",
-    "one point of the sweep, (L, kv) = (64, 4) with d_model 64, one learning rate 3e-3 "
-    "(no sweep)",
-    "fresh samples every step instead of a fixed 100k training set; batch 32; at most 800 "
-    "steps with cosine decay instead of 64 epochs (early stop above 0.99 checked every 50 "
-    "steps); 256 test examples",
-    "a causal depthwise convolution of width 3 before each mixer (as the Based paper's "
-    "short-conv hybrids), for every model",
-    "attention uses rotary positions (memcore's default) instead of learned absolute ones; "
-    "no dropout",
-    "mamba d_state 4 instead of 16 (CPU time); grad-norm clipping at 1.0; bmojo innovation "
-    "loss weight 0.1",
-]
-
-# Zoology's Figure 2 (iclr24_zoology_figure2/configs.py): (L, kv, batch), widths and LRs.
-FULL_GRID = [(64, 4, 512), (128, 8, 512), (256, 16, 256), (512, 64, 128)]
-FULL_WIDTHS = (64, 128, 256, 512)
-FULL_LRS = tuple(float(x) for x in np.logspace(-4, -2, 4))
-
-
-def model_spec(name: str, cfg: MQARConfig):
-    """The 2-layer, MLP-free model spec for ``name``."""
-    d, h, V = cfg.d_model, cfg.n_heads, cfg.vocab_size
-    if name == "bmojo":
-        layer = S.bmojo(d, h, window=cfg.window, chunk=cfg.chunk, select=cfg.select,
-                        capacity=cfg.capacity, d_state=cfg.d_state)
-    elif name == "bmojo_f":
-        layer = S.bmojo_f(d, h, window=cfg.window, d_state=cfg.d_state)
-    elif name == "mamba":
-        layer = S.mamba(d, d_state=cfg.d_state)
-    elif name == "transformer":
-        layer = S.transformer(d, h)
-    elif name == "transformer_window":
-        layer = S.transformer(d, h, window=cfg.window)
-    elif name == "mosaic":
-        layer = S.mosaic(d, h)
-    elif name == "jamba":
-        return S.jamba(d, h, pattern="MA", n_layers=2, vocab_size=V, d_state=cfg.d_state,
-                       ffn=None)
-    else:
-        raise ValueError(f"unknown model {name!r}; choose among {list(MODELS)}")
-    return S.model([layer, layer], V, ffn=None)
-
-
-def check_models(names) -> list:
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise ValueError(f"--models: unknown model(s) {unknown}; choose among {list(MODELS)}")
-    return list(names)
-
+# -- data ----------------------------------------------------------------------------------------
 
 def _batches(cfg: MQARConfig, seed: int):
     """batch_fn(step): a pure function of (seed, step), so that resume replays the data."""
@@ -144,23 +51,36 @@ def _batches(cfg: MQARConfig, seed: int):
     return fixed
 
 
-def evaluator(cfg: MQARConfig, seed: int, batch: int = 256, backend: str = "torch"):
-    x, y = mqar.generate(cfg.test_examples, cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs,
-                         np.random.default_rng([seed, 4]),
-                         random_non_queries=cfg.random_non_queries)
+def held_out_sets(cfg: MQARConfig) -> tuple[tuple, tuple]:
+    """(validation, test) as (inputs, labels): the same for every model and seed, and no
+    example in both."""
+    def gen(n, rng):
+        return mqar.generate(n, cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs, rng,
+                             random_non_queries=cfg.random_non_queries)
 
-    def logits_torch(model, xb, mask):
-        dev = next(model.parameters()).device
-        with torch.no_grad():
-            out = model(torch.as_tensor(xb, device=dev), torch.as_tensor(mask, device=dev))
-        return out.cpu().numpy()
+    test = gen(cfg.test_examples, np.random.default_rng([TEST_STREAM]))
+    rng = np.random.default_rng([VAL_STREAM])
+    val = protocol.held_out(lambda n: gen(n, rng), cfg.val_examples, test)
+    return val, test
 
+
+def evaluator(cfg: MQARConfig, backend: str = "torch", batch: int = 256):
+    """``evaluate(model) -> {"val": accuracy, "test": accuracy}``; the test set is scored only
+    when the validation accuracy is the best of the run so far (the checkpoint the protocol
+    may keep), and never chooses anything."""
+    (xv, yv), (xt, yt) = held_out_sets(cfg)
     if backend == "jax":
         from memcore.tasks.jax_stack import logits_at as logits_of
     else:
-        logits_of = logits_torch
+        import torch
 
-    def evaluate(model):
+        def logits_of(model, xb, mask):
+            dev = next(model.parameters()).device
+            with torch.no_grad():
+                out = model(torch.as_tensor(xb, device=dev), torch.as_tensor(mask, device=dev))
+            return out.cpu().numpy()
+
+    def accuracy(model, x, y):
         preds = np.full(y.shape, -1, dtype=np.int64)
         for s in range(0, len(x), batch):
             mask = y[s:s + batch] != mqar.IGNORE
@@ -168,151 +88,193 @@ def evaluator(cfg: MQARConfig, seed: int, batch: int = 256, backend: str = "torc
             pb[mask] = logits_of(model, x[s:s + batch], mask).argmax(-1)
             preds[s:s + batch] = pb
         return mqar.accuracy(preds, y)
-    return evaluate, x
 
+    best = [-np.inf]
+
+    def evaluate(model):
+        out = {"val": accuracy(model, xv, yv)}
+        if out["val"] > best[0]:
+            best[0] = out["val"]
+            out["test"] = accuracy(model, xt, yt)
+        return out
+    return evaluate
+
+
+# -- one run, one model, a plan ------------------------------------------------------------------
 
 def run_one(name: str, cfg: MQARConfig, seed: int = 0, device: str = "cpu",
             out_dir: str | None = None, resume: bool = False, checkpoint_every: int = 0,
             log_every: int = 50, quiet: bool = False, backend: str = "torch") -> dict:
+    """Train ``name`` at ``cfg.lr`` and ``seed``; the validation accuracy of its best checkpoint
+    and the test accuracy of that checkpoint."""
     spec = model_spec(name, cfg)
     tcfg = TrainConfig(steps=cfg.total_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                        seed=seed, aux_weight=cfg.aux_weight, log_every=log_every,
                        eval_every=cfg.eval_every, early_stop=cfg.early_stop,
-                       checkpoint_every=checkpoint_every, out_dir=out_dir, device=device)
-    evaluate, x_test = evaluator(cfg, seed, backend=backend)
+                       checkpoint_every=checkpoint_every, checkpoint_at_end=bool(out_dir),
+                       out_dir=out_dir, device=device)
     if resume and not (out_dir and os.path.exists(os.path.join(out_dir, CHECKPOINT))):
         if not out_dir:
             raise ValueError("--resume needs --out (the folder holding the checkpoints)")
-        resume = False  # this model had not written a checkpoint yet: it starts afresh
+        resume = False  # this run had not written a checkpoint yet: it starts afresh
     if backend == "jax":
         from memcore.tasks.jax_stack import JaxTaskLM
 
         model = JaxTaskLM(spec, seed=seed, short_conv=cfg.short_conv)
     else:
+        from memcore.tasks.stack import TaskLM
+
         model = TaskLM(spec, seed=seed, short_conv=cfg.short_conv)
-    model, res, params = runs.train_model(backend, model, _batches(cfg, seed), tcfg,
-                                          eval_fn=evaluate, resume=resume, name=name,
-                                          quiet=quiet)
-    if backend == "jax":
-        state_bytes = model.state_bytes(x_test[:1])
-    else:
-        model.to("cpu")
-        state_bytes = model.state_bytes(torch.as_tensor(x_test[:1]))
-    return {"accuracy": res["metric"], "state_bytes": state_bytes, "params": params,
-            "steps": res["steps"], "seconds": round(res["seconds"], 1),
-            "final_loss": res["losses"][-1] if res["losses"] else None,
-            "backend": backend, "spec": json.loads(spec.to_json())}
+    _, res, params = runs.train_model(backend, model, _batches(cfg, seed), tcfg,
+                                      eval_fn=evaluator(cfg, backend), resume=resume,
+                                      name=name, quiet=quiet)
+    step, val, extras = protocol.best_evaluation(res["evals"])
+    return {"lr": cfg.lr, "seed": seed, "val_accuracy": val, "accuracy": extras["test"],
+            "best_step": step, "steps": res["steps"], "stopped": res["stopped"],
+            "seconds": round(res["seconds"], 1), "params": params,
+            "final_loss": res["losses"][-1] if res["losses"] else None}
 
 
-def full_plan(models) -> list:
-    """Zoology Figure 2: every (model, L, kv, d, lr); the best LR per (model, L, d) is kept."""
-    plan = []
-    for name in models:
-        for L, kv, batch in FULL_GRID:
-            for d in FULL_WIDTHS:
-                for lr in FULL_LRS:
-                    cfg = MQARConfig(vocab_size=8192, seq_len=L, num_kv_pairs=kv, d_model=d,
-                                     batch_size=batch, lr=lr, epochs=64,
-                                     train_examples=100_000, test_examples=3_000,
-                                     window=max(8, L // 16), chunk=16, select=2 * kv // 4 or 1,
-                                     capacity=4 * kv, d_state=16, short_conv=0,
-                                     eval_every=-(-100_000 // batch))
-                    plan.append((name, cfg))
-    return plan
+def _run_tagged(tag, *args):
+    return run_one(*args)
 
 
-def _one_thread():
-    torch.set_num_threads(1)
-    # XLA reads its flags when JAX starts, which in a fresh worker is after this.
-    flag = "--xla_cpu_multi_thread_eigen=false"
-    if flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+def summarize(name: str, cfg: MQARConfig, results: list) -> dict:
+    """One model's line of a table: the protocol's selection over its runs, its memory at the
+    evaluation length, and the runs themselves."""
+    sel = protocol.select(results)
+    spec = model_spec(name, cfg)
+    at = [r for r in results if r["lr"] == sel["lr"]]
+    return {**{k: sel[k] for k in ("accuracy", "accuracy_std", "val_accuracy",
+                                   "val_accuracy_std", "lr", "seeds", "by_lr")},
+            "memory_bytes": model_args.memory_bytes(spec, cfg.seq_len, cfg.short_conv),
+            "params": results[0]["params"], "budget_steps": cfg.total_steps,
+            "steps": round(float(np.mean([r["steps"] for r in at]))),
+            "seconds": round(sum(r["seconds"] for r in results), 1),
+            "runs": sorted(results, key=lambda r: (r["lr"], r["seed"])),
+            "spec": json.loads(spec.to_json())}
 
 
-def _run_one_args(args):
-    return args[0], run_one(*args)
+# -- the command ---------------------------------------------------------------------------------
 
+def run(models, mode: str = "quick", lrs=None, seeds=None, device: str = "cpu",
+        out_dir: str | None = None, overrides: dict | None = None, swept: dict | None = None,
+        resume: bool = False, checkpoint_every: int = 0, backend: str = "torch",
+        log_every: int = 50, quiet: bool = False, jobs: int = 1) -> dict:
+    """Train every (model, learning rate, seed) of ``plan(models, mode, ...)``, ``jobs`` at a
+    time in single-thread processes; select per model; write results.json, the logs, the
+    checkpoints and the plot under ``out_dir``. Returns the results dict.
 
-def _map(jobs_args: list, jobs: int):
-    """(name, result) as each model finishes: in this process for one job, else in a pool of
-    spawned single-thread processes (two small processes use two cores better than one
-    process with two threads)."""
-    if jobs == 1 or len(jobs_args) == 1:
-        for a in jobs_args:
-            yield _run_one_args(a)
-        return
-    import concurrent.futures as cf
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
-                                initializer=_one_thread) as pool:
-        futures = [pool.submit(_run_one_args, a) for a in jobs_args]
-        for f in cf.as_completed(futures):
-            yield f.result()
-
-
-def run(models, quick: bool = True, seed: int = 0, device: str = "cpu",
-        out_dir: str | None = None, overrides: dict | None = None, resume: bool = False,
-        checkpoint_every: int = 0, backend: str = "torch", log_every: int = 50,
-        quiet: bool = False, jobs: int = 1) -> dict:
-    """Train and evaluate every model (``jobs`` at a time, in separate processes of one
-    thread each); write results.json, log.jsonl and the plot under ``out_dir``. Returns the
-    results dict."""
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"--jobs must be an int >= 1, got {jobs!r}")
+    Under ``--resume`` the run under ``out_dir`` must have the same configuration (refused by
+    name otherwise) and each run continues from its checkpoint. The memory sweep keeps the
+    points of other families already under ``out_dir`` (same configuration), so it can run
+    family by family."""
     check_backend(backend)
-    models = check_models(models)
     t0 = time.time()
     say = runs.say_unless(quiet)
-    results: dict = {"models": {}, "deviations": [], "seed": seed, "device": device,
-                     "backend": backend}
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = sorted(set(overrides) - set(MQARConfig.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"mqar: unknown configuration fields {unknown}")
-    if quick:
-        cfg = replace(QUICK, **overrides)
-        if "steps" in overrides and "eval_every" not in overrides:
-            cfg = replace(cfg, eval_every=min(QUICK.eval_every, cfg.steps))
-        results["config"] = asdict(cfg)
-        results["deviations"] = list(QUICK_DEVIATIONS)
-        if overrides:
-            results["deviations"].append(f"quick configuration overridden: {overrides}")
-        say("memcore mqar --quick: deviations from Zoology's protocol:")
-        for dv in results["deviations"]:
-            say(f"  - {dv}")
-        jobs_args = [(name, cfg, seed, device, os.path.join(out_dir, name) if out_dir else None,
-                      resume, checkpoint_every, log_every, quiet, backend) for name in models]
-        for name, res in _map(jobs_args, jobs):
-            results["models"][name] = res
-            say(f"[{name}] accuracy {res['accuracy']:.4f}")
+    variants, sweep, cfg = plan(models, mode, overrides, lrs, seeds, swept)
+    results: dict = {"mode": mode, "config": asdict(cfg),
+                     "sweep": {"lrs": list(sweep.lrs), "seeds": list(sweep.seeds)},
+                     "deviations": deviations(cfg, sweep, models, mode), "models": {},
+                     "device": device, "backend": backend}
+    if mode != "quick":
+        results["points"] = []
+    previous = runs.previous_results(out_dir)
+    same = {k: results[k] for k in ("mode", "config", "sweep")}
+    if previous is not None and (resume or mode == "memory"):
+        runs.check_same_run({k: previous.get(k) for k in same}, same,
+                            "--resume" if resume else "--sweep memory", out_dir)
+        if mode == "memory":  # the points of earlier commands that this one does not rerun
+            tags = {tag for tag, *_ in variants}
+            results["points"] = [p for p in previous.get("points", []) if p["tag"] not in tags]
+            every = list(models) + [p["model"] for p in results["points"]]
+            results["deviations"] = deviations(cfg, sweep, every, mode)
+    if overrides := {k: v for k, v in (overrides or {}).items() if v is not None}:
+        results["overrides"] = overrides
+    say(f"memcore mqar ({mode}): {len(variants)} model(s) x {len(sweep.lrs)} learning rate(s) "
+        f"x {len(sweep.seeds)} seed(s); deviations from Zoology's protocol:")
+    for dv in results["deviations"]:
+        say(f"  - {dv}")
+    jobs_args, by_tag = [], {}
+    for tag, name, c, info in variants:
+        by_tag[tag] = (name, c, info, [])
+        for lr, seed in sweep.runs:
+            sub = os.path.join(out_dir, tag, f"lr{lr:.3g}-seed{seed}") if out_dir else None
+            jobs_args.append((tag, name, replace(c, lr=lr), seed, device, sub, resume,
+                              checkpoint_every, log_every, quiet, backend))
+    # The slowest models first, so that a pool's last jobs are short ones.
+    jobs_args.sort(key=lambda a: SLOWEST_FIRST.index(a[1]))
+    for args, res in runs.map_jobs(_run_tagged, jobs_args, jobs):
+        name, c, info, done = by_tag[args[0]]
+        done.append(res)
+        say(f"[{args[0]}] lr {res['lr']:.2e} seed {res['seed']}: val {res['val_accuracy']:.4f} "
+            f"test {res['accuracy']:.4f} ({res['steps']} steps)")
+        if len(done) == len(sweep.runs):
+            line = summarize(name, c, done)
+            if mode == "quick":
+                results["models"][name] = line
+            else:
+                results["points"].append({"tag": args[0], **info, "model": name, **line})
             runs.write_results(results, out_dir, t0)  # a long run leaves what it has finished
+    if mode == "quick":
         results["models"] = {n: results["models"][n] for n in models}  # the order asked for
     else:
-        results["config"] = {"protocol": "zoology figure 2", "grid": FULL_GRID,
-                             "widths": FULL_WIDTHS, "lrs": FULL_LRS, "vocab_size": 8192}
-        sweep = []
-        for name, cfg in full_plan(models):
-            cfg = replace(cfg, **overrides)
-            tag = f"{name}-L{cfg.seq_len}-d{cfg.d_model}-lr{cfg.lr:.2e}"
-            sub = os.path.join(out_dir, tag) if out_dir else None
-            r = run_one(name, cfg, seed, device, sub, resume, checkpoint_every, log_every,
-                        quiet, backend)
-            sweep.append({"model": name, "seq_len": cfg.seq_len,
-                          "num_kv_pairs": cfg.num_kv_pairs, "d_model": cfg.d_model, "lr": cfg.lr,
-                          **r})
-        results["runs"] = sweep
-        for name in models:  # headline: the best over LR at the largest (L, d) grid point
-            mine = [r for r in sweep if r["model"] == name]
-            best = max(mine, key=lambda r: (r["seq_len"], r["d_model"], r["accuracy"]))
-            results["models"][name] = {k: best[k] for k in ("accuracy", "state_bytes", "params")}
+        results["points"].sort(key=lambda p: (p["grid"], MODELS.index(p["model"]),
+                                              tuple(p["values"].values())))
+        for name in models:  # the headline: each model's largest point
+            mine = [p for p in results["points"] if p["model"] == name]
+            if mine:
+                results["models"][name] = max(mine, key=lambda p: (p["memory_bytes"]))
     return runs.finish(results, out_dir, t0, plots.accuracy_vs_memory, "mqar.png")
 
 
+def layers_text(spec) -> str:
+    """A model spec's layers with what sizes their memory, e.g. ``2 x bmojo(window 4, ...)``."""
+    def one(layer):
+        k = layer.kind
+        if k == "mamba":
+            return f"mamba(d_state {layer.d_state})"
+        if k == "transformer":
+            return f"attention(window {layer.window or 'full'})"
+        if k == "bmojo_f":
+            return f"bmojo_f(window {layer.window}, d_state {layer.d_state})"
+        if k == "bmojo":
+            return (f"bmojo(window {layer.window}, chunk {layer.chunk}, select {layer.select}, "
+                    f"capacity {layer.capacity}, d_state {layer.d_state})")
+        return f"mosaic(capacity {layer.capacity or 'all'})" if k == "mosaic" else k
+    texts = [one(layer) for layer in spec.layers]
+    if len(set(texts)) == 1:
+        return f"{len(texts)} x {texts[0]}"
+    return " + ".join(texts)
+
+
+def describe(variants: list, sweep: protocol.Sweep, overrides: dict | None) -> str:
+    """The dry run's listing: the overrides, the sweep, and every model configuration."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    lines = [f"memcore mqar: {len(variants) * len(sweep.runs)} training runs planned "
+             f"({len(variants)} model configurations x learning rates {list(sweep.lrs)} x "
+             f"seeds {list(sweep.seeds)})",
+             f"overrides: {given if given else 'none'}"]
+    for tag, name, c, _ in variants:
+        spec = model_spec(name, c)
+        lines.append(f"  {tag}: {layers_text(spec)}; L={c.seq_len} kv={c.num_kv_pairs} "
+                     f"V={c.vocab_size} d={c.d_model} batch={c.batch_size} "
+                     f"steps={c.total_steps} memory "
+                     f"{model_args.memory_bytes(spec, c.seq_len, c.short_conv):,} B")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
+    if results["mode"] == "quick":
+        rows = [(name, r) for name, r in results["models"].items()]
+    else:
+        rows = [(f"{p['model']} {p['grid']} " + " ".join(f"{k}={v}" for k, v in
+                                                        p["values"].items()), p)
+                for p in results["points"]]
+    w = max([20] + [len(n) for n, _ in rows])
     return runs.table(
-        f"{'model':<20} {'accuracy':>8} {'state bytes':>12} {'params':>9} {'seconds':>8}", 61,
-        (f"{name:<20} {r['accuracy']:>8.4f} {r['state_bytes']:>12,} "
-         f"{r['params']:>9,} {r.get('seconds', float('nan')):>8}"
-         for name, r in results["models"].items()))
+        f"{'model':<{w}} {'accuracy':>8} {'+-std':>7} {'val':>7} {'lr':>8} {'memory B':>10} "
+        f"{'params':>8} {'seconds':>8}", w + 64,
+        (f"{n:<{w}} {r['accuracy']:>8.4f} {r['accuracy_std']:>7.4f} {r['val_accuracy']:>7.4f} "
+         f"{r['lr']:>8.1e} {r['memory_bytes']:>10,} {r['params']:>8,} {r['seconds']:>8}"
+         for n, r in rows))

@@ -4,7 +4,10 @@ progress lines on stderr, atomic safetensors checkpoints and exact resume.
 Exact resume rests on three things: every batch is a pure function of (seed, step), the learning
 rate is a pure function of the step, and a checkpoint holds the model, the optimizer's moments
 and step counts, and torch's RNG state. Continuing from a checkpoint therefore replays the same
-trajectory as an uninterrupted run.
+trajectory as an uninterrupted run. A resume whose configuration would change that trajectory
+(``runs.RESUME_FIELDS``, the model's width or vocabulary) is refused, naming what changed; the log
+keeps one record per step (what was logged after the checkpoint is dropped before those steps
+run again) and the run's ``seconds`` count on from the checkpoint's.
 
 Under ``torchrun`` (WORLD_SIZE > 1) the loop runs data parallel: each rank trains on every
 world-th example of the step's batch, DistributedDataParallel averages the gradients, and rank 0
@@ -29,6 +32,7 @@ import torch
 
 from memcore.checkpoint import atomic_write
 from memcore.tasks.mqar import IGNORE
+from memcore.tasks.runs import check_resume, checkpoint_meta, spec_of
 
 CHECKPOINT = "checkpoint.safetensors"
 BACKENDS = ("torch", "jax")
@@ -49,7 +53,8 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0  # 0: evaluate only at the end
     early_stop: float | None = None  # stop once the evaluation metric exceeds this
-    checkpoint_every: int = 0  # 0: no checkpoints
+    checkpoint_every: int = 0  # 0: no periodic checkpoints
+    checkpoint_at_end: bool = False  # also after the last step (or the early stop)
     out_dir: str | None = None
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
@@ -66,20 +71,20 @@ class TrainConfig:
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"TrainConfig: schedule must be 'cosine' or 'linear', got "
                              f"{self.schedule!r}")
-        if self.checkpoint_every and not self.out_dir:
-            raise ValueError("TrainConfig: checkpoint_every needs out_dir (where to write)")
+        for name in ("checkpoint_every", "checkpoint_at_end"):
+            if getattr(self, name) and not self.out_dir:
+                raise ValueError(f"TrainConfig: {name} needs out_dir (where to write)")
 
 
-def log_progress(name: str, step: int, cfg: TrainConfig, loss: float, start: int, t0: float,
-                 log: Callable[[dict], None], quiet: bool) -> None:
-    """Every ``cfg.log_every`` steps: a progress line on stderr and a JSON-lines record (the
-    same for both backends' loops)."""
+def log_progress(name: str, step: int, cfg: TrainConfig, loss: float, rate: float,
+                 seconds: float, log: Callable[[dict], None], quiet: bool) -> None:
+    """Every ``cfg.log_every`` steps: a progress line on stderr (``rate`` steps/s in this
+    process) and a JSON-lines record (``seconds`` of the run so far); the same for both
+    backends' loops."""
     if cfg.log_every and step % cfg.log_every == 0:
-        rate = (step - start) / max(1e-9, time.time() - t0)
         say(f"[{name}] step {step}/{cfg.steps} loss {loss:.4f} "
              f"lr {lr_at(step - 1, cfg):.2e} {rate:.2f} steps/s", quiet)
-        log({"step": step, "loss": loss, "lr": lr_at(step - 1, cfg),
-             "seconds": time.time() - t0})
+        log({"step": step, "loss": loss, "lr": lr_at(step - 1, cfg), "seconds": seconds})
 
 
 def check_backend(backend: str) -> None:
@@ -151,7 +156,7 @@ def masked_loss(model, inputs, labels, aux_weight: float, aux_source=None):
 # -- checkpoints ---------------------------------------------------------------------------------
 
 def save_checkpoint(path: str, model, optimizer, step: int, cfg: TrainConfig,
-                    history: list) -> None:
+                    history: dict) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in
@@ -164,7 +169,8 @@ def save_checkpoint(path: str, model, optimizer, step: int, cfg: TrainConfig,
     tensors["rng.torch"] = torch.get_rng_state()
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
               for g in sd["param_groups"]]
-    meta = {"step": step, "param_groups": groups, "config": asdict(cfg), "history": history}
+    meta = {"step": step, "backend": "torch", "param_groups": groups, "config": asdict(cfg),
+            "history": history, "spec": spec_of(model)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp,
                                              metadata={"train_state": json.dumps(meta)}),
                  prefix=".ckpt-")
@@ -222,32 +228,58 @@ def say(msg: str, quiet: bool) -> None:
 @dataclass
 class Run:
     """Where a run starts (both backends' loops): its first step, the history so far, the
-    checkpoint path (None without ``out_dir``) and the JSON-lines log."""
+    checkpoint path (None without ``out_dir``), the JSON-lines log, the seconds already spent
+    before ``start`` and whether the run had stopped early there."""
     start: int
     losses: list
     evals: list
     checkpoint: str | None
     log: Callable[[dict], None]
+    seconds: float = 0.0
+    stopped: bool = False
+
+
+def _keep_log_until(path: str, step: int) -> None:
+    """Drop the records of steps after ``step`` from the JSON-lines log at ``path`` (they were
+    written after the checkpoint and are about to run again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(lines)
+    os.replace(tmp, path)
 
 
 def start_run(cfg: TrainConfig, name: str, quiet: bool, resume: bool,
-              load: Callable[[str], dict], write_log: bool = True) -> Run:
+              load: Callable[[str], dict], write_log: bool = True,
+              spec: dict | None = None, backend: str = "torch") -> Run:
     """The run's folder, log and checkpoint path; with ``resume``, ``load(path)`` restores the
-    checkpoint and returns its metadata, else a fresh run starts a fresh log."""
+    checkpoint and returns its metadata (first checked against ``backend``, ``cfg`` and the
+    model's ``spec`` by ``check_resume``), else a fresh run starts a fresh log."""
     log_path = ckpt_path = None
     if cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
         log_path = os.path.join(cfg.out_dir, "log.jsonl") if write_log else None
         ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT)
-    start, losses, evals = 0, [], []
+    run = Run(0, [], [], ckpt_path, lambda record: None)
     if resume:
         if not ckpt_path:
             raise ValueError("--resume needs --out (the folder holding the checkpoint)")
+        # The metadata is checked before anything loads: another model's tensors would fail
+        # to load with a less telling error.
+        check_resume(checkpoint_meta(ckpt_path), cfg, spec, ckpt_path, backend)
         meta = load(ckpt_path)
-        start = meta["step"]
-        losses = list(meta["history"]["losses"])
-        evals = [tuple(e) for e in meta["history"]["evals"]]
-        say(f"[{name}] resumed from {ckpt_path} at step {start}", quiet)
+        hist = meta["history"]
+        run.start = meta["step"]
+        run.losses = list(hist["losses"])
+        run.evals = [tuple(e) for e in hist["evals"]]
+        run.seconds = float(hist.get("seconds", 0.0))
+        run.stopped = bool(hist.get("stopped", False))
+        if log_path:
+            _keep_log_until(log_path, run.start)
+        say(f"[{name}] resumed from {ckpt_path} at step {run.start}", quiet)
     elif log_path and os.path.exists(log_path):
         os.remove(log_path)
 
@@ -256,57 +288,82 @@ def start_run(cfg: TrainConfig, name: str, quiet: bool, resume: bool,
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"model": name, **record}) + "\n")
 
-    return Run(start, losses, evals, ckpt_path, log)
+    run.log = log
+    return run
+
+
+def _evaluation(result) -> tuple[float, dict]:
+    """An ``eval_fn`` result: a float (the selection metric), or a dict with the selection
+    metric under "val" and other numbers (e.g. "test") recorded beside it."""
+    if isinstance(result, dict):
+        if "val" not in result:
+            raise ValueError(f"eval_fn returned a dict without 'val' (the metric the early "
+                             f"stop and the selection read): keys {sorted(result)}")
+        return float(result["val"]), {k: float(v) for k, v in result.items() if k != "val"}
+    return float(result), {}
 
 
 def run_steps(cfg: TrainConfig, name: str, quiet: bool, run: Run, step_fn: Callable[[int], float],
-              evaluate: Callable[[bool], float] | None,
+              evaluate: Callable[[bool], float | dict] | None,
               save: Callable[[str, int, dict], None] | None) -> dict:
     """The steps from ``run.start`` to ``cfg.steps`` (both backends' loops): ``step_fn(step)``
-    trains one step and returns its reported loss; ``evaluate(final)`` the metric (``final``:
-    after the last step, training over); ``save(path, step, history)`` writes a checkpoint
-    (None: this process writes none). Progress, evaluation, early stop and checkpoints as
-    ``train`` documents."""
+    trains one step and returns its reported loss; ``evaluate(final)`` the metric, a float or
+    a dict (see ``_evaluation``; ``final``: after the last step, training over);
+    ``save(path, step, history)`` writes a checkpoint (None: this process writes none).
+    Progress, evaluation, early stop and checkpoints as ``train`` documents. ``evals`` holds
+    ``(step, metric)``, or ``(step, val, extras)`` for dict evaluations."""
     losses, evals, log = run.losses, run.evals, run.log
     t0 = time.time()
+
+    def seconds() -> float:
+        return run.seconds + time.time() - t0
+
+    def history(stopped: bool) -> dict:
+        return {"losses": losses, "evals": evals, "seconds": seconds(), "stopped": stopped}
+
+    def record(step: int, final: bool) -> float:
+        val, extras = _evaluation(evaluate(final))
+        evals.append((step, val, extras) if extras else (step, val))
+        log({"step": step, "eval": val, **extras, "seconds": seconds()})
+        return val
+
     metric = evals[-1][1] if evals else None
-    step = run.start
-    while step < cfg.steps:
+    step, stop = run.start, run.stopped
+    while step < cfg.steps and not stop:
         losses.append(step_fn(step))
         step += 1
-        log_progress(name, step, cfg, losses[-1], run.start, t0, log, quiet)
-        stop = False
+        rate = (step - run.start) / max(1e-9, time.time() - t0)
+        log_progress(name, step, cfg, losses[-1], rate, seconds(), log, quiet)
         if evaluate is not None and (step == cfg.steps or
                                      (cfg.eval_every and step % cfg.eval_every == 0)):
-            metric = evaluate(False)
-            evals.append((step, metric))
+            metric = record(step, False)
             say(f"[{name}] step {step} eval {metric:.4f}", quiet)
-            log({"step": step, "eval": metric, "seconds": time.time() - t0})
             stop = cfg.early_stop is not None and metric > cfg.early_stop
-        if save is not None and run.checkpoint and cfg.checkpoint_every and (
-                step % cfg.checkpoint_every == 0 or stop):
-            save(run.checkpoint, step, {"losses": losses, "evals": evals})
-        if stop:
-            say(f"[{name}] early stop at step {step}: {metric:.4f} > {cfg.early_stop}", quiet)
-            break
+            if stop:
+                say(f"[{name}] early stop at step {step}: {metric:.4f} > {cfg.early_stop}",
+                    quiet)
+        last = step == cfg.steps or stop
+        if save is not None and run.checkpoint and (
+                (cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stop)) or
+                (cfg.checkpoint_at_end and last)):
+            save(run.checkpoint, step, history(stop))
     if evaluate is not None and (not evals or evals[-1][0] != step):
-        metric = evaluate(True)
-        evals.append((step, metric))
-        log({"step": step, "eval": metric, "seconds": time.time() - t0})
+        metric = record(step, True)
     return {"losses": losses, "evals": evals, "steps": step, "metric": metric,
-            "seconds": time.time() - t0}
+            "seconds": seconds(), "stopped": stop}
 
 
 def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
           eval_fn: Callable | None = None, resume: bool = False, name: str = "model",
           quiet: bool = False, loss_fn: Callable | None = None) -> dict:
     """Train ``model`` for ``cfg.steps`` AdamW steps on ``batch_fn(step) -> (inputs, labels)``
-    (numpy or torch int arrays, -100 where unlabelled). ``eval_fn(model) -> float`` is called
-    every ``eval_every`` steps and at the end; training stops early once it exceeds
-    ``early_stop``. ``loss_fn(model, *batch) -> (total, reported)`` replaces the masked
-    cross-entropy (e.g. a regression loss; the batch then holds float arrays).
+    (numpy or torch int arrays, -100 where unlabelled). ``eval_fn(model)`` is called every
+    ``eval_every`` steps and at the end and returns a float, or a dict with the validation
+    metric under "val" and other numbers beside it; training stops early once the (validation)
+    metric exceeds ``early_stop``. ``loss_fn(model, *batch) -> (total, reported)`` replaces the
+    masked cross-entropy (e.g. a regression loss; the batch then holds float arrays).
     Returns {"losses": [...], "evals": [(step, metric)], "steps": n, "metric": last metric,
-    "seconds": wall time}."""
+    "seconds": wall time (counting on from a resumed checkpoint's), "stopped": early stop}."""
     dev = check_device(cfg.device)
     rank, world = distributed(dev)
     quiet = quiet or rank != 0
@@ -318,7 +375,7 @@ def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
         net = torch.nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(model, cfg)
     run = start_run(cfg, name, quiet, resume, lambda path: load_checkpoint(path, model, opt),
-                    write_log=rank == 0)  # only rank 0 writes the log
+                    write_log=rank == 0, spec=spec_of(model))  # only rank 0 writes the log
 
     def step_fn(step: int) -> float:
         batch = [torch.as_tensor(a, device=dev)[rank::world] for a in batch_fn(step)]
@@ -335,9 +392,9 @@ def train(model: torch.nn.Module, batch_fn: Callable, cfg: TrainConfig,
         opt.step()
         return float(ce.detach())
 
-    def evaluate(final: bool) -> float:
+    def evaluate(final: bool):
         model.eval()
-        metric = float(eval_fn(model))
+        metric = eval_fn(model)
         if not final:
             model.train()
         return metric

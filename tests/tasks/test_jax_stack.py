@@ -12,7 +12,7 @@ pytest.importorskip("equinox")
 
 import jax.numpy as jnp  # noqa: E402
 
-from memcore.tasks import lm, moons, mqar, mqar_run  # noqa: E402
+from memcore.tasks import lm, moons, mqar, mqar_configs  # noqa: E402
 from memcore.tasks.jax_stack import (  # noqa: E402
     JaxMoonsMemory,
     JaxTaskLM,
@@ -22,7 +22,7 @@ from memcore.tasks.jax_stack import (  # noqa: E402
 from memcore.tasks.stack import TaskLM  # noqa: E402
 
 TOL = 1e-5  # DESIGN section 6: float32 relative RMSE
-CFG = replace(mqar_run.QUICK, vocab_size=64, seq_len=16, num_kv_pairs=2, d_model=16,
+CFG = replace(mqar_configs.QUICK, vocab_size=64, seq_len=16, num_kv_pairs=2, d_model=16,
               window=4, chunk=4, select=2, capacity=8)
 
 
@@ -41,7 +41,7 @@ def _tokens(n=3, seed=0):
 # transformers train side by side with torch in test_jax_train.py.
 @pytest.mark.parametrize("name", ["bmojo", "mamba", "mosaic"])
 def test_task_lm_matches_torch(name):
-    spec = mqar_run.model_spec(name, CFG)
+    spec = mqar_configs.model_spec(name, CFG)
     ref = TaskLM(spec, seed=3, short_conv=3)
     # the same seed gives the same initial values, under the same names
     init = JaxTaskLM(spec, seed=3, short_conv=3).state_dict()
@@ -92,7 +92,7 @@ def test_pad_positions():
 
 
 def test_bad_arguments():
-    spec = mqar_run.model_spec("transformer", CFG)
+    spec = mqar_configs.model_spec("transformer", CFG)
     with pytest.raises(ValueError, match="short_conv must be"):
         JaxTaskLM(spec, short_conv=-1)
     with pytest.raises(TypeError, match="spec must be a memcore model spec"):

@@ -14,10 +14,10 @@ from memcore import cli  # noqa: E402
 from memcore.tasks import lm, moons, mqar_run, regbench  # noqa: E402
 
 MQAR = ["mqar", "--quick", "--steps", "2", "--seq-len", "16", "--kv", "2", "--vocab", "64",
-        "--batch", "4", "--test-examples", "8", "--d-model", "16", "--log-every", "1",
-        "--models", "transformer"]
+        "--batch", "4", "--val-examples", "8", "--test-examples", "8", "--d-model", "16",
+        "--log-every", "1", "--models", "transformer", "--lrs", "3e-3"]
 MQAR_OVERRIDES = {"steps": 2, "seq_len": 16, "num_kv_pairs": 2, "vocab_size": 64,
-                  "batch_size": 4, "test_examples": 8, "d_model": 16}
+                  "batch_size": 4, "val_examples": 8, "test_examples": 8, "d_model": 16}
 
 
 def test_mqar_cli(capsys):
@@ -25,19 +25,21 @@ def test_mqar_cli(capsys):
     logs and checkpoints are checked in test_jax_train.py)."""
     assert cli.main([*MQAR, "--backend", "jax"]) == 0
     printed = capsys.readouterr().out
-    pt = mqar_run.run(["transformer"], quick=True, overrides=MQAR_OVERRIDES, quiet=True)
+    pt = mqar_run.run(["transformer"], lrs=[3e-3], overrides=MQAR_OVERRIDES, quiet=True)
     b = pt["models"]["transformer"]
     row = next(line.split() for line in printed.splitlines() if line.startswith("transformer"))
-    # model, accuracy, state bytes, params, seconds: as the torch run's
+    # model, accuracy, std, val, lr, memory bytes, params, seconds: as the torch run's
     assert float(row[1]) == pytest.approx(b["accuracy"], abs=1e-4)
-    assert row[2:4] == [f"{b['state_bytes']:,}", f"{b['params']:,}"]
-    jx = mqar_run.run(["transformer"], quick=True, overrides=MQAR_OVERRIDES, quiet=True,
+    assert float(row[3]) == pytest.approx(b["val_accuracy"], abs=1e-4)
+    assert row[5:7] == [f"{b['memory_bytes']:,}", f"{b['params']:,}"]
+    jx = mqar_run.run(["transformer"], lrs=[3e-3], overrides=MQAR_OVERRIDES, quiet=True,
                       backend="jax")
     a = jx["models"]["transformer"]
     assert jx["backend"] == "jax" and pt["backend"] == "torch"
-    assert a["steps"] == b["steps"] == 2
-    assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
-    assert a["accuracy"] == b["accuracy"]
+    ra, rb = a["runs"][0], b["runs"][0]
+    assert ra["steps"] == rb["steps"] == 2
+    assert ra["final_loss"] == pytest.approx(rb["final_loss"], rel=1e-5)
+    assert (ra["accuracy"], ra["val_accuracy"]) == (rb["accuracy"], rb["val_accuracy"])
 
 
 def _both(run, *args, **kwargs) -> tuple[dict, dict]:

@@ -13,7 +13,7 @@ pytest.importorskip("jax")
 pytest.importorskip("equinox")
 pytest.importorskip("optax")
 
-from memcore.tasks import jax_train, mqar, mqar_run  # noqa: E402
+from memcore.tasks import jax_train, mqar, mqar_configs  # noqa: E402
 from memcore.tasks.jax_stack import JaxTaskLM, logits_at  # noqa: E402
 from memcore.tasks.stack import TaskLM  # noqa: E402
 from memcore.tasks.train import CHECKPOINT, TrainConfig, check_backend, lr_at, train  # noqa: E402
@@ -21,7 +21,7 @@ from memcore.tasks.train import CHECKPOINT, TrainConfig, check_backend, lr_at, t
 V, L, KV = 64, 16, 2
 # The model and batch shape of `memcore mqar` in test_jax_tasks.py: one compiled step serves
 # both files when they run in one process.
-SPEC = mqar_run.model_spec("transformer", replace(mqar_run.QUICK, vocab_size=V, seq_len=L,
+SPEC = mqar_configs.model_spec("transformer", replace(mqar_configs.QUICK, vocab_size=V, seq_len=L,
                                                   num_kv_pairs=KV, d_model=16))
 CLIP = 1.0  # bites: the first gradient norms are about 3
 

@@ -111,3 +111,75 @@ def test_bad_arguments():
         TrainConfig(steps=2, checkpoint_every=1)
     with pytest.raises(ValueError, match="short_conv must be"):
         TaskLM(S.model([S.mamba(8)], 16, ffn=None), short_conv=-1)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_logs_each_step_once_and_seconds_count_on(tmp_path):
+    cfg = dict(steps=6, lr=3e-3, checkpoint_every=3, log_every=1, eval_every=2,
+               out_dir=str(tmp_path))
+
+    def interrupted(step):
+        if step == 5:  # steps 4 and 5 were logged after the checkpoint at step 3
+            raise _Stop
+        return _batches(step)
+
+    with pytest.raises(_Stop):
+        train(_model(), interrupted, TrainConfig(**cfg), eval_fn=lambda m: 0.5, quiet=True)
+    before = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in before if "loss" in r] == [1, 2, 3, 4, 5]
+    res = train(_model(), _batches, TrainConfig(**cfg), eval_fn=lambda m: 0.5, resume=True,
+                quiet=True)
+    lines = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in lines if "eval" in r] == [2, 4, 6]
+    seconds = [r["seconds"] for r in lines]
+    assert seconds == sorted(seconds)  # the resumed records go on from the checkpoint's
+    at_ckpt = next(r["seconds"] for r in before if r["step"] == 3 and "loss" in r)
+    assert res["seconds"] > at_ckpt and res["evals"] == [(2, 0.5), (4, 0.5), (6, 0.5)]
+
+
+def test_checkpoint_at_the_end_and_an_early_stop_stays_stopped(tmp_path):
+    evals = iter([0.5, 0.995])
+    cfg = TrainConfig(steps=8, eval_every=2, early_stop=0.99, checkpoint_at_end=True,
+                      out_dir=str(tmp_path), log_every=1)  # no checkpoint_every
+    res = train(_model(), _batches, cfg, eval_fn=lambda m: {"val": next(evals), "test": 0.25},
+                quiet=True)
+    assert res["steps"] == 4 and res["stopped"]
+    assert res["evals"] == [(2, 0.5, {"test": 0.25}), (4, 0.995, {"test": 0.25})]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / CHECKPOINT), framework="pt") as f:
+        meta = json.loads(f.metadata()["train_state"])
+    assert meta["step"] == 4 and meta["history"]["stopped"]
+    assert meta["spec"]["vocab_size"] == V
+    again = train(_model(), _batches, cfg, eval_fn=lambda m: pytest.fail("evaluated again"),
+                  resume=True, quiet=True)
+    assert again["steps"] == 4 and again["losses"] == res["losses"]  # no step after the stop
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(s)["step"] for s in lines if '"loss"' in s] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="without 'val'"):
+        train(_model(), _batches, TrainConfig(steps=1), eval_fn=lambda m: {"test": 1.0},
+              quiet=True)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(lr=1e-2), "lr differs from the checkpoint's"),
+    (dict(seed=3), "seed differs from the checkpoint's"),
+    (dict(steps=5), "steps differs from the checkpoint's"),
+    (dict(width=8), "the width \\(d_model\\) differs"),
+    (dict(vocab=V + 8), "the vocabulary \\(vocab_size\\) differs"),
+])
+def test_resume_refuses_another_run_by_name(tmp_path, change, message):
+    def model(width=16, vocab=V):
+        spec = S.model([S.transformer(width, 2)] * 2, vocab, ffn=None)
+        return TaskLM(spec, short_conv=3)
+
+    base = dict(steps=4, lr=3e-3, seed=0, checkpoint_at_end=True, out_dir=str(tmp_path))
+    train(model(), _batches, TrainConfig(**base), quiet=True)
+    sizes = {k: change.pop(k) for k in ("width", "vocab") if k in change}
+    with pytest.raises(ValueError, match=message):
+        train(model(**sizes), _batches, TrainConfig(**{**base, **change}), resume=True,
+              quiet=True)

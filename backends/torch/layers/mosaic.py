@@ -110,7 +110,9 @@ def step(spec, p, x_t, state, *, inplace: bool = False):
         valid = torch.ones((), dtype=torch.bool, device=x_t.device)
     else:
         valid = ring_positions(pos, M, x_t.device) >= 0
-    y = combine([partial(sc, valid.expand(B, spec.n_heads, 1, S), mem_v)])[:, :, 0]
+    # the slots left out are the ring's empty ones, zeros: read as they are
+    y = combine([partial(sc, valid.expand(B, spec.n_heads, 1, S), mem_v, masked_zero=True)])
+    y = y[:, :, 0]
     if inplace:  # the previous pair is in the ring: k_last and u_last are free to overwrite
         k_last, u_last = state["k_last"].copy_(k), state["u_last"].copy_(u)
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import eidetic_store
-from ..numerics import NEG_INF, default_scale, linear
+from ..numerics import NEG_INF, default_scale, linear, nan_rows
 from ..params import sub
 from ..rings import append_in_place, ring_positions, ring_to_seq, ring_write, seq_to_ring
 from ..rotary import rope, step_tables
@@ -132,10 +132,15 @@ def _step_heads(spec, x_t, weight, tables):
     return y.transpose(1, 2)
 
 
-def _step_readout(spec, q, keys, vals, masks):
+def _step_readout(spec, q, keys, vals, masks, reads):
     """One softmax over the sources' keys for the query q [B, H, 1, E] (a mask of None: every
     key of that source is visible). Scores are joined, values are read source by source:
-    the keys and values are never copied into one buffer."""
+    the keys and values are never copied into one buffer. ``reads``: per source, the slot
+    ranges whose values are read (None: every slot). A masked slot's weight is 0, and
+    0 * NaN = NaN, so a slot that may hold a non-finite value the query must not see is
+    left out of the product (DESIGN 6): the fading ring's newest W slots. The rest are exact
+    as they are: a ring's empty slots hold zeros, and a store entry the query does not see
+    yet sits in the raw window too, with the same value, which the query does see."""
     B, H = q.shape[:2]
     sc = torch.cat([q @ kk.transpose(-1, -2) for kk in keys], dim=-1)
     sc = sc * default_scale(spec.head_dim)
@@ -144,15 +149,30 @@ def _step_readout(spec, q, keys, vals, masks):
         mask = torch.cat([(ones if m is None else m).expand(B, H, 1, kk.shape[2])
                           for m, kk in zip(masks, keys, strict=True)], dim=-1)
         sc = sc.masked_fill(~mask, NEG_INF)
-    m = sc.amax(-1, keepdim=True).detach()  # finite: the newest raw key is always visible
-    w = torch.exp(sc - m)
+    m = sc.amax(-1, keepdim=True).detach()
+    # The newest raw key is always visible, so m is -inf or NaN only where its score is.
+    w = torch.exp(sc - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     acc, start = None, 0
-    for vv in vals:
-        n = vv.shape[2]
-        part = w[..., start:start + n] @ vv
-        acc = part if acc is None else acc + part
-        start += n
-    return acc / w.sum(-1, keepdim=True)
+    for vv, ranges in zip(vals, reads, strict=True):
+        for a, b in [(0, vv.shape[2])] if ranges is None else ranges:
+            part = w[..., start + a:start + b] @ vv[:, :, a:b]
+            acc = part if acc is None else acc + part
+        start += vv.shape[2]
+    den = w.sum(-1, keepdim=True)
+    # a row that sees a non-finite value is NaN in every channel, as the parallel form's
+    return nan_rows(acc / torch.where(den > 0, den, torch.ones_like(den)))
+
+
+def _fading_reads(pos: int, W: int):
+    """Slot ranges of the fading ring (2W slots, position p in slot p % 2W) that a query at
+    pos sees: positions max(0, pos - 2W + 1) .. pos - W, at most two runs of slots."""
+    p0, p1 = max(pos - 2 * W + 1, 0), pos - W
+    if p1 < p0:
+        return []
+    s0, n = p0 % (2 * W), p1 - p0 + 1
+    if s0 + n <= 2 * W:
+        return [(s0, s0 + n)]
+    return [(s0, 2 * W), (0, s0 + n - 2 * W)]
 
 
 def step(spec, p, x_t, state, *, inplace: bool = False):
@@ -170,7 +190,7 @@ def step(spec, p, x_t, state, *, inplace: bool = False):
     v = _step_heads(spec, x_t, p["v_proj.weight"], None)
     dev = x_t.device
     new = {"pos": pos + 1}
-    keys, vals, masks = [], [], []
+    keys, vals, masks, reads = [], [], [], []
     if W is None:  # the KV cache grows by design (amortised when in place)
         if inplace:
             new["k"] = append_in_place(state["k"], k[:, :, 0])
@@ -186,6 +206,7 @@ def step(spec, p, x_t, state, *, inplace: bool = False):
                      (ring_positions(pos + 1, W, dev) >= 0)[None, None, None, :])
     keys.append(new["k"])
     vals.append(new["v"])
+    reads.append(None)
     s_t = None
     if rd.fading:
         s_t, mstate, _ = mamba.step(spec.fading_block, sub(p, "fading."), x_t,
@@ -200,17 +221,19 @@ def step(spec, p, x_t, state, *, inplace: bool = False):
         keys.append(new["fk"])
         vals.append(new["fv"])
         masks.append(((sp >= 0) & (sp <= pos - W))[None, None, None, :])
+        reads.append(_fading_reads(pos, W))
     aux = score = None
     if st is not None:
         kept = _entries(state, "store_")
         keys.append(kept["k"])
         vals.append(kept["v"])
         masks.append(((kept["pos"] >= 0) & (kept["pos"] <= pos - W))[:, None, None, :])
+        reads.append(None)
         pred = p["pred_proj.weight"] if rd.fading else None
         score = eidetic_store.innovation_scores(
             x_t[:, None, :], state["s_last"][:, None, :] if rd.fading else None, pred)  # [B, 1]
         aux = score.mean()
-    o = _step_readout(spec, q, keys, vals, masks)
+    o = _step_readout(spec, q, keys, vals, masks, reads)
     if st is not None:  # after the readout, which sees the store before this token
         tok = {"k": k, "v": v, "score": score,
                "pos": torch.full((B, 1), pos, dtype=torch.int64, device=dev)}

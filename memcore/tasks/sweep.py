@@ -1,0 +1,73 @@
+"""One table of the protocol (``memcore.tasks.protocol``) for the moons, regbench and lm tasks:
+every (model, learning rate, seed) trained, ``jobs`` at a time, each finished run kept under
+``--out`` as ``<model>/lr<lr>-seed<seed>/run.json`` with the configuration it ran.
+
+A command finds the runs already finished under its ``--out`` and trains only the others, so
+that a table can be filled by several commands (a model or a seed at a time) and an interrupted
+command loses only its unfinished runs. A finished run of another configuration is refused,
+naming the field that differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+from memcore.tasks import protocol, runs
+
+RUN_FILE = "run.json"
+
+
+def run_dir(out_dir: str | None, model: str, lr: float, seed: int) -> str | None:
+    """Where a run writes its logs and its ``run.json`` (None without ``--out``)."""
+    return os.path.join(out_dir, model.replace(" ", "_"), f"lr{lr:.3g}-seed{seed}") \
+        if out_dir else None
+
+
+def _finished(sub: str | None, config: dict, what: str) -> dict | None:
+    path = os.path.join(sub, RUN_FILE) if sub else None
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        kept = json.load(fh)
+    runs.check_same_run(kept.get("config", {}), config, what, sub)
+    return kept["result"]
+
+
+def _keep(sub: str | None, config: dict, result: dict) -> None:
+    if not sub:
+        return
+    os.makedirs(sub, exist_ok=True)
+    tmp = os.path.join(sub, "." + RUN_FILE + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"config": config, "result": result}, fh, indent=1)
+    os.replace(tmp, os.path.join(sub, RUN_FILE))
+
+
+def run_all(what: str, fn: Callable, models, sweep: protocol.Sweep, config: dict,
+            args: tuple, out_dir: str | None, jobs: int, say: Callable[[str], None],
+            describe: Callable[[dict], str]) -> dict[str, list[dict]]:
+    """``fn(model, lr, seed, run_dir, *args) -> result`` (a JSON-able dict with "lr" and "seed")
+    for every model and every run of ``sweep``, in single-thread worker processes when ``jobs``
+    > 1 (``fn`` importable, ``args`` picklable). ``config`` is what fixes a run besides its
+    model, rate and seed; ``describe(result)`` its progress line. Returns each model's results,
+    ordered by (lr, seed)."""
+    done: dict[str, list[dict]] = {m: [] for m in models}
+    todo = []
+    for m in models:
+        for lr, seed in sweep.runs:
+            sub = run_dir(out_dir, m, lr, seed)
+            kept = _finished(sub, config, what)
+            if kept is None:
+                todo.append((m, lr, seed, sub, *args))
+            else:
+                done[m].append(kept)
+    if any(done.values()):
+        say(f"{what}: {sum(len(v) for v in done.values())} finished run(s) found under "
+            f"{out_dir}; {len(todo)} to train")
+    for a, result in runs.map_jobs(fn, todo, jobs):
+        _keep(a[3], config, result)
+        done[a[0]].append(result)
+        say(f"[{a[0]}] lr {result['lr']:.2e} seed {result['seed']}: {describe(result)}")
+    return {m: sorted(rs, key=lambda r: (r["lr"], r["seed"])) for m, rs in done.items()}
