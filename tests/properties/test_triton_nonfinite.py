@@ -44,6 +44,10 @@ from tests.properties.test_torch_nonfinite import (  # noqa: E402
     layer_cases,
 )
 
+# The interpreter computes with the NaN and infinities the tests put in, as numpy, which warns.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:overflow encountered:RuntimeWarning")
+
 KERNEL_LAYERS = [(name, s) for name, s in REALIZATIONS
                  if name in ("mamba", "transformer_windowed", "bmojo_f_fading_untied", "bmojo",
                              "mosaic_unbounded", "mosaic_capacity", "persistent")]
