@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .numerics import NEG_INF, finite_values, mark_seen, sdpa
+from .numerics import NEG_INF, all_finite, finite_values, mark_seen, sdpa
 
 MIN_BLOCK = 16
 # Scores per group of query blocks: each group's temporaries (scores, weights and their
@@ -97,14 +97,13 @@ class _BandSoftmax(torch.autograd.Function):
     over the same operations. m carries no gradient (a stabiliser, as in ``partial``)."""
 
     @staticmethod
-    def forward(ctx, Q, Lws, mask, qs, *runs):
+    def forward(ctx, Q, Lws, finite, mask, qs, *runs):
         with torch.no_grad():
             K = _cat([_windows((r, Lw), Q) for r, Lw in zip(runs[0::2], Lws, strict=True)], -2)
-            # values with non-finite entries zeroed, and which positions held one (1.0)
-            clean = [finite_values(r) for r in runs[1::2]]
-            V = _cat([_windows((r, Lw), Q) for (r, _), Lw in zip(clean, Lws, strict=True)], -2)
-            bad = _cat([b.to(r.dtype).unfold(2, Lw, Q) for (r, b), Lw in zip(clean, Lws,
-                                                                            strict=True)], -1)
+            values, seen = runs[1::2], None
+            if not finite:  # DESIGN 6: no masked non-finite value reaches a row
+                values, seen = _finite_runs(values, Lws, Q)
+            V = _cat([_windows((r, Lw), Q) for r, Lw in zip(values, Lws, strict=True)], -2)
             K, V = K.contiguous(), V.contiguous()
             s = qs @ K.transpose(-1, -2)
             s.masked_fill_(~mask, NEG_INF)
@@ -112,9 +111,9 @@ class _BandSoftmax(torch.autograd.Function):
                                                                               NEG_INF)
             p = s.sub_(torch.where(torch.isfinite(m), m, torch.zeros_like(m))).exp_()
             l = p.sum(-1, keepdim=True)
-            # a row whose band holds a non-finite value reads NaN (DESIGN 6)
-            seen = (mask.to(V.dtype) @ bad[..., None])[..., 0] > 0
-            acc = mark_seen(p @ V, seen)
+            acc = p @ V
+            if seen is not None:
+                acc = mark_seen(acc, seen.reshape(acc.shape[:-1]))
         ctx.save_for_backward(qs, K, V, p)
         ctx.Q, ctx.Lws = Q, Lws
         ctx.mark_non_differentiable(m)
@@ -137,7 +136,22 @@ class _BandSoftmax(torch.autograd.Function):
             grads = []
             for gk, gv in zip(gK.split(list(Lws), -2), gV.split(list(Lws), -2), strict=True):
                 grads += [_fold(gk, Q), _fold(gv, Q)]
-        return (None, None, None, gq, *grads)
+        return (None, None, None, None, gq, *grads)
+
+
+def _finite_runs(values, Lws, Q: int):
+    """The value runs with non-finite entries zeroed, and which queries [B, H, nB * Q] have
+    one in their band: block j's query a sees run rows j Q + a .. j Q + a + Lw - Q (the
+    window's band), so a running count of the runs' non-finite rows gives each query's."""
+    clean, seen = [], None
+    for r, Lw in zip(values, Lws, strict=True):
+        r0, bad = finite_values(r)
+        clean.append(r0)
+        count = F.pad(bad.cumsum(-1), (1, 0))  # non-finite rows before each run row
+        n = r.shape[2] - (Lw - Q)  # nB * Q queries
+        hit = count[..., Lw - Q + 1:Lw - Q + 1 + n] > count[..., :n]
+        seen = hit if seen is None else seen | hit
+    return clean, seen
 
 
 def band_partial(q, pos: int, sources, scale: float, block: int | None = None):
@@ -160,8 +174,9 @@ def _band_partial(q, pos: int, sources, scale: float, block: int):
     B, H, T, E = q.shape
     qb, runs, mask = _band_slices(q, pos, sources, block)
     flat = [x for kk, vv, _ in runs for x in (kk, vv)]
-    m, l, acc = _BandSoftmax.apply(block, tuple(Lw for *_, Lw in runs), mask, qb * scale,
-                                   *flat)
+    finite = all_finite(*(vv for _, vv, _ in runs))
+    m, l, acc = _BandSoftmax.apply(block, tuple(Lw for *_, Lw in runs), finite, mask,
+                                   qb * scale, *flat)
     n = qb.shape[2] * qb.shape[3]
     return (m.reshape(B, H, n, 1)[:, :, :T], l.reshape(B, H, n, 1)[:, :, :T],
             acc.reshape(B, H, n, E)[:, :, :T])

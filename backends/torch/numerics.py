@@ -73,6 +73,14 @@ def default_scale(E: int) -> float:
     return 1.0 / math.sqrt(E)
 
 
+def all_finite(*arrays) -> bool:
+    """Whether every entry of the arrays is finite, from one sum each: a sum is finite only
+    if all its terms are (one that overflows reads as not finite, which sends a call to its
+    exact path for non-finite values, only slower). The caller's fast path for finite
+    arrays then costs one reduction and, on a GPU, a host sync."""
+    return bool(torch.isfinite(sum(a.detach().sum() for a in arrays)))
+
+
 def finite_values(values):
     """(values with every non-finite entry set to 0, [...] whether each row held one). A
     product with masked weights then reads no non-finite value it was not meant to see; the
@@ -96,18 +104,21 @@ def nan_rows(out):
 def partial(scores, mask, values, masked_zero: bool = False):
     """(m, l, acc) of a masked softmax: m the row max (-inf for a row with no key), l the sum
     of exp(s - m), acc the sum of exp(s - m) v. scores, mask [..., Q, S]; values [..., S, E].
-    Masked values are never multiplied in: a row that sees a non-finite value reads NaN, one
-    that does not is exact, whatever the masked values hold. ``masked_zero``: the masked
-    values are zeros (a ring's empty slots), read as they are (no copy of the values)."""
+
+    Masked values are never multiplied in (DESIGN 6): a row that sees a non-finite value
+    reads NaN, one that does not is exact, whatever the masked values hold. ``masked_zero``:
+    the masked values are zeros (a ring's empty slots) and are read as they are, each row
+    non-finite in the channels where a value it sees is."""
     s = scores.masked_fill(~mask, NEG_INF)
     m = s.amax(-1, keepdim=True).detach() if s.shape[-1] else torch.full_like(
         s[..., :1], NEG_INF)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp(s - m_safe)  # masked entries: exp(-inf) = 0, and no gradient
+    if masked_zero or all_finite(values):
+        return m, w.sum(-1, keepdim=True), w @ values
     if s.shape[-2] == 1:  # one query: select its keys' values (its visible ones propagate)
-        if not masked_zero:
-            values = torch.where(mask.transpose(-1, -2), values, 0.0)
-        return m, w.sum(-1, keepdim=True), nan_rows(w @ values)
+        acc = nan_rows(w @ torch.where(mask.transpose(-1, -2), values, 0.0))
+        return m, w.sum(-1, keepdim=True), acc
     v0, bad = finite_values(values)
     seen = (mask & bad[..., None, :]).any(-1)
     return m, w.sum(-1, keepdim=True), mark_seen(w @ v0, seen)
@@ -116,24 +127,24 @@ def partial(scores, mask, values, masked_zero: bool = False):
 def sdpa(q, k, v, mask=None, scale=None):
     """scaled_dot_product_attention of q [..., L, E] over k, v [..., S, E] with a boolean
     ``mask`` [..., L, S] (None: causal, row i sees keys j <= i), where no masked key or value
-    reaches a row. torch's kernels multiply masked values by a weight of 0 (0 * NaN = NaN), so
-    values are read with their non-finite entries zeroed and the rows that see one are NaN;
-    some of its paths (a mask, strided inputs) also add the mask to masked keys' scores
-    (NaN + -inf = NaN), and on CPU a row whose scores are NaN reads 0; so a call with a
-    non-finite query or key takes the masked softmax of ``partial`` instead (in blocks of
-    queries), which reads keys only through ``where``."""
-    L, S = q.shape[-2], k.shape[-2]
-    if not bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
+    reaches a row (DESIGN 6). Finite arrays go to torch's kernel as they are. Its kernels
+    multiply masked values by a weight of 0 (0 * NaN = NaN), so non-finite values are read
+    zeroed and the rows that see one are NaN; some of its paths (a mask, strided inputs) add
+    the mask to masked keys' scores (NaN + -inf = NaN), and on CPU a row whose scores are NaN
+    reads 0, so a non-finite query or key takes the masked softmax of ``partial`` instead (in
+    blocks of queries), which reads keys only through ``where``."""
+    if all_finite(q, k, v):
         if mask is None:
-            i = torch.arange(L, device=q.device)
-            mask = torch.arange(S, device=q.device)[None, :] <= i[:, None]
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    L, S = q.shape[-2], k.shape[-2]
+    if mask is None:
+        i = torch.arange(L, device=q.device)
+        mask = torch.arange(S, device=q.device)[None, :] <= i[:, None]
+    if not all_finite(q, k):
         return _masked_softmax(q, k, v, mask, default_scale(q.shape[-1]) if scale is None
                                else scale)
     v0, bad = finite_values(v)
-    if mask is None:
-        seen = bad.cumsum(-1)[..., :L] > 0
-        return mark_seen(F.scaled_dot_product_attention(q, k, v0, is_causal=True,
-                                                        scale=scale), seen)
     seen = (mask.to(v0.dtype) @ bad.to(v0.dtype)[..., None])[..., 0] > 0
     return mark_seen(F.scaled_dot_product_attention(q, k, v0, attn_mask=mask, scale=scale),
                      seen)

@@ -341,12 +341,17 @@ def entry_sets(draw, offset: int, S_: int = 5):
             "score": np.where(filled, score, 0.0), "pos": pos.astype(np.int32)}
 
 
+# compiled: op by op, each example would dispatch hundreds of small computations
+_top = jax.jit(ES.store_top, static_argnums=1)
+_merge = jax.jit(ES.store_merge, static_argnums=2)
+
+
 @settings(max_examples=EXAMPLES)
 @given(a=entry_sets(0), b=entry_sets(100), c=entry_sets(200), n=st.sampled_from([3, 7]))
 def test_store_order_is_total_with_nonfinite_scores(a, b, c, n):
     """A NaN score ranks above every other score (on a tie, the later position first), so
     ``store_top`` picks distinct entries in that order and ``store_merge`` is associative."""
-    top = ES.store_top(a, n)
+    top = _top(a, n)
     filled = [i for i in range(a["pos"].shape[1]) if a["pos"][0, i] >= 0]
 
     def key(i):
@@ -360,7 +365,7 @@ def test_store_order_is_total_with_nonfinite_scores(a, b, c, n):
     for slot, i in enumerate(want):
         np.testing.assert_array_equal(np.asarray(top["v"][0, :, slot]), a["v"][0, :, i])
         np.testing.assert_array_equal(np.asarray(top["score"][0, slot]), a["score"][0, i])
-    left = ES.store_merge(ES.store_merge(a, b, n), c, n)
-    right = ES.store_merge(a, ES.store_merge(b, c, n), n)
+    left = _merge(_merge(a, b, n), c, n)
+    right = _merge(a, _merge(b, c, n), n)
     assert_states_match({f: np.asarray(x) for f, x in left.items()},
                         {f: np.asarray(x) for f, x in right.items()}, "merge associativity")
