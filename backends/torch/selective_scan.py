@@ -25,7 +25,7 @@ import torch
 from memcore.spec.validate import check_scan_args
 
 from .implementation import scan_choice
-from .numerics import NEG_INF, acc_dtype, cast, fast_softplus, silu, softplus
+from .numerics import NEG_INF, acc_dtype, all_finite, cast, fast_softplus, silu, softplus
 
 CHUNK = 16  # steps per chunk: the intra-chunk decay matrix is L x L per (batch, channel, state)
 GROUP_ELEMENTS = 1 << 24  # decay-matrix elements per group of chunks (memory bound)
@@ -42,33 +42,37 @@ def _decay(cum):
     return diff.masked_fill_(_upper(cum.shape[-1], cum.device), NEG_INF).exp_()
 
 
-def _causal_sum(decay, x):
+def _causal_sum(decay, x, finite: bool):
     """sum_{s<=t} decay[t, s] x_s over the last axis, where a non-finite x_s reaches only
-    t >= s: the decay matrix's zeros above the diagonal would make 0 * NaN = NaN at every
-    earlier t, so non-finite inputs are zeroed for the product and every t at or after one is
-    set to NaN (a cumulative sum of NaN where the input was not finite, 0 elsewhere)."""
-    ok = torch.isfinite(x)
+    t >= s (``finite``: x is known to be finite): the decay matrix's zeros above the diagonal
+    would make 0 * NaN = NaN at every earlier t, so non-finite inputs are zeroed for the
+    product and every t at or after one is set to NaN (a cumulative sum of NaN where the
+    input was not finite, 0 elsewhere)."""
     # einsum, not matmul: a decay shared across batch/feature dims (the leaky average) is
     # then not expanded to x's full shape.
+    if finite:
+        return torch.einsum("...ts,...s->...t", decay, x)
+    ok = torch.isfinite(x)
     y = torch.einsum("...ts,...s->...t", decay, torch.where(ok, x, 0.0))
     return y + torch.zeros_like(x).masked_fill_(~ok, math.nan).cumsum(-1)
 
 
-def _group(log_a, b, h0, L: int):
-    """One group of whole chunks. log_a broadcastable to b [..., G*L]; h0 [...].
+def _group(log_a, b, h0, L: int, finite: bool):
+    """One group of whole chunks. log_a broadcastable to b [..., G*L]; h0 [...]; ``finite``:
+    b is finite (then so are the chunks' end states, for inputs whose sums do not overflow).
     Returns (h [..., G*L], h_end [...])."""
     G = b.shape[-1] // L
     la = log_a.reshape(*log_a.shape[:-1], G, L)
     bb = b.reshape(*b.shape[:-1], G, L)
     cum = la.cumsum(-1)  # [..., G, L]
     decay = _decay(cum)  # [..., G, L, L]
-    h_in = _causal_sum(decay, bb)  # from a zero start, per chunk
+    h_in = _causal_sum(decay, bb, finite)  # from a zero start, per chunk
     # Chunk level: H_g = exp(tot_g) H_{g-1} + end_g, with H_{-1} = h0.
     tot = cum[..., -1]
     ctot = tot.cumsum(-1)  # [..., G]
     end = h_in[..., -1]
     d2 = _decay(ctot)
-    H = _causal_sum(d2, end) + torch.exp(ctot) * h0[..., None]
+    H = _causal_sum(d2, end, finite) + torch.exp(ctot) * h0[..., None]
     h_prev = torch.cat([h0[..., None], H[..., :-1]], dim=-1)  # state before each chunk
     h = h_in + torch.exp(cum) * h_prev[..., None]
     return h.reshape(*h.shape[:-2], G * L), H[..., -1]
@@ -98,9 +102,10 @@ def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int | None = None):
     # (G x G) costs no more than the intra-chunk ones (L x L per chunk).
     G = max(1, min(n_chunks, L, GROUP_ELEMENTS // per_chunk))
     outs, h = [], h0
+    finite = all_finite(b)
     for g0 in range(0, n_chunks, G):
         s0, s1 = g0 * L, min(n_chunks, g0 + G) * L
-        hs, h = _group(log_a[..., s0:s1], b[..., s0:s1], h, L)
+        hs, h = _group(log_a[..., s0:s1], b[..., s0:s1], h, L, finite)
         t1 = min(s1, T)
         hs = hs[..., :t1 - s0]
         outs.append(hs if out_fn is None else out_fn(hs, s0, t1))

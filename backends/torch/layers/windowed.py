@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import eidetic_store
-from ..numerics import NEG_INF, default_scale, linear, nan_rows
+from ..numerics import NEG_INF, default_scale, linear
 from ..params import sub
 from ..rings import append_in_place, ring_positions, ring_to_seq, ring_write, seq_to_ring
 from ..rotary import rope, step_tables
@@ -140,7 +140,8 @@ def _step_readout(spec, q, keys, vals, masks, reads):
     0 * NaN = NaN, so a slot that may hold a non-finite value the query must not see is
     left out of the product (DESIGN 6): the fading ring's newest W slots. The rest are exact
     as they are: a ring's empty slots hold zeros, and a store entry the query does not see
-    yet sits in the raw window too, with the same value, which the query does see."""
+    yet sits in the raw window too, with the same value, which the query does see (a
+    non-finite one makes the row NaN either way)."""
     B, H = q.shape[:2]
     sc = torch.cat([q @ kk.transpose(-1, -2) for kk in keys], dim=-1)
     sc = sc * default_scale(spec.head_dim)
@@ -149,18 +150,17 @@ def _step_readout(spec, q, keys, vals, masks, reads):
         mask = torch.cat([(ones if m is None else m).expand(B, H, 1, kk.shape[2])
                           for m, kk in zip(masks, keys, strict=True)], dim=-1)
         sc = sc.masked_fill(~mask, NEG_INF)
+    # Finite: the newest raw key is always visible (where its score is not finite, nor is
+    # its value, a projection of the same non-finite token, so the row is NaN either way).
     m = sc.amax(-1, keepdim=True).detach()
-    # The newest raw key is always visible, so m is -inf or NaN only where its score is.
-    w = torch.exp(sc - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    w = torch.exp(sc - m)
     acc, start = None, 0
     for vv, ranges in zip(vals, reads, strict=True):
         for a, b in [(0, vv.shape[2])] if ranges is None else ranges:
             part = w[..., start + a:start + b] @ vv[:, :, a:b]
             acc = part if acc is None else acc + part
         start += vv.shape[2]
-    den = w.sum(-1, keepdim=True)
-    # a row that sees a non-finite value is NaN in every channel, as the parallel form's
-    return nan_rows(acc / torch.where(den > 0, den, torch.ones_like(den)))
+    return acc / w.sum(-1, keepdim=True)
 
 
 def _fading_reads(pos: int, W: int):
