@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .numerics import partial
+from .numerics import finite_values, partial
 
 
 def banded_partial(q, kx, vx, valid, width: int, scale: float):
@@ -34,6 +34,9 @@ def banded_partial(q, kx, vx, valid, width: int, scale: float):
         valid = jnp.pad(valid, ((0, 0), (0, pad)))
     idx = (np.arange(nb)[:, None] * Q + np.arange(span)[None, :])  # [nb, span], static
     kg = kx[:, :, idx]  # [B, H, nb, span, E]
+    # A block's slice holds keys later than some of its queries: non-finite values are zeroed
+    # and flagged once, before the gather (numerics.masked_matmul).
+    vx, bad = finite_values(vx)
     vg = vx[:, :, idx]
     vmask = valid[:, idx]  # [B, nb, span]
     s_i = np.arange(Q)[:, None]
@@ -42,7 +45,7 @@ def banded_partial(q, kx, vx, valid, width: int, scale: float):
     qp = jnp.pad(q, ((0, 0), (0, 0), (0, nb * Q - T), (0, 0))).reshape(B, H, nb, Q, E)
     scores = jnp.einsum("bhnqe,bhnke->bhnqk", qp, kg) * scale
     mask = band[None, None, None] & vmask[:, None, :, None, :]
-    m, l, o = partial(scores, mask, vg)
+    m, l, o = partial(scores, mask, vg, bad[:, :, idx])
     return (m.reshape(B, H, nb * Q)[:, :, :T], l.reshape(B, H, nb * Q)[:, :, :T],
             o.reshape(B, H, nb * Q, E)[:, :, :T])
 

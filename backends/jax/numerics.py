@@ -80,8 +80,9 @@ def heads(x, H: int):
 # exp-weighted sum of values. Combining partials gives exactly one softmax over the union,
 # without concatenating the sources.
 
-def partial(scores, mask, values):
-    """scores, mask: [..., Q, S]; values: [..., S, E] -> (m [..., Q], l [..., Q], o [..., Q, E])."""
+def partial(scores, mask, values, bad=None):
+    """scores, mask: [..., Q, S]; values: [..., S, E] -> (m [..., Q], l [..., Q], o [..., Q, E]).
+    ``bad`` [..., S]: the flags of ``finite_values`` when the values are already cleaned."""
     if scores.shape[-1] == 0:
         lead = scores.shape[:-1]
         return (jnp.full(lead, -jnp.inf, scores.dtype), jnp.zeros(lead, scores.dtype),
@@ -91,18 +92,26 @@ def partial(scores, mask, values):
     m = jnp.max(s, axis=-1)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     w = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
-    return m, jnp.sum(w, axis=-1), masked_matmul(w, mask, values)
+    return m, jnp.sum(w, axis=-1), masked_matmul(w, mask, values, bad)
 
 
-def masked_matmul(w, mask, values):
+def finite_values(values):
+    """values [..., S, E] -> (the values with non-finite entries zeroed, bad [..., S]: whether
+    entry s held one). A source gathered into blocks cleans before gathering: cheaper, and the
+    gather's gradient stays a plain scatter."""
+    finite = jnp.isfinite(values)
+    return jnp.where(finite, values, jnp.zeros((), values.dtype)), ~jnp.all(finite, axis=-1)
+
+
+def masked_matmul(w, mask, values, bad=None):
     """w @ values for weights w [..., Q, S] that are zero wherever ``mask`` is false, exact
     for non-finite values: a masked 0 times a NaN or an infinity would be NaN and reach every
     row (a later token's value into earlier rows). Non-finite values are zeroed before the
-    product; a row whose mask holds a non-finite value reads NaN, as a step-by-step product
-    over the visible entries would."""
-    finite = jnp.isfinite(values)
-    out = jnp.matmul(w, jnp.where(finite, values, jnp.zeros((), values.dtype)))
-    bad = ~jnp.all(finite, axis=-1)  # [..., S]
+    product (``bad`` given: they already are); a row whose mask holds a non-finite value reads
+    NaN, as a step-by-step product over the visible entries would."""
+    if bad is None:
+        values, bad = finite_values(values)
+    out = jnp.matmul(w, values)
     hit = jnp.any(mask & bad[..., None, :], axis=-1)  # [..., Q]
     return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
 
