@@ -329,7 +329,12 @@ def windowed_readout_ref(q, k, v, window, fading_k=None, fading_v=None, store_k=
         sc = torch.einsum("bhe,bnhe->bhn", q[:, i].to(acc), kk) / math.sqrt(E)
         sc = sc.masked_fill(~mask[:, None, :], float("-inf"))
         vv = torch.where(mask[:, :, None, None], vv, 0.0)  # masked entries: never 0 * NaN
-        o = torch.einsum("bhn,bnhe->bhe", torch.softmax(sc, -1), vv)
+        # the kernel's softmax: a row whose scores are all -inf reads 0
+        m = sc.amax(-1, keepdim=True)
+        w = torch.exp(sc - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+        den = w.sum(-1, keepdim=True)
+        o = torch.einsum("bhn,bnhe->bhe", w / torch.where(den > 0, den, torch.ones_like(den)),
+                         vv)
         # a row that sees a non-finite value is NaN in every channel, as the kernel writes it
         outs.append(o.masked_fill(~torch.isfinite(o).all(-1, keepdim=True), float("nan")))
     return torch.stack(outs, 1).to(q.dtype)
