@@ -52,13 +52,7 @@ def library_of(args, kwargs) -> str:
             a = next(iter(a.values()), None)
         if a is None or not array_api_compat.is_array_api_obj(a):
             continue
-        if array_api_compat.is_torch_array(a):
-            return "torch"
-        if array_api_compat.is_jax_array(a):
-            return "jax"
-        if array_api_compat.is_numpy_array(a):
-            return "numpy"
-        return type(a).__module__.split(".")[0]
+        return validate.library(a)
     return "numpy"
 
 

@@ -13,7 +13,7 @@ from memcore.spec.sizes import check_allocation
 
 from .modules import JaxLayer, JaxModel
 from .numerics import POS_DTYPE
-from .state import State
+from .state import State, floating_dtype
 
 
 def realize(spec: Spec, params: dict | None = None, seed: int = 0, dtype=None, **options):
@@ -27,12 +27,7 @@ def realize(spec: Spec, params: dict | None = None, seed: int = 0, dtype=None, *
     if not isinstance(spec, (Model,) + LAYER_KINDS):
         raise TypeError(f"spec must be a memcore layer or model spec, got {spec!r}")
     if dtype is not None:
-        try:
-            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-        except TypeError:
-            floating = False
-        if not floating:
-            raise TypeError(f"realize (jax): dtype must be a floating dtype, got {dtype!r}")
+        floating_dtype("realize (jax)", dtype)
     params = init(spec, seed) if params is None else params
     check_params(spec, params)
     check_allocation(spec, what="state")

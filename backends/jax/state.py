@@ -72,13 +72,14 @@ def _check_batch_len(batch, max_len, spec):
         raise ValueError(f"init_state: max_len must be a positive int or None, got {max_len!r}")
 
 
-def _floating(dtype):
+def floating_dtype(where: str, dtype):
+    """``dtype`` if it is a floating dtype; else a TypeError naming ``where``'s argument."""
     try:
         ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
     except TypeError:
         ok = False
     if not ok:
-        raise TypeError(f"init_state: dtype must be a floating dtype, got {dtype!r}")
+        raise TypeError(f"{where}: dtype must be a floating dtype, got {dtype!r}")
     return dtype
 
 
@@ -98,7 +99,7 @@ def init_state(spec, batch: int, max_len: int | None = None, dtype=None,
     _check_batch_len(batch, max_len, spec)
     if growable is None:
         growable = max_len is None
-    acc = acc_dtype(_floating(jnp.zeros(()).dtype if dtype is None else dtype))
+    acc = acc_dtype(floating_dtype("init_state", jnp.zeros(()).dtype if dtype is None else dtype))
     _check_size(spec, batch, max_len, acc)
     n = 0 if max_len is None else int(max_len)
     if isinstance(spec, Model):

@@ -3,7 +3,7 @@
 - ``JaxTaskLM``: ``memcore.tasks.stack.TaskLM`` (embedding, optional short causal depthwise
   convolution before each mixer, the memcore mixers realized with ``backend="jax"``, tied head);
 - ``JaxNextByte``: ``memcore.tasks.lm.NextByte`` around a JAX model realization;
-- ``JaxMoonsMemory``: ``memcore.tasks.moons.MoonsMemory``.
+- ``JaxMoonsMemory``: ``memcore.tasks.moons_model.MoonsMemory``.
 
 Each has the same parameter names and, for the same seed, the same initial values as its torch
 twin; ``state_dict()`` and ``load_state_dict()`` use the torch module's names, so a torch
@@ -226,7 +226,7 @@ class JaxNextByte(eqx.Module):
 
 
 class JaxComplexLinear(eqx.Module):
-    """``moons.ComplexLinear``'s twin: C^a -> C^b on (re, im) pairs."""
+    """``moons_model.ComplexLinear``'s twin: C^a -> C^b on (re, im) pairs."""
 
     re: jax.Array
     im: jax.Array
@@ -239,7 +239,7 @@ class JaxComplexLinear(eqx.Module):
 
 
 class JaxMoonsMemory(eqx.Module):
-    """``moons.MoonsMemory``'s twin: one contextual memory layer on x [B, T, 6]."""
+    """``moons_model.MoonsMemory``'s twin: one contextual memory layer on x [B, T, 6]."""
 
     phi: JaxComplexLinear
     psi: JaxComplexLinear
@@ -248,7 +248,7 @@ class JaxMoonsMemory(eqx.Module):
     beta: float = eqx.field(static=True)
 
     def __init__(self, heads: int, seed: int = 0, beta: float = 50.0):
-        from memcore.tasks.moons import initial_weights
+        from memcore.tasks.moons_model import initial_weights
 
         if heads not in (1, 3):
             raise ValueError(f"moons: heads must be 1 or 3 (3 complex dims in all), got {heads}")

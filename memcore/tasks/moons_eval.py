@@ -61,7 +61,7 @@ ALIGNMENTS = ("paper", "official_plot")
 def rollout_errors(model, seqs, contexts, horizon: int = 25,
                    official_cache: bool = False) -> dict:
     """{alignment: [error at each context]} (``horizon_errors``) from ``rollout`` of a torch
-    ``moons.MoonsMemory``."""
+    ``moons_model.MoonsMemory``."""
     out = {a: [] for a in ALIGNMENTS}
     for c, gen in rollout(model, seqs, contexts, horizon, official_cache):
         for a, e in horizon_errors(gen, seqs, c, horizon).items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 
 import numpy as np
 import pytest
@@ -20,68 +19,23 @@ import pytest
 jax = pytest.importorskip("jax")
 pytest.importorskip("jax.experimental.pallas")
 import jax.numpy as jnp  # noqa: E402
+import nonfinite  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from jaxcheck import params64, scan_steps  # noqa: E402
 from memcore.backends.jax import selective_scan as SS  # noqa: E402
 from memcore.backends.jax import windowed_readout as WR  # noqa: E402
 from memcore.backends.jax.realize import realize  # noqa: E402
+from nonfinite import POISONS, assert_prefix_clean  # noqa: E402
+from nonfinite import poison as _poison  # noqa: E402
 
 from memcore import spec as S  # noqa: E402
 
-PREFIX_RTOL = 1e-12  # outputs before the poisoned position against the clean run
 FORM_RTOL = 1e-10  # the kernel against the plain-JAX streaming form where finite (float64)
-POISONS = st.sampled_from([math.nan, math.inf, -math.inf])
+assert_same_where_finite = functools.partial(nonfinite.assert_same_where_finite, rtol=FORM_RTOL)
+assert_states_match = functools.partial(nonfinite.assert_states_match, rtol=FORM_RTOL)
 EXAMPLES = 20
 T = 20
-
-
-def assert_prefix_clean(got, clean, t: int, axis: int, what: str) -> None:
-    g = np.take(np.asarray(got), np.arange(t), axis=axis)
-    c = np.take(np.asarray(clean), np.arange(t), axis=axis)
-    bad = np.argwhere(~np.isfinite(g))
-    assert bad.size == 0, f"{what}: non-finite before the poisoned position {t} at {bad[:4]}"
-    if g.size:
-        diff, scale = float(np.max(np.abs(g - c))), float(np.max(np.abs(c)))
-        assert diff <= PREFIX_RTOL * scale, (
-            f"{what}: before position {t} the output moved by {diff:.3e} (scale {scale:.3e})")
-
-
-def assert_same_where_finite(got, want, what: str) -> None:
-    g, w = np.asarray(got), np.asarray(want)
-    assert g.shape == w.shape, f"{what}: shape {g.shape} != {w.shape}"
-    if not np.issubdtype(w.dtype, np.floating):
-        assert np.array_equal(g, w), f"{what}: integer arrays differ:\n{g}\n{w}"
-        return
-    fg, fw = np.isfinite(g), np.isfinite(w)
-    only = np.argwhere(fg != fw)
-    assert only.size == 0, (f"{what}: finite in one form and not the other at {only[:4]} "
-                            f"({int(np.sum(fg != fw))} entries)")
-    if fw.any():
-        diff, scale = float(np.max(np.abs(g[fw] - w[fw]))), float(np.max(np.abs(w[fw])))
-        assert diff <= FORM_RTOL * scale or diff == 0.0, (
-            f"{what}: relative error {diff / max(scale, 1e-300):.3e} > {FORM_RTOL:.0e}")
-
-
-def assert_states_match(got, want, what: str = "state") -> None:
-    if isinstance(want, dict):
-        assert set(got) == set(want), f"{what}: keys {sorted(got)} != {sorted(want)}"
-        for k in want:
-            assert_states_match(got[k], want[k], f"{what}[{k!r}]")
-    elif isinstance(want, (tuple, list)):
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_states_match(g, w, f"{what}[{i}]")
-    elif isinstance(want, (int, str)):
-        assert got == want, f"{what}: {got!r} != {want!r}"
-    else:
-        assert_same_where_finite(got, want, what)
-
-
-def _poison(arrays: dict, name: str, index: tuple, value) -> dict:
-    out = dict(arrays)
-    out[name] = arrays[name].copy()
-    out[name][index] = value
-    return out
 
 
 def _index(data, shape, t: int, time_axis: int) -> tuple:

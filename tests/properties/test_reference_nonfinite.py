@@ -9,13 +9,17 @@ Run on numpy arrays, and on torch and JAX arrays for one realization each.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 
+import nonfinite
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nonfinite import POISONS, assert_prefix_clean
+from nonfinite import poison as _poison
 from refcheck import (
     MAX_T,
     REALIZATIONS,
@@ -37,60 +41,12 @@ from memcore import spec as S
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:overflow encountered:RuntimeWarning")
 
-PREFIX_RTOL = 1e-12  # outputs before the poisoned position against the clean run
-POISONS = st.sampled_from([math.nan, math.inf, -math.inf])
 EXAMPLES = 20  # per layer family
 OP_EXAMPLES = 30  # the ops are cheaper: more cases
+assert_same_where_finite = functools.partial(nonfinite.assert_same_where_finite, rtol=RTOL)
+assert_states_match = functools.partial(nonfinite.assert_states_match, rtol=RTOL)
 
 # --- comparisons ------------------------------------------------------------------------------
-
-
-def assert_prefix_clean(got, clean, t: int, axis: int, what: str) -> None:
-    """Along ``axis``, the entries before t are finite and equal to the clean run's."""
-    g = np.take(to_numpy(got), np.arange(t), axis=axis)
-    c = np.take(to_numpy(clean), np.arange(t), axis=axis)
-    bad = np.argwhere(~np.isfinite(g))
-    assert bad.size == 0, f"{what}: non-finite before the poisoned position {t} at {bad[:4]}"
-    if g.size == 0:
-        return
-    diff = float(np.max(np.abs(g - c)))
-    scale = float(np.max(np.abs(c)))
-    assert diff <= PREFIX_RTOL * scale or diff == 0.0, (
-        f"{what}: before position {t} the output moved by {diff:.3e} (scale {scale:.3e})")
-
-
-def assert_same_where_finite(got, want, what: str, rtol: float = RTOL) -> None:
-    """Non-finite at the same places; equal (relative to the finite entries' scale) elsewhere."""
-    g, w = to_numpy(got), to_numpy(want)
-    assert g.shape == w.shape, f"{what}: shape {g.shape} != {w.shape}"
-    if np.issubdtype(w.dtype, np.integer) or w.dtype == bool:
-        assert np.array_equal(g, w), f"{what}: integer arrays differ:\n{g}\n{w}"
-        return
-    fg, fw = np.isfinite(g), np.isfinite(w)
-    only = np.argwhere(fg != fw)
-    assert only.size == 0, (f"{what}: finite in one form and not the other at {only[:4]} "
-                            f"({int(np.sum(fg != fw))} entries)")
-    if not fw.any():
-        return
-    diff = float(np.max(np.abs(g[fw] - w[fw])))
-    scale = float(np.max(np.abs(w[fw])))
-    assert diff <= rtol * scale or diff == 0.0, (
-        f"{what}: relative error {diff / max(scale, 1e-300):.3e} > {rtol:.0e} where finite")
-
-
-def assert_states_match(got, want, what: str = "state") -> None:
-    if isinstance(want, dict):
-        assert set(got) == set(want), f"{what}: keys {sorted(got)} != {sorted(want)}"
-        for k in want:
-            assert_states_match(got[k], want[k], f"{what}[{k!r}]")
-    elif isinstance(want, (tuple, list)):
-        assert len(got) == len(want), f"{what}: length {len(got)} != {len(want)}"
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_states_match(g, w, f"{what}[{i}]")
-    elif isinstance(want, (int, str)):
-        assert got == want, f"{what}: {got!r} != {want!r}"
-    else:
-        assert_same_where_finite(got, want, what)
 
 
 def assert_forms_match(spec, params, x, y, state, a: int, exclude=None) -> None:
@@ -207,12 +163,6 @@ def test_layer_poison_is_causal_on_jax(t, value, channel):
 
 
 # --- memcore.ops on numpy arrays --------------------------------------------------------------
-
-def _poison(arrays: dict, name: str, index: tuple, value) -> dict:
-    out = dict(arrays)
-    out[name] = arrays[name].copy()
-    out[name][index] = value
-    return out
 
 
 @settings(max_examples=OP_EXAMPLES)

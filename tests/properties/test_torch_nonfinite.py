@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 
+import nonfinite
 import numpy as np
 import pytest
 import torch
@@ -25,14 +27,16 @@ from memcore.backends.torch import eidetic_store as t_store
 from memcore.backends.torch import leaky_average as t_leaky
 from memcore.backends.torch import selective_scan as t_scan
 from memcore.backends.torch import windowed_readout as t_window
+from nonfinite import POISONS, assert_prefix_clean, to_numpy
+from nonfinite import poison as _poison
 from refcheck import MAX_T, REALIZATIONS, inputs, jamba_specs, model_specs, params64, scan_cases
 
 import memcore
 from memcore.testing import TOLERANCE
 
-PREFIX_RTOL = 1e-12  # outputs before the poisoned position against the clean run
 FORMS_RTOL = TOLERANCE["float64"]  # streaming and split forms against the parallel form
-POISONS = st.sampled_from([math.nan, math.inf, -math.inf])
+assert_same_where_finite = functools.partial(nonfinite.assert_same_where_finite, rtol=FORMS_RTOL)
+assert_states_match = functools.partial(nonfinite.assert_states_match, rtol=FORMS_RTOL)
 EXAMPLES = 20
 LAYERS = [(name, s) for name, s in REALIZATIONS if name not in ("model", "jamba")]
 
@@ -51,54 +55,6 @@ def tiling(chunk: int, group: int, block: int):
 TILINGS = st.tuples(st.integers(1, 8), st.sampled_from([1, 50, 1 << 24]), st.integers(1, 8))
 
 # --- comparisons ------------------------------------------------------------------------------
-
-
-def _np(a) -> np.ndarray:
-    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-
-
-def assert_prefix_clean(got, clean, t: int, axis: int, what: str) -> None:
-    """Along ``axis``, the entries before t are finite and equal to the clean run's."""
-    g = np.take(_np(got), np.arange(t), axis=axis)
-    c = np.take(_np(clean), np.arange(t), axis=axis)
-    bad = np.argwhere(~np.isfinite(g))
-    assert bad.size == 0, f"{what}: non-finite before the poisoned position {t} at {bad[:4]}"
-    if g.size:
-        diff, scale = float(np.max(np.abs(g - c))), float(np.max(np.abs(c)))
-        assert diff <= PREFIX_RTOL * scale or diff == 0.0, (
-            f"{what}: before position {t} the output moved by {diff:.3e} (scale {scale:.3e})")
-
-
-def assert_same_where_finite(got, want, what: str) -> None:
-    """Non-finite at the same places; equal (relative to the finite entries' scale) elsewhere."""
-    g, w = _np(got), _np(want)
-    assert g.shape == w.shape, f"{what}: shape {g.shape} != {w.shape}"
-    if not np.issubdtype(w.dtype, np.floating):
-        assert np.array_equal(g, w), f"{what}: integer arrays differ:\n{g}\n{w}"
-        return
-    fg, fw = np.isfinite(g), np.isfinite(w)
-    only = np.argwhere(fg != fw)
-    assert only.size == 0, (f"{what}: finite in one form and not the other at {only[:4]} "
-                            f"({int(np.sum(fg != fw))} entries)")
-    if fw.any():
-        diff, scale = float(np.max(np.abs(g[fw] - w[fw]))), float(np.max(np.abs(w[fw])))
-        assert diff <= FORMS_RTOL * scale or diff == 0.0, (
-            f"{what}: relative error {diff / max(scale, 1e-300):.3e} > {FORMS_RTOL:.0e}")
-
-
-def assert_states_match(got, want, what: str = "state") -> None:
-    if isinstance(want, dict):
-        assert set(got) == set(want), f"{what}: keys {sorted(got)} != {sorted(want)}"
-        for k in want:
-            assert_states_match(got[k], want[k], f"{what}[{k!r}]")
-    elif isinstance(want, (tuple, list)):
-        assert len(got) == len(want), f"{what}: length {len(got)} != {len(want)}"
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_states_match(g, w, f"{what}[{i}]")
-    elif isinstance(want, (int, str)):
-        assert got == want, f"{what}: {got!r} != {want!r}"
-    else:
-        assert_same_where_finite(got, want, what)
 
 
 def assert_forms_match(obj, x, y, state, a: int) -> None:
@@ -185,12 +141,6 @@ def test_model_poison_is_causal(spec_st, data):
 
 
 # --- the ops ----------------------------------------------------------------------------------
-
-def _poison(arrays: dict, name: str, index: tuple, value) -> dict:
-    out = dict(arrays)
-    out[name] = arrays[name].clone()
-    out[name][index] = value
-    return out
 
 
 def _t(a):
@@ -352,8 +302,8 @@ def entry_sets(draw, B, H, E, max_s=6, offset=0):
 
 
 def _entry(e, b, i):
-    return (int(e["pos"][b, i]), _np(e["score"][b, i]).tobytes(), _np(e["k"][b, :, i]).tobytes(),
-            _np(e["v"][b, :, i]).tobytes())
+    return (int(e["pos"][b, i]), to_numpy(e["score"][b, i]).tobytes(),
+            to_numpy(e["k"][b, :, i]).tobytes(), to_numpy(e["v"][b, :, i]).tobytes())
 
 
 @settings(max_examples=EXAMPLES)
@@ -366,7 +316,7 @@ def test_store_order_is_total_with_nonfinite_scores(data):
     a, b, c = (data.draw(entry_sets(1, H, E, offset=o)) for o in (0, 100, 200))
     n = data.draw(st.integers(0, 8), label="n")
     top = t_store.store_top(a, n, implementation="torch")
-    sc, ps = _np(a["score"])[0], _np(a["pos"])[0]
+    sc, ps = to_numpy(a["score"])[0], to_numpy(a["pos"])[0]
     want = sorted((i for i in range(len(ps)) if ps[i] >= 0),
                   key=lambda i: (not math.isnan(sc[i]), 0.0 if math.isnan(sc[i]) else -sc[i],
                                  -ps[i]))[:n]

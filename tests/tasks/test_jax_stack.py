@@ -12,7 +12,7 @@ pytest.importorskip("equinox")
 
 import jax.numpy as jnp  # noqa: E402
 
-from memcore.tasks import lm, moons, mqar, mqar_configs  # noqa: E402
+from memcore.tasks import lm, moons, moons_model, mqar, mqar_configs  # noqa: E402
 from memcore.tasks.jax_stack import (  # noqa: E402
     JaxMoonsMemory,
     JaxTaskLM,
@@ -66,8 +66,8 @@ def test_task_lm_matches_torch(name):
 
 @pytest.mark.parametrize("heads", [1])  # 3 heads: end to end in test_jax_tasks.py
 def test_moons_memory_matches_torch(heads):
-    ref = moons.MoonsMemory(heads, seed=4)
-    ours = JaxMoonsMemory(heads, seed=4, beta=moons.BETA)
+    ref = moons_model.MoonsMemory(heads, seed=4)
+    ours = JaxMoonsMemory(heads, seed=4, beta=moons_model.BETA)
     sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     assert ours.state_dict().keys() == sd.keys()
     for k, v in ours.state_dict().items():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from memcore import cli
-from memcore.tasks import moons, protocol
+from memcore.tasks import moons, moons_model, protocol
 from memcore.tasks.moons_eval import horizon_errors, rollout
 
 F = Fraction
@@ -73,7 +73,7 @@ def test_sample_follows_each_period():
 
 def test_init_is_the_projected_uniform_of_the_official_complex_linear():
     # U(+-1/sqrt(2a)) on a real [2b, 2a] matrix, projected: each entry the mean of two draws
-    re, im = moons.complex_init(96, 96, torch.Generator().manual_seed(0))
+    re, im = moons_model.complex_init(96, 96, torch.Generator().manual_seed(0))
     bound = 1 / math.sqrt(2 * 96)
     for w in (re, im):
         assert float(w.abs().max()) <= bound
@@ -81,15 +81,16 @@ def test_init_is_the_projected_uniform_of_the_official_complex_linear():
         # a triangular law (kurtosis 2.4), not the uniform's (1.8)
         k = float(((w - w.mean()) ** 4).mean() / w.var() ** 2)
         assert k == pytest.approx(2.4, abs=0.15)
-    a, b = moons.initial_weights(3), moons.initial_weights(3)
+    a, b = moons_model.initial_weights(3), moons_model.initial_weights(3)
     assert all(np.array_equal(a[k], b[k]) for k in a) and set(a) == {
-        f"{m}.{p}" for m in moons.MAPS for p in ("re", "im")}
-    model = moons.MoonsMemory(3, seed=3)
+        f"{m}.{p}" for m in moons_model.MAPS for p in ("re", "im")}
+    model = moons_model.MoonsMemory(3, seed=3)
     np.testing.assert_array_equal(model.psi.im.detach().numpy(), a["psi.im"])
 
 
 def test_complex_linear_is_complex_multiplication():
-    lin = moons.ComplexLinear(*moons.complex_init(3, 2, torch.Generator().manual_seed(0)))
+    gen = torch.Generator().manual_seed(0)
+    lin = moons_model.ComplexLinear(*moons_model.complex_init(3, 2, gen))
     x = torch.randn(4, 6)
     W = (lin.re + 1j * lin.im).detach().numpy()
     z = x[:, 0::2].numpy() + 1j * x[:, 1::2].numpy()
@@ -99,7 +100,7 @@ def test_complex_linear_is_complex_multiplication():
 
 
 def test_memory_reads_only_the_past():
-    model = moons.MoonsMemory(3, seed=0)
+    model = moons_model.MoonsMemory(3, seed=0)
     x = torch.as_tensor(moons.sample(np.random.default_rng(1), [moons.HELD_OUT] * 2, 40))
     y = model(x)
     x2 = x.clone()
@@ -109,7 +110,7 @@ def test_memory_reads_only_the_past():
     assert not torch.allclose(y[:, 29:], y2[:, 29:])
     assert torch.all(y[:, 0] == 0)  # the first position has no memory yet
     with pytest.raises(ValueError, match="heads must be 1 or 3"):
-        moons.MoonsMemory(2)
+        moons_model.MoonsMemory(2)
 
 
 def test_clipped_loss():
@@ -124,7 +125,7 @@ def test_clipped_loss():
 
 @pytest.mark.parametrize("heads", [1, 3])
 def test_cached_rollout_is_the_recomputed_one(heads):
-    model = moons.MoonsMemory(heads, seed=2)
+    model = moons_model.MoonsMemory(heads, seed=2)
     with torch.no_grad():  # train a little away from the init's near-uniform attention
         model.phi.re.mul_(3.0)
     x = moons.sample(np.random.default_rng(4), [moons.HELD_OUT] * 3, 30)

@@ -11,7 +11,7 @@ import torch
 
 import memcore
 from memcore import cli
-from memcore.tasks import model_args, mqar
+from memcore.tasks import commands, model_args, mqar
 from memcore.tasks import mqar_configs as C
 from memcore.tasks.stack import TaskLM
 
@@ -95,7 +95,7 @@ def test_the_flags_reach_the_models():
         ["mqar", "--quick", "--window", "6", "--capacity", "5", "--select", "3", "--chunk",
          "7", "--d-state", "9", "--pattern", "AM", "--hybrid-window", "11", "--lrs", "1e-3",
          "2e-3", "3e-3", "--seeds", "4", "5"])
-    variants, sweep, _ = C.plan(**cli.mqar_arguments(args))
+    variants, sweep, _ = C.plan(**commands.mqar_arguments(args))
     specs = {name: C.model_spec(name, cfg) for _, name, cfg, _ in variants}
     assert sweep.lrs == (1e-3, 2e-3, 3e-3) and sweep.seeds == (4, 5)
     b = specs["bmojo"].layers[0]
@@ -123,7 +123,7 @@ def test_memory_sweep_plan():
     # command-line lists replace the swept values of every family that sweeps them
     args = cli.build_parser().parse_args(["mqar", "--sweep", "memory", "--seq-len", "128",
                                           "--kv", "8", "--window", "2", "5", "--capacity", "3"])
-    variants, _, _ = C.plan(**cli.mqar_arguments(args))
+    variants, _, _ = C.plan(**commands.mqar_arguments(args))
     got = {(name, tuple(info["values"].items())) for _, name, _, info in variants}
     assert ("bmojo", (("window", 5), ("capacity", 3))) in got
     assert ("mamba_swa", (("hybrid_window", 2),)) in got
