@@ -5,14 +5,13 @@ An entry set is a dict of arrays over an entry axis of length S:
 ``k``, ``v``: [B, H, S, E]; ``score``: [B, S]; ``pos``: [B, S] (int, < 0 marks an empty slot).
 
 Total order, everywhere: a filled slot before an empty one; higher score first (a NaN score
-counts as +inf); on equal score, the later position first. Positions of filled entries are
+above every number, +inf included, as torch's descending sort puts it); on equal score (or two
+NaNs), the later position first. Positions of filled entries are
 distinct, so the order is strict on them; empty slots are ordered by index so ranks stay a
 permutation.
 """
 
 from __future__ import annotations
-
-import math
 
 from .numerics import device, gather_rows, namespace
 from .rings import seq_positions
@@ -41,11 +40,12 @@ def ranks(xp, score, pos):
     S = score.shape[1]
     filled = pos >= 0
     # NaN compares false with everything, which would leave two entries sharing a rank. It
-    # counts as +inf instead (the forms may differ in which non-finite value a poisoned token
-    # scores), and the position breaks the tie, so the order stays strict.
-    score = xp.where(xp.isnan(score), xp.asarray(math.inf, dtype=score.dtype,
-                                                 device=device(score)), score)
+    # ranks above every number and ties with NaN, and the position breaks the tie, so the
+    # order stays strict (the torch, JAX and Triton forms use the same rule).
     si, sj = score[:, :, None], score[:, None, :]  # i: the entry ranked, j: a competitor
+    ni, nj = xp.isnan(si), xp.isnan(sj)
+    higher = (nj & ~ni) | (sj > si)
+    tied = (ni & nj) | (sj == si)
     pi, pj = pos[:, :, None], pos[:, None, :]
     fi, fj = filled[:, :, None], filled[:, None, :]
     idx = xp.arange(S, device=device(score))
@@ -53,7 +53,7 @@ def ranks(xp, score, pos):
     both_filled = fi & fj
     beats = (
         (fj & ~fi)
-        | (both_filled & ((sj > si) | ((sj == si) & (pj > pi))))
+        | (both_filled & (higher | (tied & (pj > pi))))
         | (~fi & ~fj & earlier_index)
     )
     return xp.sum(xp.astype(beats, xp.int64), axis=2)
