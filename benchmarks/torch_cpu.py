@@ -5,6 +5,9 @@
    bmojo's time grows <= 4.5x from 4K to 16K.
 2. streaming: per-token step latency at t=1K and t=32K (goal: ratio <= 1.2), state bytes.
 3. mosaic's readout against a dense O(T^2) leaky average at T=2048 (goal: >= 2x faster).
+4. the matmul floor: each layer's forward+backward matrix-product FLOPs (counted by
+   ``torch.utils.flop_counter``) over this machine's sgemm rate at the same thread count;
+   goal: bmojo at T=8192 within 1.4x of its floor at 1 and at 2 threads.
 
 Shapes: D=256, H=4, W=128, chunk 128, select 8, capacity 64 (DESIGN's notation).
 """
@@ -84,6 +87,46 @@ def training_table(lengths, batch: int, repeat: int, names):
     for name in names:
         header += [f"{name} s", f"{name} / attn"]
     return table(header, rows), times
+
+
+SGEMM_SHAPES = ((2048, 2048, 2048), (8192, 256, 1024), (8192, 1024, 256))
+
+
+def sgemm_rate(repeat: int = 5) -> float:
+    """This machine's float32 matmul rate (FLOP/s) at torch's current thread count: the best of
+    a square product and the projection shapes of the layers (m x k @ k x n), each timed as a
+    median, so the floor derived from it is one the layers could reach."""
+    best = 0.0
+    for m, k, n in SGEMM_SHAPES:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        t = median_time(lambda a=a, b=b: a @ b, repeat=repeat, warmup=2)
+        best = max(best, 2.0 * m * k * n / t)
+    return best
+
+
+def matmul_flops(module, T: int, batch: int) -> int:
+    """FLOPs of the matrix products (matmuls, attention, convolutions) of one forward+backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    run = fwd_bwd_runner(module, T, batch)
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+def floor_table(T: int, batch: int, repeat: int, names):
+    """Each layer's forward+backward time against its matmul floor (its matmul FLOPs at the
+    sgemm rate measured in the same run), and the rate itself."""
+    rate = sgemm_rate()
+    rows = []
+    for name in ["transformer(None)", *names]:
+        mod = layer(specs()[name])
+        flops = matmul_flops(mod, T, batch)
+        t = fwd_bwd_time(mod, T, batch, repeat)
+        floor = flops / rate
+        rows.append([name, flops / 1e9, floor, t, t / floor])
+    header = ["layer", "matmul GFLOP", "floor s", "time s", "time / floor"]
+    return rate, table(header, rows)
 
 
 def state_bytes(state) -> int:
@@ -187,7 +230,10 @@ def main(argv=None):
     p.add_argument("--layers", nargs="+", default=["bmojo", "bmojo_f", "mamba", "mosaic"],
                    choices=["bmojo", "bmojo_f", "mamba", "mosaic"],
                    help="layers timed against attention (unbounded mosaic is O(T^2))")
-    p.add_argument("--skip", nargs="*", default=[], choices=["training", "streaming", "mosaic"])
+    p.add_argument("--floor-length", type=int, default=8192,
+                   help="T of the matmul-floor table")
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["training", "streaming", "mosaic", "floor"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,6 +254,13 @@ def main(argv=None):
     if "streaming" not in args.skip:
         print("streaming step latency (batch 1; functional step, then step(..., inplace=True)):")
         print(streaming_table(args.stream[0], args.stream[1], args.steps))
+        print()
+    if "floor" not in args.skip:
+        rate, text = floor_table(args.floor_length, args.batch, args.repeat, args.layers)
+        print(f"matmul floor at T={args.floor_length}: sgemm {rate / 1e9:.1f} GFLOP/s at "
+              f"{torch.get_num_threads()} threads (best of {len(SGEMM_SHAPES)} shapes); goal: "
+              f"bmojo within 1.4x of its floor")
+        print(text)
         print()
     if "mosaic" not in args.skip:
         print("mosaic key extractor: scan vs dense O(T^2) leaky average, forward+backward:")
