@@ -11,6 +11,7 @@ protocol, computed from the configuration that ran.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -19,6 +20,7 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from memcore.tasks import model_args, mqar, plots, protocol, runs
+from memcore.tasks import sweep as sweep_runs
 from memcore.tasks.mqar_configs import MODELS, MQARConfig, deviations, model_spec, plan
 from memcore.tasks.train import CHECKPOINT, TrainConfig, check_backend
 
@@ -139,6 +141,14 @@ def _run_tagged(tag, *args):
     return run_one(*args)
 
 
+def _run_identity(args: tuple) -> dict:
+    """What fixes one run's result (its configuration, seed, device and backend): a run kept
+    under its folder is reused only by a command that asks for the same."""
+    tag, name, c, seed, device = args[:5]
+    return {"tag": tag, "model": name, "config": asdict(c), "seed": seed, "device": device,
+            "backend": args[10]}
+
+
 def summarize(name: str, cfg: MQARConfig, results: list) -> dict:
     """One model's line of a table: the protocol's selection over its runs, its memory at the
     evaluation length, and the runs themselves."""
@@ -195,20 +205,28 @@ def run(models, mode: str = "quick", lrs=None, seeds=None, device: str = "cpu",
         f"x {len(sweep.seeds)} seed(s); deviations from Zoology's protocol:")
     for dv in results["deviations"]:
         say(f"  - {dv}")
-    jobs_args, by_tag = [], {}
+    jobs_args, by_tag, kept = [], {}, []
     for tag, name, c, info in variants:
         by_tag[tag] = (name, c, info, [])
         for lr, seed in sweep.runs:
             sub = os.path.join(out_dir, tag, f"lr{lr:.3g}-seed{seed}") if out_dir else None
-            jobs_args.append((tag, name, replace(c, lr=lr), seed, device, sub, resume,
-                              checkpoint_every, log_every, quiet, backend))
+            args = (tag, name, replace(c, lr=lr), seed, device, sub, resume, checkpoint_every,
+                    log_every, quiet, backend)
+            res = sweep_runs.finished_run(sub, _run_identity(args), "memcore mqar")
+            (jobs_args if res is None else kept).append(args if res is None else (args, res))
+    if kept:
+        say(f"memcore mqar: {len(kept)} finished run(s) found under {out_dir}; "
+            f"{len(jobs_args)} to train")
     # The slowest models first, so that a pool's last jobs are short ones.
     jobs_args.sort(key=lambda a: SLOWEST_FIRST.index(a[1]))
-    for args, res in runs.map_jobs(_run_tagged, jobs_args, jobs):
+    trained = ((args, res, True) for args, res in runs.map_jobs(_run_tagged, jobs_args, jobs))
+    for args, res, new in itertools.chain(((a, r, False) for a, r in kept), trained):
         name, c, info, done = by_tag[args[0]]
         done.append(res)
-        say(f"[{args[0]}] lr {res['lr']:.2e} seed {res['seed']}: val {res['val_accuracy']:.4f} "
-            f"test {res['accuracy']:.4f} ({res['steps']} steps)")
+        if new:
+            sweep_runs.keep_run(args[5], _run_identity(args), res)
+            say(f"[{args[0]}] lr {res['lr']:.2e} seed {res['seed']}: val "
+                f"{res['val_accuracy']:.4f} test {res['accuracy']:.4f} ({res['steps']} steps)")
         if len(done) == len(sweep.runs):
             line = summarize(name, c, done)
             if mode == "quick":

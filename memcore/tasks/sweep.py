@@ -25,7 +25,9 @@ def run_dir(out_dir: str | None, model: str, lr: float, seed: int) -> str | None
         if out_dir else None
 
 
-def _finished(sub: str | None, config: dict, what: str) -> dict | None:
+def finished_run(sub: str | None, config: dict, what: str) -> dict | None:
+    """The result kept under ``sub`` by an earlier command (None if that run has not finished);
+    a kept run of another configuration is refused by name."""
     path = os.path.join(sub, RUN_FILE) if sub else None
     if not path or not os.path.exists(path):
         return None
@@ -35,7 +37,8 @@ def _finished(sub: str | None, config: dict, what: str) -> dict | None:
     return kept["result"]
 
 
-def _keep(sub: str | None, config: dict, result: dict) -> None:
+def keep_run(sub: str | None, config: dict, result: dict) -> None:
+    """Write a finished run's result under ``sub`` (atomically), for a later command to reuse."""
     if not sub:
         return
     os.makedirs(sub, exist_ok=True)
@@ -58,7 +61,7 @@ def run_all(what: str, fn: Callable, models, sweep: protocol.Sweep, config: dict
     for m in models:
         for lr, seed in sweep.runs:
             sub = run_dir(out_dir, m, lr, seed)
-            kept = _finished(sub, config, what)
+            kept = finished_run(sub, config, what)
             if kept is None:
                 todo.append((m, lr, seed, sub, *args))
             else:
@@ -67,7 +70,7 @@ def run_all(what: str, fn: Callable, models, sweep: protocol.Sweep, config: dict
         say(f"{what}: {sum(len(v) for v in done.values())} finished run(s) found under "
             f"{out_dir}; {len(todo)} to train")
     for a, result in runs.map_jobs(fn, todo, jobs):
-        _keep(a[3], config, result)
+        keep_run(a[3], config, result)
         done[a[0]].append(result)
         say(f"[{a[0]}] lr {result['lr']:.2e} seed {result['seed']}: {describe(result)}")
     return {m: sorted(rs, key=lambda r: (r["lr"], r["seed"])) for m, rs in done.items()}

@@ -146,3 +146,29 @@ def test_mqar_resume_continues_and_refuses_another_run(tmp_path, capsys):
         assert cli.main(["mqar", *argv, "--resume"]) == 2
         assert f"--resume: {name} differs from the run under" in capsys.readouterr().err
     assert cli.main(["mqar", *TINY, "--resume"]) == 2  # no --out: a clear error
+
+
+def test_finished_runs_are_kept_and_reused(tmp_path, monkeypatch, capsys):
+    """Each finished run is kept under its folder as it ends, so a command stopped part way
+    (a killed sweep) loses none: the same command again reuses them and trains nothing."""
+    out = tmp_path / "run"
+    rest = ["--out", str(out), "--models", "transformer", "mamba", "--lrs", "3e-3", "1e-2"]
+    assert cli.main(["mqar", *TINY, *rest]) == 0
+    first = json.loads((out / "results.json").read_text())["models"]
+    kept = json.loads((out / "mamba" / "lr0.01-seed0" / "run.json").read_text())
+    assert kept["result"]["accuracy"] == next(r for r in first["mamba"]["runs"]
+                                              if r["lr"] == 1e-2)["accuracy"]
+    (out / "results.json").unlink()  # as if the command had been killed before its end
+
+    def no_training(*args):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(mqar_run, "run_one", no_training)
+    capsys.readouterr()
+    assert cli.main(["mqar", *TINY, *rest]) == 0
+    assert "4 finished run(s) found" in capsys.readouterr().err
+    again = json.loads((out / "results.json").read_text())["models"]
+    assert again == first
+    # a kept run of another configuration is refused by name, not reused
+    assert cli.main(["mqar", *_tiny(d_model="8"), *rest]) == 2
+    assert "config.d_model differs" in capsys.readouterr().err
