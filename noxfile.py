@@ -37,8 +37,9 @@ def reference(session):
 
 @nox.session
 def torch(session):
-    """The torch backend, checkpoints and interop."""
-    _install(session, "test")
+    """The torch backend, checkpoints and interop (from_hf checks against transformers, in
+    the JAX backend too)."""
+    _install(session, "jax,hf,test")
     session.run("pytest", "-q", *_tests("torch"), "tests/interop", "tests/checkpoint",
                 *session.posargs)
 

@@ -13,8 +13,19 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from . import primitives as P
-from .arguments import bool_arg, choice_arg, divisible, int_arg, positive_ints
+from .arguments import bool_arg, choice_arg, divisible, float_arg, int_arg, positive_ints
 from .base import Spec
+from .constants import ROPE_BASE
+
+
+def drop_defaults(out: dict, defaults: dict) -> dict:
+    """``out`` (a spec's ``to_dict``) without the fields added since the first specs while they
+    hold their default: a spec that does not use them keeps its JSON and its ``spec_id``, and
+    older JSON (which lacks them) reads back to the same spec."""
+    for name, default in defaults.items():
+        if out.get(name, default) == default and type(out.get(name)) is type(default):
+            out.pop(name, None)
+    return out
 
 
 @dataclass(frozen=True)
@@ -35,17 +46,35 @@ class HeadedLayer(Spec):
 
 @dataclass(frozen=True)
 class Transformer(HeadedLayer):
-    """Causal softmax attention, full (window=None) or sliding-window (2.3, raw source only)."""
+    """Causal softmax attention, full (window=None) or sliding-window (2.3, raw source only).
+
+    ``n_kv_heads`` (default n_heads, must divide it): grouped-query attention, key/value head
+    j serving query heads j*g .. j*g+g-1 (g = n_heads / n_kv_heads, transformers' repeat_kv);
+    k_proj and v_proj are [n_kv_heads * head_dim, d_model] and the state's rings hold
+    n_kv_heads heads. ``rope_theta``: the rotary base (frequencies rope_theta^(-i / half)).
+    """
 
     kind = "transformer"
     layer = "windowed"
     window: int | None = None
     positions: str = "rope"
+    n_kv_heads: int | None = None
+    rope_theta: float = ROPE_BASE
 
     def _validate(self):
         super()._validate()
         int_arg(self.kind, "window", self.window, minimum=1, allow_none=True)
         choice_arg(self.kind, "positions", self.positions, P.POSITIONS)
+        # Grouped-query attention: n_heads / n_kv_heads query heads share each key/value head.
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        int_arg(self.kind, "n_kv_heads", self.n_kv_heads, minimum=1)
+        divisible(self.kind, "n_kv_heads", self.n_heads, "n_heads", self.n_kv_heads)
+        float_arg(self.kind, "rope_theta", self.rope_theta, positive=True)
+
+    def to_dict(self):
+        return drop_defaults(super().to_dict(), {"n_kv_heads": self.n_heads,
+                                                 "rope_theta": ROPE_BASE})
 
     @cached_property
     def readout(self) -> P.WindowedReadoutSpec:
@@ -54,7 +83,12 @@ class Transformer(HeadedLayer):
 
 @dataclass(frozen=True)
 class Mamba(Spec):
-    """The Mamba block of mamba-ssm around the selective scan (2.1)."""
+    """The Mamba block of mamba-ssm around the selective scan (2.1).
+
+    ``inner_norm_eps``: None (mamba-ssm's block), or the epsilon of Jamba's RMSNorms on the
+    x_proj outputs dt, B and C (weights ``dt_layernorm.weight`` [dt_rank], ``b_layernorm.weight``
+    and ``c_layernorm.weight`` [d_state]), applied before dt_proj and the scan.
+    """
 
     kind = "mamba"
     layer = "mamba"
@@ -63,11 +97,17 @@ class Mamba(Spec):
     d_conv: int = 4
     expand: int = 2
     dt_rank: int | str = "auto"
+    inner_norm_eps: float | None = None
 
     def _validate(self):
         positive_ints("mamba", self, "d_model", "d_state", "d_conv", "expand")
         if self.dt_rank != "auto":
             int_arg("mamba", "dt_rank", self.dt_rank, minimum=1)
+        if self.inner_norm_eps is not None:
+            float_arg("mamba", "inner_norm_eps", self.inner_norm_eps, positive=True)
+
+    def to_dict(self):
+        return drop_defaults(super().to_dict(), {"inner_norm_eps": None})
 
     @property
     def d_inner(self) -> int:

@@ -1,25 +1,34 @@
-"""Model spec: token embedding, pre-norm residual blocks (mixer, then optional FFN), tied head."""
+"""Model spec: token embedding, pre-norm residual blocks (mixer, then optional FFN), output head
+(tied to the embedding by default)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .arguments import choice_arg, float_arg, int_arg
+from .arguments import bool_arg, choice_arg, float_arg, int_arg
 from .base import Spec
-from .layers import LAYER_KINDS, Mamba, Persistent, Transformer
+from .constants import NORM_EPS
+from .layers import LAYER_KINDS, Mamba, Persistent, Transformer, drop_defaults
 
 NORMS = ("rms", "layer")
-FFNS = ("mlp", "persistent", None)
+FFNS = ("mlp", "swiglu", "persistent", None)
+DENSE_FFNS = ("mlp", "swiglu")
 
 
 @dataclass(frozen=True)
 class Model(Spec):
     """A stack of layer specs.
 
-    ``ffn`` is "mlp" (GELU, ``mlp_ratio`` x wider), a ``Persistent`` spec (Memory Mosaics),
-    "persistent" (shorthand: heads of the first mixer that has heads, 3.5 d_model slots, the
-    parameter-matching count of the Memory Mosaics paper), or None (mixer-only blocks, as
-    Mamba and Zoology's MQAR models).
+    ``ffn`` is "mlp" (GELU, fc1 then fc2), "swiglu" (down(silu(gate(x)) * up(x)), the FFN of
+    Mistral, Llama and Jamba), a ``Persistent`` spec (Memory Mosaics), "persistent" (shorthand:
+    heads of the first mixer that has heads, 3.5 d_model slots, the parameter-matching count of
+    the Memory Mosaics paper), or None (mixer-only blocks, as Mamba and Zoology's MQAR models).
+    The hidden width of "mlp" and "swiglu" is ``d_ff``, or ``mlp_ratio * d_model`` when d_ff is
+    None.
+
+    ``norm_eps``: the epsilon of every norm of the stack (x / sqrt(mean + eps)).
+    ``tie_embeddings``: the head is the embedding (logits = h @ embed^T); False gives the model
+    an output head of its own, ``lm_head.weight`` [vocab_size, d_model].
     """
 
     kind = "model"
@@ -29,6 +38,9 @@ class Model(Spec):
     norm: str = "rms"
     mlp_ratio: int = 4
     logit_scale: float = 1.0
+    d_ff: int | None = None
+    norm_eps: float = NORM_EPS
+    tie_embeddings: bool = True
 
     def _validate(self):
         if isinstance(self.layers, list):
@@ -47,6 +59,9 @@ class Model(Spec):
         int_arg("model", "mlp_ratio", self.mlp_ratio, minimum=1)
         choice_arg("model", "norm", self.norm, NORMS)
         float_arg("model", "logit_scale", self.logit_scale, positive=True)
+        int_arg("model", "d_ff", self.d_ff, minimum=1, allow_none=True)
+        float_arg("model", "norm_eps", self.norm_eps, positive=True)
+        bool_arg("model", "tie_embeddings", self.tie_embeddings)
         if self.ffn == "persistent":
             heads = next((layer.n_heads for layer in self.layers if hasattr(layer, "n_heads")), 1)
             object.__setattr__(self, "ffn", Persistent(self.d_model, heads,
@@ -56,8 +71,20 @@ class Model(Spec):
                 raise ValueError(f"model: ffn.d_model={self.ffn.d_model} differs from the "
                                  f"layers' d_model={self.d_model}")
         elif self.ffn not in FFNS:
-            raise ValueError(f"model: ffn must be 'mlp', 'persistent', a Persistent spec or "
-                             f"None, got {self.ffn!r}")
+            raise ValueError(f"model: ffn must be 'mlp', 'swiglu', 'persistent', a Persistent "
+                             f"spec or None, got {self.ffn!r}")
+        if self.d_ff is not None and self.ffn not in DENSE_FFNS:
+            raise ValueError(f"model: d_ff={self.d_ff} is the hidden width of an 'mlp' or "
+                             f"'swiglu' FFN; this model's ffn is {self.ffn!r}")
+
+    def to_dict(self):
+        return drop_defaults(super().to_dict(), {"d_ff": None, "norm_eps": NORM_EPS,
+                                                 "tie_embeddings": True})
+
+    @property
+    def ffn_width(self) -> int:
+        """The hidden width of an "mlp" or "swiglu" FFN."""
+        return self.mlp_ratio * self.d_model if self.d_ff is None else self.d_ff
 
     @property
     def d_model(self) -> int:
@@ -69,9 +96,10 @@ class Model(Spec):
 
 
 def model(layers, vocab_size: int, ffn="mlp", norm: str = "rms", mlp_ratio: int = 4,
-          logit_scale: float = 1.0) -> Model:
+          logit_scale: float = 1.0, d_ff: int | None = None, norm_eps: float = NORM_EPS,
+          tie_embeddings: bool = True) -> Model:
     return Model(tuple(layers) if isinstance(layers, list) else layers, vocab_size, ffn, norm,
-                 mlp_ratio, logit_scale)
+                 mlp_ratio, logit_scale, d_ff, norm_eps, tie_embeddings)
 
 
 def jamba(d_model: int, n_heads: int, pattern: str = "MMMA", n_layers: int | None = None,

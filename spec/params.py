@@ -5,10 +5,12 @@ Each parameter draws from its own generator seeded by (seed, name), so a paramet
 initial value in every spec that has it: ``init(bmojo(...))`` restricted to ``bmojo_f``'s names
 equals ``init(bmojo_f(...))`` for the same arguments and seed.
 
-transformer: q_proj.weight, k_proj.weight, v_proj.weight, o_proj.weight [D, D].
+transformer: q_proj.weight, o_proj.weight [D, D]; k_proj.weight, v_proj.weight [Hkv E, D]
+    (Hkv = n_kv_heads, E = head_dim: [D, D] without grouped-query attention).
 mamba (mamba-ssm's Mamba names): in_proj.weight [2Di, D], conv1d.weight [Di, 1, K],
     conv1d.bias [Di], x_proj.weight [R + 2N, Di], dt_proj.weight [Di, R], dt_proj.bias [Di],
-    A_log [Di, N], D [Di], out_proj.weight [D, Di].
+    A_log [Di, N], D [Di], out_proj.weight [D, Di]; with inner_norm_eps (Jamba's names)
+    dt_layernorm.weight [R], b_layernorm.weight [N], c_layernorm.weight [N].
 bmojo_f: transformer's; fading.<mamba names> if fading; k_fading_proj.weight and
     v_fading_proj.weight [D, D] if not tie_fading.
 bmojo: bmojo_f's; pred_proj.weight [D, D] (the innovation predictor) if fading.
@@ -17,7 +19,9 @@ persistent: k_proj.weight, o_proj.weight [D, D]; leak, k_scale, out_scale [H];
     mem_k, mem_v [H, P, E].
 model: embed.weight [V, D]; layers.{i}.norm1.weight [D]; layers.{i}.mixer.<layer names>;
     with an ffn, layers.{i}.norm2.weight [D] and layers.{i}.ffn.<names> (mlp: fc1.weight
-    [rD, D], fc2.weight [D, rD]; or the persistent names); norm_f.weight [D].
+    [F, D], fc2.weight [D, F]; swiglu: gate_proj.weight, up_proj.weight [F, D],
+    down_proj.weight [D, F]; F = d_ff or mlp_ratio * D; or the persistent names);
+    norm_f.weight [D]; lm_head.weight [V, D] if not tie_embeddings.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def _mamba_table(spec: Mamba) -> dict[str, tuple[tuple, Init]]:
     def a_log(rng, shape):
         return np.log(np.broadcast_to(np.arange(1, N + 1, dtype=np.float64), shape))
 
-    return {
+    table = {
         "in_proj.weight": ((2 * Di, D), _uniform_fan_in(D)),
         "conv1d.weight": ((Di, 1, K), _uniform_fan_in(K)),
         "conv1d.bias": ((Di,), _uniform_fan_in(K)),
@@ -78,11 +82,18 @@ def _mamba_table(spec: Mamba) -> dict[str, tuple[tuple, Init]]:
         "D": ((Di,), _const(1.0)),
         "out_proj.weight": ((D, Di), _uniform_fan_in(Di)),
     }
+    if spec.inner_norm_eps is not None:
+        table.update({"dt_layernorm.weight": ((R,), _const(1.0)),
+                      "b_layernorm.weight": ((N,), _const(1.0)),
+                      "c_layernorm.weight": ((N,), _const(1.0))})
+    return table
 
 
 def _attention_table(spec) -> dict[str, tuple[tuple, Init]]:
     D = spec.d_model
-    return {f"{n}_proj.weight": ((D, D), _uniform_fan_in(D)) for n in "qkvo"}
+    kv = getattr(spec, "n_kv_heads", spec.n_heads) * spec.head_dim
+    return {f"{n}_proj.weight": ((kv if n in "kv" else D, D), _uniform_fan_in(D))
+            for n in "qkvo"}
 
 
 def _table(spec: Spec) -> dict[str, tuple[tuple, Init]]:
@@ -133,13 +144,19 @@ def _table(spec: Spec) -> dict[str, tuple[tuple, Init]]:
             table.update({f"layers.{i}.mixer.{n}": v for n, v in _table(layer).items()})
             if spec.ffn is not None:
                 table[f"layers.{i}.norm2.weight"] = ((D,), _const(1.0))
+                F = spec.ffn_width
                 if spec.ffn == "mlp":
-                    Dh = spec.mlp_ratio * D
-                    table[f"layers.{i}.ffn.fc1.weight"] = ((Dh, D), _uniform_fan_in(D))
-                    table[f"layers.{i}.ffn.fc2.weight"] = ((D, Dh), _uniform_fan_in(Dh))
+                    table[f"layers.{i}.ffn.fc1.weight"] = ((F, D), _uniform_fan_in(D))
+                    table[f"layers.{i}.ffn.fc2.weight"] = ((D, F), _uniform_fan_in(F))
+                elif spec.ffn == "swiglu":
+                    for n in ("gate_proj", "up_proj"):
+                        table[f"layers.{i}.ffn.{n}.weight"] = ((F, D), _uniform_fan_in(D))
+                    table[f"layers.{i}.ffn.down_proj.weight"] = ((D, F), _uniform_fan_in(F))
                 else:
                     table.update({f"layers.{i}.ffn.{n}": v for n, v in _table(spec.ffn).items()})
         table["norm_f.weight"] = ((D,), _const(1.0))
+        if not spec.tie_embeddings:
+            table["lm_head.weight"] = ((V, D), _normal(D ** -0.5))
         return table
     raise TypeError(f"spec must be a memcore spec, got {spec!r}")
 

@@ -75,7 +75,7 @@ def _mamba_params(s: Mamba):
         (Di * (K + 1), inner + (("d_conv", K),)),  # conv1d.weight, conv1d.bias
         (2 * Di * R, inner + (rank,)),  # x_proj's dt rows, dt_proj.weight
         (3 * Di * N, inner + (("d_state", N),)),  # x_proj's B and C rows, A_log
-    ]
+    ] + ([(R + 2 * N, (rank, ("d_state", N)))] if s.inner_norm_eps is not None else [])
 
 
 def _layer_params(s):
@@ -83,8 +83,8 @@ def _layer_params(s):
     width = (("d_model", D),)
     if isinstance(s, Mamba):
         return _mamba_params(s)
-    if isinstance(s, Transformer):
-        return [(4 * D * D, width)]
+    if isinstance(s, Transformer):  # q, o [D, D]; k, v [n_kv_heads * head_dim, D]
+        return [(2 * D * D + 2 * s.n_kv_heads * s.head_dim * D, width)]
     if isinstance(s, BMojoF):  # also BMojo
         n = 4 + (0 if s.tie_fading or not s.fading else 2) + (
             1 if isinstance(s, BMojo) and s.fading else 0)
@@ -103,14 +103,17 @@ def _param_terms(spec):
         return [(n, f, False) for n, f in _layer_params(spec)]
     D, V = spec.d_model, spec.vocab_size
     width = (("d_model", D),)
-    terms = [(V * D, (("vocab_size", V),) + width, False), (D, width, False)]
+    heads = 1 if spec.tie_embeddings else 2  # the embedding, and an untied head
+    terms = [(heads * V * D, (("vocab_size", V),) + width, False), (D, width, False)]
     for i, layer in enumerate(spec.layers):
         pre = f"layers[{i}]."
         terms += [(n, _prefixed(pre, f), False) for n, f in _layer_params(layer)]
         terms.append((D * (1 if spec.ffn is None else 2), width, False))  # norm1, norm2
-        if spec.ffn == "mlp":
-            terms.append((2 * spec.mlp_ratio * D * D, width + (("mlp_ratio", spec.mlp_ratio),),
-                          False))
+        if spec.ffn in ("mlp", "swiglu"):
+            wide = (("mlp_ratio", spec.mlp_ratio),) if spec.d_ff is None else (
+                ("d_ff", spec.d_ff),)
+            n = 2 if spec.ffn == "mlp" else 3
+            terms.append((n * spec.ffn_width * D, width + wide, False))
         elif spec.ffn is not None:
             terms += [(n, _prefixed("ffn.", f), False) for n, f in _layer_params(spec.ffn)]
     return terms
@@ -137,7 +140,8 @@ def _layer_state(s, batch: int, max_len):
         ro = s.readout
         H, E, W = ro.n_heads, ro.head_dim, ro.window
         raw = (("window", W),) if W is not None else (("max_len", max_len or 0),)
-        terms = [(2 * batch * H * raw[0][1] * E, width + raw, False)]
+        kv = getattr(s, "n_kv_heads", H)  # the rings hold the key/value heads
+        terms = [(2 * batch * kv * raw[0][1] * E, width + raw, False)]
         if ro.fading:
             terms.append((4 * batch * H * W * E, width + (("window", W),), False))
             terms += _layer_state(s.fading_block, batch, max_len)

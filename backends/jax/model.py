@@ -1,7 +1,7 @@
 """Model forms (same math as ``memcore.spec.reference.model``):
 
     h = embed[tokens];  per block i:  h += mixer_i(norm1_i(h));  h += ffn_i(norm2_i(h))
-    logits = logit_scale * norm_f(h) @ embed^T
+    logits = logit_scale * norm_f(h) @ embed^T         (lm_head^T when not tie_embeddings)
 
 State: ``layers`` (and with a persistent FFN ``ffn``), tuples of the layers' array dicts, and
 one ``pos`` for the whole stack.
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from memcore.spec.layers import Persistent
 
 from .layers import module, sub
-from .numerics import POS_DTYPE, gelu, layer_norm, linear, rms_norm
+from .numerics import POS_DTYPE, gelu, layer_norm, linear, rms_norm, silu
 
 
 def _arrays(state: dict) -> dict:
@@ -31,7 +31,15 @@ def init_state(spec, batch: int, dtype, max_len: int = 0) -> dict:
 
 
 def _norm(spec, h, w):
-    return rms_norm(h, w) if spec.norm == "rms" else layer_norm(h, w)
+    return (rms_norm if spec.norm == "rms" else layer_norm)(h, w, spec.norm_eps)
+
+
+def _dense_ffn(spec, p, pre, g):
+    """The "mlp" or "swiglu" FFN of block ``pre`` on g [..., D]."""
+    if spec.ffn == "mlp":
+        return linear(gelu(linear(g, p[pre + "ffn.fc1.weight"])), p[pre + "ffn.fc2.weight"])
+    return linear(silu(linear(g, p[pre + "ffn.gate_proj.weight"]))
+                  * linear(g, p[pre + "ffn.up_proj.weight"]), p[pre + "ffn.down_proj.weight"])
 
 
 def _run(spec, p, tokens, state, streaming: bool, implementation):
@@ -58,15 +66,15 @@ def _run(spec, p, tokens, state, streaming: bool, implementation):
         h = h + y
         if spec.ffn is not None:
             g = _norm(spec, h, p[pre + "norm2.weight"])
-            if spec.ffn == "mlp":
-                h = h + linear(gelu(linear(g, p[pre + "ffn.fc1.weight"])),
-                               p[pre + "ffn.fc2.weight"])
+            if not isinstance(spec.ffn, Persistent):
+                h = h + _dense_ffn(spec, p, pre, g)
             else:
                 y, st, _ = call(spec.ffn, sub(p, pre + "ffn."), g, state["ffn"][i])
                 ffns.append(_arrays(st))
                 h = h + y
     h = _norm(spec, h, p["norm_f.weight"])
-    logits = linear(h, p["embed.weight"]) * spec.logit_scale
+    head = p["embed.weight"] if spec.tie_embeddings else p["lm_head.weight"]
+    logits = linear(h, head) * spec.logit_scale
     new = {"layers": tuple(layers), "pos": end}
     if isinstance(spec.ffn, Persistent):
         new["ffn"] = tuple(ffns)

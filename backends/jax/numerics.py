@@ -60,14 +60,14 @@ def l2_normalize(x, axis: int = -1):
     return x / jnp.maximum(n, jnp.asarray(L2_EPS, dtype=x.dtype))
 
 
-def rms_norm(x, weight):
-    return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS) * weight
+def rms_norm(x, weight, eps: float = NORM_EPS):
+    return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
-def layer_norm(x, weight):
+def layer_norm(x, weight, eps: float = NORM_EPS):
     mu = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean((x - mu) ** 2, axis=-1, keepdims=True)
-    return (x - mu) / jnp.sqrt(var + NORM_EPS) * weight
+    return (x - mu) / jnp.sqrt(var + eps) * weight
 
 
 def heads(x, H: int):

@@ -18,6 +18,7 @@ from fractions import Fraction
 import jax
 import jax.numpy as jnp
 import numpy as np
+from memcore.spec.constants import ROPE_BASE
 from memcore.spec.reference.rotary import frequencies
 
 # 2*pi to 50 digits: the fixed-point frequencies are rounded once from the exact quotient
@@ -26,19 +27,19 @@ _LOW16 = 0xFFFF
 
 
 @functools.lru_cache(maxsize=64)
-def _turn_fractions(half: int):
+def _turn_fractions(half: int, base: float = ROPE_BASE):
     """(high, low) uint32 words [half] of round(f_i / (2*pi) * 2^64), f_i the float64
     frequencies."""
-    words = [round(Fraction(float(f)) / _TWO_PI * 2**64) for f in frequencies(half)]
+    words = [round(Fraction(float(f)) / _TWO_PI * 2**64) for f in frequencies(half, base)]
     high = np.array([w >> 32 for w in words], dtype=np.uint32)
     low = np.array([w & 0xFFFFFFFF for w in words], dtype=np.uint32)
     return high, low
 
 
-def reduced_turns(pos, half: int):
+def reduced_turns(pos, half: int, base: float = ROPE_BASE):
     """int32 [T, half]: u with p * f_i = 2*pi * u / 2^32 (mod 2*pi), for positions ``pos``
     [T] (ints in [0, 2^31)), rounded to the nearest 2^-32 of a turn."""
-    high, low = (jnp.asarray(w) for w in _turn_fractions(half))
+    high, low = (jnp.asarray(w) for w in _turn_fractions(half, float(base)))
     p = pos.astype(jnp.uint32)[:, None]
     # p * (high * 2^32 + low) / 2^32 mod 2^32 = p * high + mulhi(p, low), with the 64-bit
     # product p * low built from 16-bit halves so that every partial product is exact
@@ -51,24 +52,24 @@ def reduced_turns(pos, half: int):
     return jax.lax.bitcast_convert_type(u, jnp.int32)  # [-2^31, 2^31): turns in [-1/2, 1/2)
 
 
-def rotary_tables(pos, half: int, dtype):
+def rotary_tables(pos, half: int, dtype, base: float = ROPE_BASE):
     """cos and sin [T, half] in ``dtype`` of the angles p * f_i at positions ``pos`` [T]."""
     if jnp.dtype(dtype) == jnp.float64:
-        ang = pos.astype(jnp.float64)[:, None] * jnp.asarray(frequencies(half))[None, :]
+        ang = pos.astype(jnp.float64)[:, None] * jnp.asarray(frequencies(half, base))[None, :]
     else:
         scale = np.float32(2 * math.pi / 2**32)
-        ang = reduced_turns(pos, half).astype(jnp.float32) * scale
+        ang = reduced_turns(pos, half, base).astype(jnp.float32) * scale
     return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
 
 
-def rope(x, pos):
-    """x: [B, T, H, E] rotated at absolute positions ``pos`` [T] (base ROPE_BASE; an odd width
-    leaves its last coordinate alone)."""
+def rope(x, pos, base: float = ROPE_BASE):
+    """x: [B, T, H, E] rotated at absolute positions ``pos`` [T] (``base``: ROPE_BASE or a
+    layer's rope_theta; an odd width leaves its last coordinate alone)."""
     E = x.shape[-1]
     half = E // 2
     if half == 0:
         return x
-    cos, sin = rotary_tables(pos, half, x.dtype)
+    cos, sin = rotary_tables(pos, half, x.dtype, base)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     x1, x2 = x[..., :half], x[..., half:2 * half]
     parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]

@@ -12,7 +12,8 @@ from memcore.spec.validate import check_associative_readout_args
 
 from .banded import band_sdpa
 from .implementation import choose
-from .numerics import acc_dtype, sdpa
+from .numerics import acc_dtype, combine, partial, sdpa
+from .packed import check_cu_seqlens, same_document
 
 
 def _check(k, v, capacity):
@@ -23,9 +24,16 @@ def _check(k, v, capacity):
                          f"got {capacity!r}")
 
 
-def associative_readout(k, v, capacity=None, *, implementation="auto"):
-    """k, v: [B, T, H, E] -> y [B, T, H, E] in k's dtype."""
+def associative_readout(k, v, capacity=None, cu_seqlens=None, *, implementation="auto"):
+    """k, v: [B, T, H, E] -> y [B, T, H, E] in k's dtype. ``cu_seqlens`` (int32 [N + 1],
+    B = 1): a query reads pairs of its own document only (on the torch path: the kernel takes
+    no boundaries)."""
     _check(k, v, capacity)
+    bounds = check_cu_seqlens(cu_seqlens, k.shape[1], k.shape[0], None, "associative_readout")
+    unserved = None if bounds is None else "a packed row (cu_seqlens)"
+    if bounds is not None and choose("associative_readout", implementation, k,
+                                     unserved) == "torch":
+        return _packed(k, v, capacity, bounds)
     if choose("associative_readout", implementation, k) == "triton":
         from memcore.kernels.triton.associative_readout import associative_readout as kernel
 
@@ -43,6 +51,19 @@ def associative_readout(k, v, capacity=None, *, implementation="auto"):
         pad = torch.zeros(B, H, capacity, E, dtype=acc, device=k.device)
         src = (torch.cat([pad, kk], 2), torch.cat([pad, vv], 2), -capacity, 1, capacity + 1)
         y = band_sdpa(kk, 0, src, 1.0)
+    return y.transpose(1, 2).to(k.dtype)
+
+
+def _packed(k, v, capacity, bounds):
+    """``associative_readout`` of a packed row: one masked softmax per query over the earlier
+    pairs of its document (within the capacity)."""
+    acc = acc_dtype(k.dtype)
+    kk, vv = k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2)
+    t = torch.arange(k.shape[1], device=k.device)
+    mask = (t[None, :] <= t[:, None] - 1) & same_document(bounds, k.device)
+    if capacity is not None:
+        mask = mask & (t[None, :] >= t[:, None] - capacity)
+    y = combine([partial(kk @ kk.transpose(-1, -2), mask, vv)])
     return y.transpose(1, 2).to(k.dtype)
 
 

@@ -30,10 +30,11 @@ def block_len(T: int, sources) -> int:
     return min(T, max(MIN_BLOCK, -(-widest // 2)))
 
 
-def _band_slices(q, pos: int, sources, Q: int):
+def _band_slices(q, pos: int, sources, Q: int, seg=None):
     """Blocked queries [B, H, nB, Q, E]; per source the run of keys/values that its blocks'
     windows cover (block j reads Lw = Q + hi - lo - 1 of them from offset j Q) and Lw; and
-    the mask of every block's window [nB, Q, sum Lw]."""
+    the mask of every block's window [nB, Q, sum Lw]. ``seg`` [n] (a packed row's document
+    of each position 0 .. n-1): a query sees keys of its own document only."""
     B, H, T, E = q.shape
     nB = -(-T // Q)
     qb = F.pad(q, (0, 0, 0, nB * Q - T)).reshape(B, H, nB, Q, E)
@@ -54,7 +55,12 @@ def _band_slices(q, pos: int, sources, Q: int):
         d = a[:, None] - b[None, :] + (hi - 1)  # t - p within a block
         rel = (d >= lo) & (d < hi)  # [Q, Lw]
         kpos = (pos - hi + 1) + jstart[:, None] + b[None, :]  # [nB, Lw]
-        masks.append(rel[None] & (kpos >= 0)[:, None, :])
+        mask = rel[None] & (kpos >= 0)[:, None, :]
+        if seg is not None:
+            last = seg.shape[0] - 1
+            qseg = seg[(pos + jstart[:, None] + a[None, :]).clamp(0, last)]  # [nB, Q]
+            mask = mask & (qseg[:, :, None] == seg[kpos.clamp(0, last)][:, None, :])
+        masks.append(mask)
     return qb, runs, _cat(masks, -1)
 
 
@@ -97,11 +103,13 @@ class _BandSoftmax(torch.autograd.Function):
     over the same operations. m carries no gradient (a stabiliser, as in ``partial``)."""
 
     @staticmethod
-    def forward(ctx, Q, Lws, finite, mask, qs, *runs):
+    def forward(ctx, Q, Lws, finite, by_mask, mask, qs, *runs):
         with torch.no_grad():
             K = _cat([_windows((r, Lw), Q) for r, Lw in zip(runs[0::2], Lws, strict=True)], -2)
             values, seen = runs[1::2], None
-            if not finite:  # DESIGN 6: no masked non-finite value reaches a row
+            if not finite and by_mask:  # the band is not the mask (a packed row): read it
+                values, seen = _finite_runs_masked(values, Lws, Q, mask)
+            elif not finite:  # DESIGN 6: no masked non-finite value reaches a row
                 values, seen = _finite_runs(values, Lws, Q)
             V = _cat([_windows((r, Lw), Q) for r, Lw in zip(values, Lws, strict=True)], -2)
             K, V = K.contiguous(), V.contiguous()
@@ -136,7 +144,7 @@ class _BandSoftmax(torch.autograd.Function):
             grads = []
             for gk, gv in zip(gK.split(list(Lws), -2), gV.split(list(Lws), -2), strict=True):
                 grads += [_fold(gk, Q), _fold(gv, Q)]
-        return (None, None, None, None, gq, *grads)
+        return (None, None, None, None, None, gq, *grads)
 
 
 def _finite_runs(values, Lws, Q: int):
@@ -154,29 +162,45 @@ def _finite_runs(values, Lws, Q: int):
     return clean, seen
 
 
-def band_partial(q, pos: int, sources, scale: float, block: int | None = None):
+def _finite_runs_masked(values, Lws, Q: int, mask):
+    """``_finite_runs`` where a query's band holds keys it must not see (another document's):
+    a query is marked where its mask [nB, Q, sum Lw] admits a non-finite row."""
+    clean, bad = [], []
+    for r, Lw in zip(values, Lws, strict=True):
+        r0, b = finite_values(r)
+        clean.append(r0)
+        bad.append(b.unfold(2, Lw, Q))  # [B, H, nB, Lw]
+    seen = (mask & _cat(bad, -1)[:, :, :, None, :]).any(-1)  # [B, H, nB, Q]
+    return clean, seen.flatten(2)
+
+
+def band_partial(q, pos: int, sources, scale: float, block: int | None = None, seg=None):
     """Partial softmax of queries q [B, H, T, E] at positions pos .. pos+T-1 over banded
     sources, each ``(k, v, base, lo, hi)``: k, v [B, H, S, E] at positions base .. base+S-1,
-    with ``base <= pos - hi + 1``. Sources in one call share one softmax.
+    with ``base <= pos - hi + 1``. Sources in one call share one softmax. ``seg``: a packed
+    row's document of each position (see ``_band_slices``).
     Returns (m, l, acc) over [B, H, T]. Queries go in groups of blocks (SCORE_ELEMENTS)."""
     B, H, T, E = q.shape
     Q = block or block_len(T, sources)
     keys = sum(Q + hi - lo - 1 for _, _, _, lo, hi in sources)
     span = Q * max(1, SCORE_ELEMENTS // max(1, B * H * Q * keys))  # queries per group
+    def part(qq, p0):
+        extra = () if seg is None else (seg,)
+        return _band_partial(qq, p0, sources, scale, Q, *extra)
+
     if span >= T:
-        return _band_partial(q, pos, sources, scale, Q)
-    parts = [_band_partial(q[:, :, t0:t0 + span], pos + t0, sources, scale, Q)
-             for t0 in range(0, T, span)]
+        return part(q, pos)
+    parts = [part(q[:, :, t0:t0 + span], pos + t0) for t0 in range(0, T, span)]
     return tuple(torch.cat(x, dim=2) for x in zip(*parts, strict=True))
 
 
-def _band_partial(q, pos: int, sources, scale: float, block: int):
+def _band_partial(q, pos: int, sources, scale: float, block: int, seg=None):
     B, H, T, E = q.shape
-    qb, runs, mask = _band_slices(q, pos, sources, block)
+    qb, runs, mask = _band_slices(q, pos, sources, block, seg)
     flat = [x for kk, vv, _ in runs for x in (kk, vv)]
     finite = all_finite(*(vv for _, vv, _ in runs))
-    m, l, acc = _BandSoftmax.apply(block, tuple(Lw for *_, Lw in runs), finite, mask,
-                                   qb * scale, *flat)
+    m, l, acc = _BandSoftmax.apply(block, tuple(Lw for *_, Lw in runs), finite,
+                                   seg is not None, mask, qb * scale, *flat)
     n = qb.shape[2] * qb.shape[3]
     return (m.reshape(B, H, n, 1)[:, :, :T], l.reshape(B, H, n, 1)[:, :, :T],
             acc.reshape(B, H, n, E)[:, :, :T])

@@ -103,9 +103,16 @@ def scan_path(u, initial_state=None) -> str:
 SCAN_IMPLEMENTATIONS = ("auto", "torch", "triton", "mamba_ssm")
 
 
-def scan_choice(implementation, u, initial_state) -> str:
-    """The path of one selective scan: "torch", "triton" or "mamba_ssm"."""
+def scan_choice(implementation, u, initial_state, packed: bool = False) -> str:
+    """The path of one selective scan: "torch", "triton" or "mamba_ssm". ``packed`` (a call
+    with cu_seqlens): mamba-ssm's kernel takes no boundaries, the Triton kernel does."""
     check_choice("selective_scan", implementation, SCAN_IMPLEMENTATIONS)
+    if packed and implementation == "mamba_ssm":
+        raise ValueError("selective_scan: implementation='mamba_ssm' takes no cu_seqlens "
+                         "(mamba-ssm's selective_scan_fn has no document boundaries); use "
+                         "'triton', 'torch' or 'auto'")
+    if packed and implementation == "auto":
+        return "triton" if u.shape[2] and auto_kernel(u) else "torch"
     if implementation == "mamba_ssm":
         from memcore.kernels.triton import selective_scan_mamba_ssm as mss
 

@@ -2,7 +2,7 @@
 
     h = embed[tokens]
     for each block i:  h = h + mixer_i(norm1_i(h));  h = h + ffn_i(norm2_i(h))  (if ffn)
-    logits = logit_scale * norm_f(h) @ embed^T
+    logits = logit_scale * norm_f(h) @ embed^T         (lm_head^T when not tie_embeddings)
 
 on parameters by ``memcore.init``'s names, already in the accumulation dtype. States: ``pos``,
 ``spec_id``, ``layers`` (a tuple of layer states) and, with a persistent FFN, ``ffn``.
@@ -11,16 +11,17 @@ on parameters by ``memcore.init``'s names, already in the accumulation dtype. St
 from __future__ import annotations
 
 import torch
+from memcore.spec.layers import Persistent
 
 from . import layers
-from .numerics import gelu, layer_norm, linear, rms_norm
+from .numerics import gelu, layer_norm, linear, rms_norm, silu
 from .params import sub
 
 META = ("pos", "spec_id")
 
 
 def persistent_ffn(spec) -> bool:
-    return spec.ffn is not None and spec.ffn != "mlp"
+    return isinstance(spec.ffn, Persistent)
 
 
 def init_state(spec, batch: int, *, dtype, device) -> dict:
@@ -52,12 +53,15 @@ def own_storage(arrays: dict) -> dict:
     return out
 
 
-def run_layer(spec, p, x, state, streaming: bool, inplace: bool = False):
+def run_layer(spec, p, x, state, streaming: bool, inplace: bool = False, bounds=None):
     """One layer on the accumulation dtype: (y, new state with ``spec_id``, aux). With
-    ``inplace`` (streaming only) ``state`` itself is updated and returned."""
+    ``inplace`` (streaming only) ``state`` itself is updated and returned. ``bounds``: a
+    packed row's checked cu_seqlens (``state`` is then the empty state)."""
     mod = layers.module(spec)
     st = {k: v for k, v in state.items() if k != "spec_id"}
-    if not streaming:
+    if bounds is not None:
+        y, arrays, aux = mod.forward(spec, p, x, st, bounds)
+    elif not streaming:
         y, arrays, aux = mod.forward(spec, p, x, st)
     else:
         if inplace:
@@ -70,13 +74,23 @@ def run_layer(spec, p, x, state, streaming: bool, inplace: bool = False):
 
 
 def _norm(spec, h, w):
-    return rms_norm(h, w) if spec.norm == "rms" else layer_norm(h, w)
+    return (rms_norm if spec.norm == "rms" else layer_norm)(h, w, spec.norm_eps)
+
+
+def _dense_ffn(spec, p, pre, g):
+    """The "mlp" or "swiglu" FFN of block ``pre`` on g [..., D]."""
+    if spec.ffn == "mlp":
+        return linear(gelu(linear(g, p[pre + "ffn.fc1.weight"])), p[pre + "ffn.fc2.weight"])
+    return linear(silu(linear(g, p[pre + "ffn.gate_proj.weight"]))
+                  * linear(g, p[pre + "ffn.up_proj.weight"]), p[pre + "ffn.down_proj.weight"])
 
 
 def run(spec, p, tokens, state, streaming: bool, inplace: bool = False,
-        logits_to_keep: int = 0):
+        logits_to_keep: int = 0, bounds=None):
     """tokens [B, T] (or [B] streaming) -> (logits, new state, aux summed over the layers or
-    None); with ``inplace`` the layer states are updated where they are."""
+    None); with ``inplace`` the layer states are updated where they are. ``bounds``: a packed
+    row's checked cu_seqlens (from the empty ``state``; the state returned is the last
+    document's)."""
     h = p["embed.weight"][tokens]
     pos = state["pos"]
     new_layers, new_ffn, aux = [], [], None
@@ -84,26 +98,28 @@ def run(spec, p, tokens, state, streaming: bool, inplace: bool = False,
         pre = f"layers.{i}."
         g = _norm(spec, h, p[pre + "norm1.weight"])
         y, st, a = run_layer(lspec, sub(p, pre + "mixer."), g, state["layers"][i], streaming,
-                             inplace)
+                             inplace, bounds)
         new_layers.append(st)
         if a is not None:
             aux = a if aux is None else aux + a
         h = h + y
         if spec.ffn is not None:
             g = _norm(spec, h, p[pre + "norm2.weight"])
-            if spec.ffn == "mlp":
-                h = h + linear(gelu(linear(g, p[pre + "ffn.fc1.weight"])),
-                               p[pre + "ffn.fc2.weight"])
+            if not persistent_ffn(spec):
+                h = h + _dense_ffn(spec, p, pre, g)
             else:
                 y, st, _ = run_layer(spec.ffn, sub(p, pre + "ffn."), g, state["ffn"][i],
-                                     streaming, inplace)
+                                     streaming, inplace, bounds)
                 new_ffn.append(st)
                 h = h + y
     if logits_to_keep:  # the head only where logits are wanted (e.g. a prompt's last token)
         h = h[:, -logits_to_keep:]
     h = _norm(spec, h, p["norm_f.weight"])
-    logits = linear(h, p["embed.weight"]) * spec.logit_scale
+    head = p["embed.weight"] if spec.tie_embeddings else p["lm_head.weight"]
+    logits = linear(h, head) * spec.logit_scale
     n = 1 if streaming else tokens.shape[1]
+    if bounds is not None:
+        n = bounds[-1] - bounds[-2]
     if inplace:
         state["pos"] = pos + n
         return logits, state, aux

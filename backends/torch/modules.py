@@ -21,6 +21,7 @@ from torch import nn
 
 from . import layers, model
 from .numerics import acc_dtype
+from .packed import check_cu_seqlens
 from .params import check_like_params, param_dict, register_params, step_params, sub
 
 META = model.META
@@ -155,7 +156,7 @@ class TorchLayer(nn.Module):
         return ()
 
     # -- both forms -----------------------------------------------------------------------------
-    def _call(self, x, state, streaming: bool, inplace: bool = False):
+    def _call(self, x, state, streaming: bool, inplace: bool = False, cu_seqlens=None):
         if inplace:
             check_inplace()
         name = "x_t" if streaming else "x"
@@ -163,6 +164,8 @@ class TorchLayer(nn.Module):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         check_layer_input(self.spec, x, streaming=streaming, name=name, empty_ok=True)
         check_like_params(self, x, name)
+        bounds = None if streaming else check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0],
+                                                         state)
         if state is None:
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         else:
@@ -174,17 +177,20 @@ class TorchLayer(nn.Module):
         _check_growth(self.spec, state, x.shape[0], 1 if streaming else x.shape[1], acc,
                       streaming)
         p = step_params(self, acc) if streaming else param_dict(self, acc)
-        y, new, aux = model.run_layer(self.spec, p, x.to(acc), state, streaming, inplace)
+        y, new, aux = model.run_layer(self.spec, p, x.to(acc), state, streaming, inplace,
+                                      bounds)
         return y.to(x.dtype), new, aux
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, *, cu_seqlens=None):
         """Parallel form: x [B, T, D] -> (y [B, T, D], final state). T = 0 gives an empty y
-        and the state as it was."""
-        return self._call(x, state, streaming=False)[:2]
+        and the state as it was. ``cu_seqlens`` (int32 [N + 1], batch 1, state None):
+        documents packed in one row, each run as if alone from the empty state; the state
+        returned is the last document's."""
+        return self._call(x, state, streaming=False, cu_seqlens=cu_seqlens)[:2]
 
-    def forward_aux(self, x, state=None):
+    def forward_aux(self, x, state=None, *, cu_seqlens=None):
         """``forward`` and the layer's aux (bmojo's innovation loss; None otherwise)."""
-        return self._call(x, state, streaming=False)
+        return self._call(x, state, streaming=False, cu_seqlens=cu_seqlens)
 
     def step(self, x_t, state=None, *, inplace: bool = False):
         """Streaming form: x_t [B, D] -> (y_t [B, D], state).
@@ -262,7 +268,7 @@ class TorchModel(nn.Module):
                 b.ffn.check_state(state["ffn"][i], B, dtype, device, f"state['ffn'][{i}]")
 
     def _run(self, tokens, state, streaming: bool, inplace: bool = False,
-             logits_to_keep: int = 0):
+             logits_to_keep: int = 0, cu_seqlens=None):
         if inplace:
             check_inplace()
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or \
@@ -273,6 +279,8 @@ class TorchModel(nn.Module):
             raise TypeError(f"tokens must be a torch.Tensor of token ids, got "
                             f"{type(tokens).__name__}")
         check_tokens(self.spec, tokens, streaming=streaming, empty_ok=True)
+        bounds = None if streaming else check_cu_seqlens(cu_seqlens, tokens.shape[1],
+                                                         tokens.shape[0], state)
         w = self.embed.weight
         if tokens.device != w.device:
             raise ValueError(f"tokens are on device {tokens.device}, but the parameters are on "
@@ -292,17 +300,22 @@ class TorchModel(nn.Module):
         _check_growth(self.spec, state, tokens.shape[0], 1 if streaming else tokens.shape[1], acc,
                       streaming)
         p = step_params(self, acc) if streaming else param_dict(self, acc)
-        return model.run(self.spec, p, tokens, state, streaming, inplace, logits_to_keep)
+        return model.run(self.spec, p, tokens, state, streaming, inplace, logits_to_keep,
+                         bounds)
 
-    def forward(self, tokens, state=None, *, logits_to_keep: int = 0):
+    def forward(self, tokens, state=None, *, logits_to_keep: int = 0, cu_seqlens=None):
         """tokens [B, T] ints -> (logits [B, T, V], final state). ``logits_to_keep=n > 0``
         returns the logits of the last n positions only ([B, min(n, T), V]), sparing the head's
-        matmul elsewhere; the state is the same."""
-        return self._run(tokens, state, streaming=False, logits_to_keep=logits_to_keep)[:2]
+        matmul elsewhere; the state is the same. ``cu_seqlens`` (int32 [N + 1], batch 1,
+        state None): documents packed in one row, each run as if alone from the empty state;
+        the state returned is the last document's."""
+        return self._run(tokens, state, streaming=False, logits_to_keep=logits_to_keep,
+                         cu_seqlens=cu_seqlens)[:2]
 
-    def forward_aux(self, tokens, state=None, *, logits_to_keep: int = 0):
+    def forward_aux(self, tokens, state=None, *, logits_to_keep: int = 0, cu_seqlens=None):
         """``forward`` and the aux summed over the layers (None where no layer has one)."""
-        return self._run(tokens, state, streaming=False, logits_to_keep=logits_to_keep)
+        return self._run(tokens, state, streaming=False, logits_to_keep=logits_to_keep,
+                         cu_seqlens=cu_seqlens)
 
     def step(self, tokens_t, state=None, *, inplace: bool = False):
         """tokens_t [B] ints -> (logits [B, V], state). Functional by default (a new state,

@@ -58,14 +58,14 @@ def l2_normalize(x):
     return F.normalize(x, dim=-1, eps=L2_EPS)
 
 
-def rms_norm(x, weight):
-    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + NORM_EPS) * weight
+def rms_norm(x, weight, eps: float = NORM_EPS):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
 
 
-def layer_norm(x, weight):
+def layer_norm(x, weight, eps: float = NORM_EPS):
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + NORM_EPS) * weight
+    return (x - mu) / torch.sqrt(var + eps) * weight
 
 
 def default_scale(E: int) -> float:

@@ -26,6 +26,8 @@ from memcore.spec.validate import check_scan_args
 
 from .implementation import scan_choice
 from .numerics import NEG_INF, acc_dtype, all_finite, cast, fast_softplus, silu, softplus
+from .packed import check_cu_seqlens, doc_starts
+from .selective_scan_bwd import backward_groups, restart, ssm_decay
 
 CHUNK = 16  # steps per chunk: the intra-chunk decay matrix is L x L per (batch, channel, state)
 GROUP_ELEMENTS = 1 << 24  # decay-matrix elements per group of chunks (memory bound)
@@ -35,32 +37,47 @@ def _upper(L: int, device) -> torch.Tensor:
     return torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
 
 
-def _decay(cum):
+def _decay(cum, apart=None):
     """exp(cum_t - cum_s) for s <= t, else 0: [..., L] -> [..., L, L]. Masked before the
-    exponential; in place on the fresh difference (neither op needs its input for backward)."""
+    exponential; in place on the fresh difference (neither op needs its input for backward).
+    ``apart`` [..., L, L]: also 0 where t and s lie in different segments (documents)."""
     diff = cum[..., :, None] - cum[..., None, :]
-    return diff.masked_fill_(_upper(cum.shape[-1], cum.device), NEG_INF).exp_()
+    diff.masked_fill_(_upper(cum.shape[-1], cum.device), NEG_INF)
+    return (diff if apart is None else diff.masked_fill_(apart, NEG_INF)).exp_()
 
 
-def _causal_sum(decay, x, finite: bool):
+def _causal_sum(decay, x, finite: bool, apart=None):
     """sum_{s<=t} decay[t, s] x_s over the last axis, where a non-finite x_s reaches only
     t >= s (``finite``: x is known to be finite): the decay matrix's zeros above the diagonal
     would make 0 * NaN = NaN at every earlier t, so non-finite inputs are zeroed for the
     product and every t at or after one is set to NaN (a cumulative sum of NaN where the
-    input was not finite, 0 elsewhere)."""
+    input was not finite, 0 elsewhere; with segments ``apart``, only t in s's segment)."""
     # einsum, not matmul: a decay shared across batch/feature dims (the leaky average) is
     # then not expanded to x's full shape.
     if finite:
         return torch.einsum("...ts,...s->...t", decay, x)
     ok = torch.isfinite(x)
     y = torch.einsum("...ts,...s->...t", decay, torch.where(ok, x, 0.0))
-    return y + torch.zeros_like(x).masked_fill_(~ok, math.nan).cumsum(-1)
+    if apart is None:
+        return y + torch.zeros_like(x).masked_fill_(~ok, math.nan).cumsum(-1)
+    reach = ~(apart | _upper(x.shape[-1], x.device))
+    hit = torch.einsum("...ts,...s->...t", reach.to(x.dtype), (~ok).to(x.dtype)) > 0
+    return y.masked_fill(hit, math.nan)
 
 
-def _group(log_a, b, h0, L: int, finite: bool):
+def _segments(reset):
+    """reset [..., L] bool -> (apart [..., L, L]: t and s in different segments, carry
+    [..., L]: still in the segment that entered)."""
+    rc = reset.cumsum(-1)
+    return rc[..., :, None] != rc[..., None, :], rc == 0
+
+
+def _group(log_a, b, h0, L: int, finite: bool, reset=None):
     """One group of whole chunks. log_a broadcastable to b [..., G*L]; h0 [...]; ``finite``:
     b is finite (then so are the chunks' end states, for inputs whose sums do not overflow).
     Returns (h [..., G*L], h_end [...])."""
+    if reset is not None:
+        return _segmented_group(log_a, b, h0, L, finite, reset)
     G = b.shape[-1] // L
     la = log_a.reshape(*log_a.shape[:-1], G, L)
     bb = b.reshape(*b.shape[:-1], G, L)
@@ -78,11 +95,32 @@ def _group(log_a, b, h0, L: int, finite: bool):
     return h.reshape(*h.shape[:-2], G * L), H[..., -1]
 
 
-def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int | None = None):
+def _segmented_group(log_a, b, h0, L: int, finite: bool, reset):
+    """``_group`` where the state restarts from zero at ``reset`` [G*L] (bool): the decay
+    matrices of both levels are cut between segments, and the entering state reaches only
+    the positions before the first restart (selected, so another document's NaN stays out)."""
+    G = b.shape[-1] // L
+    la = log_a.reshape(*log_a.shape[:-1], G, L)
+    bb = b.reshape(*b.shape[:-1], G, L)
+    rs = reset.reshape(G, L)
+    apart, carry = _segments(rs)
+    cum = la.cumsum(-1)
+    h_in = _causal_sum(_decay(cum, apart), bb, finite, apart)
+    apart2, carry2 = _segments(rs.any(-1))  # a chunk with a restart forgets what entered it
+    ctot = cum[..., -1].cumsum(-1)
+    H = (_causal_sum(_decay(ctot, apart2), h_in[..., -1], finite, apart2)
+         + torch.where(carry2, torch.exp(ctot) * h0[..., None], 0.0))
+    h_prev = torch.cat([h0[..., None], H[..., :-1]], dim=-1)
+    h = h_in + torch.where(carry, torch.exp(cum) * h_prev[..., None], 0.0)
+    return h.reshape(*h.shape[:-2], G * L), H[..., -1]
+
+
+def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int | None = None, reset=None):
     """Parallel form of h_t = exp(log_a_t) h_{t-1} + b_t.
 
     log_a: broadcastable to b [..., T]; h0: [...] (b's leading shape). ``out_fn(h, t0, t1)``
     maps the states of steps t0..t1-1 to that slice of the output (default: the states).
+    ``reset`` (bool [T]): the state restarts from zero there (a packed row's documents).
     Returns (concatenated outputs, h_T).
     """
     T = b.shape[-1]
@@ -97,6 +135,8 @@ def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int | None = None):
         # log a = 0 and b = 0 leave the state unchanged, so h_T is the padded end state.
         log_a = torch.nn.functional.pad(log_a, (0, pad))
         b = torch.nn.functional.pad(b, (0, pad))
+        if reset is not None:
+            reset = torch.nn.functional.pad(reset, (0, pad))
     per_chunk = max(1, b[..., 0].numel()) * L * L
     # Chunks per group: bounded by memory, and by L so that the chunk-level matrix
     # (G x G) costs no more than the intra-chunk ones (L x L per chunk).
@@ -105,7 +145,8 @@ def linear_recurrence(log_a, b, h0, out_fn=None, chunk: int | None = None):
     finite = all_finite(b)
     for g0 in range(0, n_chunks, G):
         s0, s1 = g0 * L, min(n_chunks, g0 + G) * L
-        hs, h = _group(log_a[..., s0:s1], b[..., s0:s1], h, L, finite)
+        hs, h = _group(log_a[..., s0:s1], b[..., s0:s1], h, L, finite,
+                       None if reset is None else reset[s0:s1])
         t1 = min(s1, T)
         hs = hs[..., :t1 - s0]
         outs.append(hs if out_fn is None else out_fn(hs, s0, t1))
@@ -141,38 +182,36 @@ def _chunked(x, L: int, nC: int):
     return x.contiguous().view(nC, L, *x.shape[1:])
 
 
-def _ssm_decay(dt_l, A2, out=None):
-    """exp(dt_l A) [..., G, Dg, N] as exp2(dt_l A log2 e): exp2 is several times cheaper than
-    exp on CPU, and the decay dominates these loops. In ``out`` when given (buffers are
-    reused: fresh large tensors cost page faults on CPU)."""
-    return torch.mul(dt_l[..., None], A2, out=out).exp2_()
-
-
 def _advance(h, a, w, Bm):
     """h <- a h + w B, in place. h, a [..., Dg, N]; w [..., Dg]; Bm [..., N]."""
     return h.mul_(a).addcmul_(w[..., None], Bm[..., None, :])
 
 
-def _carry(tot, ends, h0):
-    """States entering each chunk: H_0 = h0, H_{c+1} = tot_c H_c + ends_c."""
+def _carry(tot, ends, h0, cut=None):
+    """States entering each chunk: H_0 = h0, H_{c+1} = tot_c H_c + ends_c, or ends_c where
+    ``cut`` [nC] (a document starts inside chunk c: its end forgets what entered it)."""
     H = torch.empty_like(ends)
     H[0] = h0
     for c in range(tot.shape[0] - 1):
         torch.addcmul(ends[c], tot[c], H[c], out=H[c + 1])
+        if cut is not None:  # select, not multiply: H_c may hold another document's NaN
+            torch.where(cut[c], ends[c], H[c + 1], out=H[c + 1])
     return H
 
 
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dt, w, A, Bm, Cm, h0):
+    def forward(ctx, dt, w, A, Bm, Cm, h0, reset=None):
         T = dt.shape[0]
         L = _chunk_len(T)
         nC = -(-T // L)
         # dt = 0 (decay 1) and w = 0 leave the state unchanged over the padding.
         dtc, wc, Bc, Cc = (_chunked(x, L, nC) for x in (dt, w, Bm, Cm))
+        rc = None if reset is None else _chunked(reset, L, nC)  # [nC, L]: documents start
+        cut = None if rc is None else rc.any(1)
         with torch.no_grad():
             A2 = A * LOG2E
-            tot = _ssm_decay(dtc.sum(1), A2)  # decay over each whole chunk
+            tot = ssm_decay(dtc.sum(1), A2)  # decay over each whole chunk
             # One decay row per in-chunk position, kept for level 3 and the backward (within
             # SAVE_ELEMENTS), one block per row (see SSM_GROUP_ELEMENTS).
             save = nC * L * h0.numel() <= SAVE_ELEMENTS
@@ -181,33 +220,37 @@ class _SelectiveScan(torch.autograd.Function):
 
             def decay(l):
                 if not save:
-                    return _ssm_decay(dtc[:, l], A2, out=buf)
+                    return ssm_decay(dtc[:, l], A2, out=buf)
                 if len(dec) == l:
-                    dec.append(_ssm_decay(dtc[:, l], A2))
+                    dec.append(ssm_decay(dtc[:, l], A2))
                 return dec[l]
 
             # Level 1: every chunk from a zero start, all chunks at once.
             h = torch.zeros_like(tot)
             for l in range(L):
-                _advance(h, decay(l), wc[:, l], Bc[:, l])
-            H = _carry(tot, h, h0)
+                _advance(restart(h, rc, l), decay(l), wc[:, l], Bc[:, l])
+            H = _carry(tot, h, h0, cut)
             hT = torch.addcmul(h[-1], tot[-1], H[-1])
+            if cut is not None:
+                hT = torch.where(cut[-1], h[-1], hT)
             # Level 3: again from the true entering states, reading y_t = C_t . h_t out.
             h.copy_(H)
             y = dt.new_empty(nC, L, *dt.shape[1:])
             for l in range(L):
-                _advance(h, decay(l), wc[:, l], Bc[:, l])
+                _advance(restart(h, rc, l), decay(l), wc[:, l], Bc[:, l])
                 # [1, N] @ [N, Dg]: this orientation runs several times faster than [Dg, N] @ [N, 1]
                 y[:, l] = (Cc[:, l, ..., None, :] @ h.transpose(-1, -2))[..., 0, :]
         ctx.save_for_backward(dtc, wc, A, Bc, Cc, H, tot)
         ctx.decays = dec
         ctx.T = T
+        ctx.rc, ctx.cut = rc, cut
         return y.view(nC * L, *dt.shape[1:])[:T], hT
 
     @staticmethod
     def backward(ctx, gy, ghT):
         dtc, wc, A, Bc, Cc, H, tot = ctx.saved_tensors
         dec, ctx.decays = ctx.decays, None
+        rc, cut = ctx.rc, ctx.cut
         nC, L = dtc.shape[:2]
         T = ctx.T
         if gy is None:
@@ -221,18 +264,24 @@ class _SelectiveScan(torch.autograd.Function):
             e = torch.zeros_like(H)
             buf = None if dec is not None else torch.empty_like(H)
             for l in range(L - 1, -1, -1):
-                a = dec[l] if dec is not None else _ssm_decay(dtc[:, l], A2, out=buf)
-                e.addcmul_(gyc[:, l, ..., None], Cc[:, l, ..., None, :]).mul_(a)
+                a = dec[l] if dec is not None else ssm_decay(dtc[:, l], A2, out=buf)
+                restart(e.addcmul_(gyc[:, l, ..., None], Cc[:, l, ..., None, :]).mul_(a), rc, l)
             # Level 2: E_c, the adjoint arriving at the end of chunk c from later chunks.
             E = torch.empty_like(H)
             E[-1] = ghT
             for c in range(nC - 1, 0, -1):
                 torch.addcmul(e[c], tot[c], E[c], out=E[c - 1])
+                if cut is not None:  # nothing after a document's start reaches before it
+                    torch.where(cut[c], e[c], E[c - 1], out=E[c - 1])
             gh0 = torch.addcmul(e[0], tot[0], E[0])
+            if cut is not None:
+                gh0 = torch.where(cut[0], e[0], gh0)
             del e
-            grads = _backward_groups(dec, dtc, wc, A, A2, Bc, Cc, H, E, gyc)
+            grads = backward_groups(dec, dtc, wc, A, A2, Bc, Cc, H, E, gyc, SSM_GROUP_ELEMENTS,
+                                    rc)
         gdt, gw, gA, gB, gC = grads
-        return (_unchunk(gdt, T), _unchunk(gw, T), gA, _unchunk(gB, T), _unchunk(gC, T), gh0)
+        return (_unchunk(gdt, T), _unchunk(gw, T), gA, _unchunk(gB, T), _unchunk(gC, T), gh0,
+                None)
 
 
 def _unchunk(x, T: int):
@@ -240,65 +289,39 @@ def _unchunk(x, T: int):
     return x.view(nC * L, *x.shape[2:])[:T]
 
 
-def _backward_groups(dec, dtc, wc, A, A2, Bc, Cc, H, E, gyc):
-    """Gradients from the entering states H and arriving adjoints E, per group of chunks:
-    states recomputed forward (kept for the group, row by row), then the adjoint run in
-    reverse."""
-    nC, L = dtc.shape[:2]
-    per_chunk = L * H[0].numel()
-    step = max(1, min(nC, SSM_GROUP_ELEMENTS // max(1, per_chunk)))
-    gdt, gw = torch.empty_like(dtc), torch.empty_like(wc)
-    gB, gC = torch.empty_like(Bc), torch.empty_like(Cc)
-    gA = torch.zeros_like(A)
-    for c0 in range(0, nC, step):
-        sl = slice(c0, min(nC, c0 + step))
-        if dec is not None:
-            a_grp = [d[sl] for d in dec]
-        else:
-            a_grp = [_ssm_decay(dtc[sl, l], A2) for l in range(L)]
-        hs = [H[sl]]  # hs[l] is the state before position l
-        for l in range(L):
-            hs.append(torch.mul(hs[l], a_grp[l]).addcmul_(
-                wc[sl, l, ..., None], Bc[sl, l, ..., None, :]))
-        e = E[sl].clone()
-        # sum over positions of d(log a) * dt, per chunk: summed over chunks once at the end
-        dlog_dt = torch.zeros_like(e)
-        for l in range(L - 1, -1, -1):
-            gy_l, w_l = gyc[sl, l], wc[sl, l]
-            gC[sl, l] = (gy_l[..., None, :] @ hs[l + 1])[..., 0, :]
-            g = e.addcmul_(gy_l[..., None], Cc[sl, l, ..., None, :])  # g_l, in e's memory
-            gw[sl, l] = (Bc[sl, l, ..., None, :] @ g.transpose(-1, -2))[..., 0, :]
-            gB[sl, l] = (w_l[..., None, :] @ g)[..., 0, :]
-            e = g.mul_(a_grp[l])  # a_l g_l
-            # d/d(log a_l) = g_l a_l h_{l-1}, into h_l's memory (h_l is no longer needed)
-            dlog = torch.mul(e, hs[l], out=hs[l + 1])
-            dlog_dt.addcmul_(dlog, dtc[sl, l, ..., None])
-            gdt[sl, l] = dlog.mul_(A).sum(-1)
-        gA += dlog_dt.sum((0, 1))
-    return gdt, gw, gA, gB, gC
-
-
-def selective_scan_core(dt, w, A, Bm, Cm, h0):
-    """y [T, Bt, G, Dg] and h_T [Bt, G, Dg, N]; differentiable in every argument."""
-    return _SelectiveScan.apply(dt, w, A, Bm, Cm, h0)
+def selective_scan_core(dt, w, A, Bm, Cm, h0, reset=None):
+    """y [T, Bt, G, Dg] and h_T [Bt, G, Dg, N]; differentiable in every argument. ``reset``
+    (bool [T]): the state restarts from zero there (a packed row's document starts)."""
+    return _SelectiveScan.apply(dt, w, A, Bm, Cm, h0, reset)
 
 
 # --- 2.1 selective scan ----------------------------------------------------------------------
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, *, implementation="auto"):
+                   initial_state=None, return_final_state=False, cu_seqlens=None, *,
+                   implementation="auto"):
     """mamba-ssm's ``selective_scan_fn`` plus ``initial_state`` / ``return_final_state``.
 
     u, delta, z: [Bt, Dc, T]; A: [Dc, N]; B, C: [Bt, N, T] or [Bt, G, N, T]; D, delta_bias:
     [Dc]; initial_state: [Bt, Dc, N]. Returns y [Bt, Dc, T] in u's dtype (and h_T in the
-    accumulation dtype).
+    accumulation dtype). ``cu_seqlens`` (int32 [N + 1], Bt = 1): the state restarts from
+    zero at every document (mamba-ssm's kernel takes no boundaries: such a call runs on the
+    Triton kernel or the torch path); h_T is the last document's.
 
     The torch path's elementwise work runs time first ([T, Bt, Dc], contiguous): delta and z
     usually come out of a linear layer as transposed views of that layout, so reading them is
     free, and every elementwise kernel (and its backward) then walks contiguous memory.
     """
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
-    path = scan_choice(implementation, u, initial_state)
+    bounds = check_cu_seqlens(cu_seqlens, u.shape[2], u.shape[0], initial_state,
+                              "selective_scan")
+    path = scan_choice(implementation, u, initial_state, packed=bounds is not None)
+    if path != "torch" and bounds is not None:
+        from memcore.kernels.triton.selective_scan import selective_scan as kernel
+
+        return kernel(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                      delta_softplus=delta_softplus, return_final_state=return_final_state,
+                      reset=doc_starts(bounds, u.device))
     if path != "torch":
         if path == "mamba_ssm":
             from memcore.kernels.triton.selective_scan_mamba_ssm import selective_scan as kernel
@@ -329,7 +352,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     G = Bm.shape[2]
     y, hT = selective_scan_core(dt.view(T, Bt, G, Dc // G), (dt * u_).view(T, Bt, G, Dc // G),
                                 A.to(acc).reshape(G, Dc // G, N), Bm, Cm,
-                                h0.reshape(Bt, G, Dc // G, N))
+                                h0.reshape(Bt, G, Dc // G, N),
+                                None if bounds is None else doc_starts(bounds, u.device))
     y = y.reshape(T, Bt, Dc)
     if D is not None:
         y = torch.addcmul(y, u_, D.to(acc))

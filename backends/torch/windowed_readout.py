@@ -18,6 +18,7 @@ from .banded import band_partial
 from .eidetic_store import store_partial
 from .implementation import choose
 from .numerics import acc_dtype, combine, default_scale, partial, sdpa
+from .packed import check_cu_seqlens, cu_tensor, longest, segment_ids
 from .rings import ring_positions, ring_to_seq, ring_write, seq_to_ring
 
 
@@ -70,6 +71,38 @@ def readout(q, pos: int, window: int, raw, fading=None, store=None, *, implement
     return combine(parts)
 
 
+def packed_readout(q, raw, fading, window, bounds, store_parts=(), *, implementation="auto"):
+    """The windowed readout of a packed row (``bounds``: its checked cu_seqlens): q, and raw
+    = (k, v), fading = (k, v) or None, all [B, H, T, E] at positions within documents; a query
+    reads keys of its own document only. ``store_parts``: partial softmaxes (m, l, acc) of
+    other sources over the same queries (the store's). Returns o [B, H, T, E]."""
+    B, H, T, E = q.shape
+    seg = segment_ids(bounds, q.device)
+    unserved = "an empty sequence (T = 0)" if T == 0 else None
+    if store_parts:
+        unserved = "a store source in a packed row"
+    if choose("windowed_readout", implementation, q, unserved) == "triton":
+        from memcore.kernels.triton.windowed_readout import windowed_readout as kernel
+
+        fk, fv = (None, None) if fading is None else (a.transpose(1, 2) for a in fading)
+        o = kernel(q.transpose(1, 2), raw[0].transpose(1, 2), raw[1].transpose(1, 2), window,
+                   fk, fv, cu_seqlens=cu_tensor(bounds))
+        return o.transpose(1, 2)
+    scale = default_scale(E)
+
+    def run(a, back: int):  # the band's keys start ``back`` positions before 0
+        return torch.cat([a.new_zeros(B, H, back, E), a], dim=2)
+
+    # Full causal attention within documents is a band as wide as the longest document:
+    # O(T x longest), not T x T.
+    raw_w = longest(bounds) if window is None else window
+    sources = [(run(raw[0], raw_w), run(raw[1], raw_w), -raw_w, 0, raw_w)]
+    if fading is not None:
+        sources.append((run(fading[0], 2 * window), run(fading[1], 2 * window), -2 * window,
+                        window, 2 * window))
+    return combine([band_partial(q, 0, sources, scale, seg=seg), *store_parts])
+
+
 def _kernel_readout(q, pos: int, window, raw, fading, store):
     """``readout`` on the fused kernel, which takes one cache length for both windows: rows
     before position 0 (the rings' empty slots) are left out, and the raw cache is padded where
@@ -103,13 +136,20 @@ def _kernel_readout(q, pos: int, window, raw, fading, store):
 
 
 def windowed_readout(q, k, v, window=None, fading_k=None, fading_v=None, initial_state=None,
-                     return_final_state=False, *, implementation="auto"):
+                     return_final_state=False, cu_seqlens=None, *, implementation="auto"):
     """One softmax (scale 1/sqrt(E)) over the raw window (t-W, t] of (k, v) and, if given,
     the fading window (t-2W, t-W] of (fading_k, fading_v). All [B, T, H, E], already rotated.
+    ``cu_seqlens`` (int32 [N + 1], B = 1): a query reads its own document only; the state
+    is the last document's.
     """
     check_windowed_readout_args(q, k, v, fading_k, fading_v, window, initial_state,
                                 streaming=False)
+    bounds = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0], initial_state,
+                              "windowed_readout")
     fading = fading_k is not None
+    if bounds is not None:
+        return _packed_op(q, k, v, window, fading_k, fading_v, bounds, return_final_state,
+                          implementation)
     state = initial_state or windowed_readout_state(q, window, fading)
     acc = acc_dtype(q.dtype)
 
@@ -143,6 +183,32 @@ def windowed_readout(q, k, v, window=None, fading_k=None, fading_v=None, initial
         o = readout(qq, pos, W, (rk, rv), fad, implementation=implementation)
     o = o.transpose(1, 2).to(q.dtype)
     return (o, new) if return_final_state else o
+
+
+def _packed_op(q, k, v, window, fading_k, fading_v, bounds, return_final_state, implementation):
+    """``windowed_readout`` on a packed row: (o, the last document's state)."""
+    acc = acc_dtype(q.dtype)
+
+    def c(a):
+        return a.to(acc).transpose(1, 2)
+
+    fad = None if fading_k is None else (c(fading_k), c(fading_v))
+    kk, vv = c(k), c(v)
+    o = packed_readout(c(q), (kk, vv), fad, window, bounds, implementation=implementation)
+    o = o.transpose(1, 2).to(q.dtype)
+    if not return_final_state:
+        return o
+    last, n = bounds[-2], q.shape[1] - bounds[-2]
+    state = windowed_readout_state(q, window, fad is not None)
+    state["pos"] = n
+    if window is None:
+        state["k"], state["v"] = kk[:, :, last:], vv[:, :, last:]
+        return o, state
+    for name, a, size in (("k", kk, window), ("v", vv, window)) + (
+            () if fad is None else (("fk", fad[0], 2 * window), ("fv", fad[1], 2 * window))):
+        seq = torch.cat([state[name], a[:, :, last:]], dim=2)  # zeros, then the document
+        state[name] = seq_to_ring(seq[:, :, -size:], n)
+    return o, state
 
 
 def windowed_readout_step(q_t, k_t, v_t, state, window=None, fading_k_t=None, fading_v_t=None):

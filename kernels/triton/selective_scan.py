@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .affine_scan import combine as _combine
+from .affine_scan import restart_combine as _restart_combine
 from .buffers import acc_dtype, check_device, check_float, empty, tl_acc
 
 CHUNK = 32  # time steps per tile, and between saved states
@@ -124,12 +125,21 @@ def _load_c(Cm, bc_row, n_ok, t, T, ACC: tl.constexpr):
 
 
 @triton.jit
+def _load_reset(reset, t, T, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                CHUNK: tl.constexpr, ACC: tl.constexpr):
+    """Restart flags (1 where a packed row's document starts) at times t [BT], as a
+    [BD, BN, BT] tile; 0 outside [0, T)."""
+    r = tl.load(reset + t, mask=(t >= 0) & (t < T), other=0).to(ACC)
+    return tl.broadcast_to(r[None, None, :], (BLOCK_D, BLOCK_N, CHUNK))
+
+
+@triton.jit
 def _scan_fwd_kernel(
-    u, delta, A, Bm, Cm, Dv, z, bias, h0, y, hT, ckpt,
+    u, delta, A, Bm, Cm, Dv, z, bias, h0, reset, y, hT, ckpt,
     T, Dc, N, G, NCHUNK,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    ACC: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_b, _pid_d, d, n, n_ok, row, bc_row, state, dn_ok, a_mat, d_vec, b_vec = _block(
         A, Dv, bias, T, Dc, N, G, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, ACC)
@@ -142,8 +152,13 @@ def _scan_fwd_kernel(
         t = c * CHUNK + i
         a, b, dt, _, u_t, _, ok = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok, t,
                                               T, HAS_BIAS, SOFTPLUS, ACC)
-        a_cum, b_cum = tl.associative_scan((a, b), 2, _combine)
-        hs = a_cum * h[:, :, None] + b_cum  # [BD, BN, BT]
+        if HAS_RESET:  # a restart drops the state before it (selected, never times zero)
+            f = _load_reset(reset, t, T, BLOCK_D, BLOCK_N, CHUNK, ACC)
+            a_cum, b_cum, f_cum = tl.associative_scan((a, b, f), 2, _restart_combine)
+            hs = tl.where(f_cum > 0, b_cum, a_cum * h[:, :, None] + b_cum)
+        else:
+            a_cum, b_cum = tl.associative_scan((a, b), 2, _combine)
+            hs = a_cum * h[:, :, None] + b_cum  # [BD, BN, BT]
         c_t = _load_c(Cm, bc_row, n_ok, t, T, ACC)
         out = tl.sum(hs * c_t[None, :, :], axis=1) + d_vec[:, None] * u_t  # [BD, BT]
         if HAS_Z:
@@ -206,7 +221,7 @@ def _grouped(m):
 
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk, reset):
         u, delta, A, D, z, delta_bias, h0 = map(_c, (u, delta, A, D, z, delta_bias, h0))
         Bg, Cg = _grouped(B).contiguous(), _grouped(C).contiguous()
         Bt, Dc, T = u.shape
@@ -223,11 +238,12 @@ class _SelectiveScan(torch.autograd.Function):
         _scan_fwd_kernel[(Bt, Dc // bd)](
             u, delta, A, Bg, Cg, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else dummy,
-            y, hT, ckpt, T, Dc, N, G, nchunk,
+            reset if reset is not None else dummy, y, hT, ckpt, T, Dc, N, G, nchunk,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, BLOCK_D=bd,
-            BLOCK_N=bn, CHUNK=chunk, ACC=tl_acc(u.dtype),
+            SOFTPLUS=bool(softplus), HAS_H0=h0 is not None, HAS_RESET=reset is not None,
+            BLOCK_D=bd, BLOCK_N=bn, CHUNK=chunk, ACC=tl_acc(u.dtype),
         )
+        ctx.reset = reset
         ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, ckpt)
         ctx.plain_bc = B.ndim == 3
         ctx.softplus = bool(softplus)
@@ -263,11 +279,12 @@ class _SelectiveScan(torch.autograd.Function):
             u, delta, A, Bg, Cg, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, dy,
             dhT.contiguous() if dhT is not None else dummy, ckpt,
+            ctx.reset if ctx.reset is not None else dummy,
             du, ddelta, dz if dz is not None else du, dA_part, dB_part, dC_part, dD_part,
             dbias_part, dh0, T, Dc, N, G, nchunk, ndb,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.softplus, HAS_DHT=dhT is not None, BLOCK_D=bd, BLOCK_N=bn,
-            CHUNK=ctx.chunk, ACC=tl_acc(u.dtype),
+            SOFTPLUS=ctx.softplus, HAS_DHT=dhT is not None, HAS_RESET=ctx.reset is not None,
+            BLOCK_D=bd, BLOCK_N=bn, CHUNK=ctx.chunk, ACC=tl_acc(u.dtype),
         )
 
         def group_sum(part, dtype):
@@ -289,11 +306,12 @@ class _SelectiveScan(torch.autograd.Function):
             dh0.to(h0_dtype) if h0_dtype is not None and need[8] else None,
             None,
             None,
+            None,
         )
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, chunk=CHUNK):
+                   initial_state=None, return_final_state=False, chunk=CHUNK, reset=None):
     """mamba-ssm's ``selective_scan_fn`` with an initial state, as a Triton kernel.
 
     u, delta, z: [Bt, Dc, T]; A: [Dc, N] (real); B, C: [Bt, N, T] or [Bt, G, N, T];
@@ -302,18 +320,27 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     input). Differentiable in every tensor argument, including through h_T.
     ``chunk`` (a power of two) is the tile length along time and the spacing of saved states;
     the result does not depend on it, memory and register use do.
+    ``reset`` (bool [T], packed rows): the state restarts from zero where it is True, as if
+    the sequence began there (a packed row's document starts; the same for every batch row).
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"selective_scan: chunk must be a power of two, got {chunk!r}")
+    if reset is not None:
+        if reset.ndim != 1 or reset.shape[0] != u.shape[2] or reset.device != u.device:
+            raise ValueError(f"selective_scan: reset must be [T={u.shape[2]}] on {u.device}, "
+                             f"got shape {tuple(reset.shape)} on {reset.device}")
+        reset = reset.to(torch.int8).contiguous()
     y, hT = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                 delta_softplus, chunk)
+                                 delta_softplus, chunk, reset)
     return (y, hT) if return_final_state else y
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, initial_state=None, return_final_state=False):
-    """The same function as a plain torch loop over time (float32 or float64 accumulation)."""
+                       delta_softplus=False, initial_state=None, return_final_state=False,
+                       reset=None):
+    """The same function as a plain torch loop over time (float32 or float64 accumulation);
+    ``reset`` [T]: the state restarts from zero there."""
     acc = acc_dtype(u.dtype)
     Bt, Dc, T = u.shape
     u_, dt, A_ = u.to(acc), delta.to(acc), A.to(acc)
@@ -329,6 +356,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
          else initial_state.to(acc))
     ys = []
     for t in range(T):
+        if reset is not None and bool(reset[t]):
+            h = torch.zeros_like(h)
         h = torch.exp(dt[:, :, t, None] * A_) * h + (dt[:, :, t] * u_[:, :, t])[..., None] \
             * Bx[..., t]
         ys.append((h * Cx[..., t]).sum(-1))

@@ -13,18 +13,20 @@ import triton
 import triton.language as tl
 
 from .affine_scan import combine as _combine
+from .affine_scan import restart_combine as _restart_combine
+from .affine_scan import restart_suffix_scan as _restart_suffix_scan
 from .affine_scan import suffix_scan as _suffix_scan
-from .selective_scan import _block, _ckpt_offsets, _load_c, _sigmoid, _step_tiles
+from .selective_scan import _block, _ckpt_offsets, _load_c, _load_reset, _sigmoid, _step_tiles
 
 
 @triton.jit
 def _scan_bwd_kernel(
-    u, delta, A, Bm, Cm, Dv, z, bias, dy, dhT, ckpt,
+    u, delta, A, Bm, Cm, Dv, z, bias, dy, dhT, ckpt, reset,
     du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, dh0,
     T, Dc, N, G, NCHUNK, NDB,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DHT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    ACC: tl.constexpr,
+    HAS_DHT: tl.constexpr, HAS_RESET: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_b, pid_d, d, n, n_ok, row, bc_row, state, dn_ok, a_mat, d_vec, b_vec = _block(
         A, Dv, bias, T, Dc, N, G, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N, ACC)
@@ -47,8 +49,17 @@ def _scan_bwd_kernel(
         a_p, b_p, _, _, _, _, _ = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok,
                                               tl.where(i == 0, -1, t - 1), T, HAS_BIAS,
                                               SOFTPLUS, ACC)
-        ap_cum, bp_cum = tl.associative_scan((a_p, b_p), 2, _combine)
-        h_prev = ap_cum * h_in[:, :, None] + bp_cum
+        if HAS_RESET:
+            # restarts up to t - 1 cut the rebuilt state; one at t makes h_{t-1} zero
+            f_p = _load_reset(reset, tl.where(i == 0, -1, t - 1), T, BLOCK_D, BLOCK_N, CHUNK,
+                              ACC)
+            ap_cum, bp_cum, fp_cum = tl.associative_scan((a_p, b_p, f_p), 2, _restart_combine)
+            h_prev = tl.where(fp_cum > 0, bp_cum, ap_cum * h_in[:, :, None] + bp_cum)
+            f_t = _load_reset(reset, t, T, BLOCK_D, BLOCK_N, CHUNK, ACC)
+            h_prev = tl.where(f_t > 0, 0.0, h_prev)
+        else:
+            ap_cum, bp_cum = tl.associative_scan((a_p, b_p), 2, _combine)
+            h_prev = ap_cum * h_in[:, :, None] + bp_cum
         hs = a * h_prev + b
         c_t = _load_c(Cm, bc_row, n_ok, t, T, ACC)
         dy_t = tl.load(dy + row[:, None] + t[None, :], mask=ok, other=0.0).to(ACC)
@@ -65,8 +76,15 @@ def _scan_bwd_kernel(
         a_n, _, _, _, _, _, _ = _step_tiles(u, delta, Bm, a_mat, b_vec, row, bc_row, n_ok,
                                             tl.where(i == CHUNK - 1, -1, t + 1), T, HAS_BIAS,
                                             SOFTPLUS, ACC)
-        an_cum, g_in = _suffix_scan(a_n, dyr[:, None, :] * c_t[None, :, :], 2)
-        gs = g_in + an_cum * carry[:, :, None]  # [BD, BN, BT]
+        if HAS_RESET:  # a restart at t + 1 passes nothing back to t
+            f_n = _load_reset(reset, tl.where(i == CHUNK - 1, -1, t + 1), T, BLOCK_D, BLOCK_N,
+                              CHUNK, ACC)
+            an_cum, g_in, fn_cum = _restart_suffix_scan(a_n, dyr[:, None, :] * c_t[None, :, :],
+                                                        f_n, 2)
+            gs = tl.where(fn_cum > 0, g_in, g_in + an_cum * carry[:, :, None])
+        else:
+            an_cum, g_in = _suffix_scan(a_n, dyr[:, None, :] * c_t[None, :, :], 2)
+            gs = g_in + an_cum * carry[:, :, None]  # [BD, BN, BT]
         tl.store(dC_part + part_row[:, None] + t[None, :],
                  tl.sum(dyr[:, None, :] * hs, axis=0), mask=n_ok[:, None] & (t < T)[None, :])
         tl.store(dB_part + part_row[:, None] + t[None, :],
@@ -84,8 +102,11 @@ def _scan_bwd_kernel(
         dbias_acc += tl.sum(ddt, axis=1)
         tl.store(du + row[:, None] + t[None, :], du_t, mask=ok)
         tl.store(ddelta + row[:, None] + t[None, :], ddt, mask=ok)
-        # dL/dh entering the chunk = a_first g_first
-        carry = tl.sum(tl.where((i == 0)[None, None, :], a * gs, 0.0), axis=2)
+        # dL/dh entering the chunk = a_first g_first (0 where the chunk starts a document)
+        first = a * gs
+        if HAS_RESET:
+            first = tl.where(f_t > 0, 0.0, first)
+        carry = tl.sum(tl.where((i == 0)[None, None, :], first, 0.0), axis=2)
     tl.store(dh0 + state, carry, mask=dn_ok)
     tl.store(dA_part + state, dA_acc, mask=dn_ok)  # [B, Dc, N]
     tl.store(dD_part + pid_b * Dc + d, dD_acc, mask=d < Dc)

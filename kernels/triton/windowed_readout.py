@@ -42,12 +42,13 @@ RAW, FADING, STORE = 0, 1, 2
 
 
 @triton.jit
-def _visible(MODE: tl.constexpr, i, j, spos, s_q, s, off, W, pos, Tq, Tk, M):
-    """Mask of query index i against key index j (or store slot j), broadcast together."""
+def _visible(MODE: tl.constexpr, i, j, spos, s_q, s, off, W, pos, Tq, Tk, M, kst):
+    """Mask of query index i against key index j (or store slot j), broadcast together; kst:
+    the query's first key index (its document's first token in a packed row, else 0)."""
     if MODE == 0:
-        m = (j <= i + off) & (j > i + off - W) & (j >= 0) & (j < Tk)
+        m = (j <= i + off) & (j > i + off - W) & (j >= kst) & (j < Tk)
     elif MODE == 1:
-        m = (j <= i + off - W) & (j > i + off - 2 * W) & (j >= 0) & (j < Tk)
+        m = (j <= i + off - W) & (j > i + off - 2 * W) & (j >= kst) & (j < Tk)
     else:
         m = (j < M) & (spos >= 0) & (spos <= pos + i - W) & (s_q == s)
     return m & (i < Tq)
@@ -80,8 +81,8 @@ def _load_kv(MODE: tl.constexpr, kb, vb, spb, j, e, b, h, s, H, E, Tk, S, M):
 
 
 @triton.jit
-def _tile(acc, m_i, l_i, q, do, lse, dlt, i, s_q, kb, vb, spb, b, h, s, j0, off, W, pos, Tq, Tk,
-          S, M, E, H, scale, MODE: tl.constexpr, GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
+def _tile(acc, m_i, l_i, q, do, lse, dlt, i, s_q, kst, kb, vb, spb, b, h, s, j0, off, W, pos, Tq,
+          Tk, S, M, E, H, scale, MODE: tl.constexpr, GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_E: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
     """Key tile j0 of one source (the store: of snapshot s) against the query tile, folded into
     the online softmax (acc, m_i, l_i), or with GRAD into dq (acc; m_i and l_i pass through)."""
@@ -90,7 +91,7 @@ def _tile(acc, m_i, l_i, q, do, lse, dlt, i, s_q, kb, vb, spb, b, h, s, j0, off,
     kt, vt, spos = _load_kv(MODE, kb, vb, spb, j, e, b, h, s, H, E, Tk, S, M)
     sc = _dot(q, tl.trans(kt), IEEE).to(ACC) * scale  # [BM, BN]
     vis = _visible(MODE, i[:, None], j[None, :], spos[None, :], s_q[:, None], s, off, W, pos,
-                   Tq, Tk, M)
+                   Tq, Tk, M, kst[:, None])
     if GRAD:
         acc = acc + _dq_part(sc, vis, lse, dlt, do, kt, vt, IEEE, ACC) * scale
     else:  # the gradient may be NaN where a value is; the forward is causal for it
@@ -101,54 +102,67 @@ def _tile(acc, m_i, l_i, q, do, lse, dlt, i, s_q, kb, vb, spb, b, h, s, j0, off,
 
 
 @triton.jit
-def _sweep(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i0, i, k, v, fk, fv, sk, sv, spos, b, h,
+def _doc_starts(docs, i, Tq, HAS_DOCS: tl.constexpr):
+    """Each query's first key index [BM]: its document's first token (``docs`` row 0) in a
+    packed row, else 0."""
+    if HAS_DOCS:
+        return tl.load(docs + i, mask=i < Tq, other=0)
+    return i * 0
+
+
+@triton.jit
+def _sweep(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i0, i, k, v, fk, fv, sk, sv, spos, docs, b, h,
            Tq, Tk, H, E, S, M, W, pos, C, scale, HAS_FADING: tl.constexpr,
-           HAS_STORE: tl.constexpr, GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+           HAS_STORE: tl.constexpr, HAS_DOCS: tl.constexpr, GRAD: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+           IEEE: tl.constexpr, ACC: tl.constexpr):
     """Every key tile of the three sources that some row of the query tile can see, through
-    ``_tile``: the gradient walks the forward's tiles."""
+    ``_tile``: the gradient walks the forward's tiles. In a packed row (``HAS_DOCS``) the
+    tiles before the first row's document are skipped."""
     off = Tk - Tq
     s_q = (pos + i) // C - pos // C
+    kst = _doc_starts(docs, i, Tq, HAS_DOCS)
+    first = tl.min(tl.where(i < Tq, kst, Tk), axis=0)
     i_last = tl.minimum(i0 + BLOCK_M, Tq) - 1
-    lo = tl.maximum(i0 + off - W + 1, 0)
+    lo = tl.maximum(tl.maximum(i0 + off - W + 1, 0), first)
     hi = tl.minimum(i_last + off + 1, Tk)
     for j0 in range(lo, hi, BLOCK_N):
-        acc, m_i, l_i = _tile(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i, s_q, k, v, spos, b, h, 0,
-                              j0, off, W, pos, Tq, Tk, S, M, E, H, scale, 0, GRAD, BLOCK_N,
+        acc, m_i, l_i = _tile(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i, s_q, kst, k, v, spos, b,
+                              h, 0, j0, off, W, pos, Tq, Tk, S, M, E, H, scale, 0, GRAD, BLOCK_N,
                               BLOCK_E, IEEE, ACC)
     if HAS_FADING:
-        lo = tl.maximum(i0 + off - 2 * W + 1, 0)
+        lo = tl.maximum(tl.maximum(i0 + off - 2 * W + 1, 0), first)
         hi = tl.minimum(i_last + off - W + 1, Tk)
         for j0 in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _tile(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i, s_q, fk, fv, spos, b,
-                                  h, 0, j0, off, W, pos, Tq, Tk, S, M, E, H, scale, 1, GRAD,
-                                  BLOCK_N, BLOCK_E, IEEE, ACC)
+            acc, m_i, l_i = _tile(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i, s_q, kst, fk, fv,
+                                  spos, b, h, 0, j0, off, W, pos, Tq, Tk, S, M, E, H, scale, 1,
+                                  GRAD, BLOCK_N, BLOCK_E, IEEE, ACC)
     if HAS_STORE:
         s_lo = (pos + i0) // C - pos // C
         s_hi = (pos + i_last) // C - pos // C
         for s in range(s_lo, s_hi + 1):
             # js, not j0: a name the loops above left int64 would change type in this loop
             for js in range(0, M, BLOCK_N):
-                acc, m_i, l_i = _tile(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i, s_q, sk, sv,
+                acc, m_i, l_i = _tile(acc, m_i, l_i, qt, dot_, lse_i, dlt_i, i, s_q, kst, sk, sv,
                                       spos, b, h, s, js, off, W, pos, Tq, Tk, S, M, E, H, scale,
                                       2, GRAD, BLOCK_N, BLOCK_E, IEEE, ACC)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _attn_fwd_kernel(q, k, v, fk, fv, sk, sv, spos, o, lse,
+def _attn_fwd_kernel(q, k, v, fk, fv, sk, sv, spos, docs, o, lse,
                      Tq, Tk, H, E, S, M, W, pos, C, scale,
-                     HAS_FADING: tl.constexpr, HAS_STORE: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr,
-                     ACC: tl.constexpr):
+                     HAS_FADING: tl.constexpr, HAS_STORE: tl.constexpr, HAS_DOCS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                     IEEE: tl.constexpr, ACC: tl.constexpr):
     i0, bh, b, h, i, e = _program_rows(H, BLOCK_M, BLOCK_E)
     rows, q_ok = _rows(b, h, i, e, Tq, H, E)
     qt = tl.load(q + rows, mask=q_ok, other=0.0)
     acc, m_i, l_i = _softmax_start(BLOCK_M, BLOCK_E, ACC)
     # the gradient's do, lse and D are not read here: qt and m_i stand in
-    acc, m_i, l_i = _sweep(acc, m_i, l_i, qt, qt, m_i, m_i, i0, i, k, v, fk, fv, sk, sv, spos, b,
-                           h, Tq, Tk, H, E, S, M, W, pos, C, scale, HAS_FADING, HAS_STORE, False,
-                           BLOCK_M, BLOCK_N, BLOCK_E, IEEE, ACC)
+    acc, m_i, l_i = _sweep(acc, m_i, l_i, qt, qt, m_i, m_i, i0, i, k, v, fk, fv, sk, sv, spos,
+                           docs, b, h, Tq, Tk, H, E, S, M, W, pos, C, scale, HAS_FADING,
+                           HAS_STORE, HAS_DOCS, False, BLOCK_M, BLOCK_N, BLOCK_E, IEEE, ACC)
     _store_rows(o, lse, rows, q_ok, i, bh, Tq, acc, m_i, l_i)
 
 
@@ -177,7 +191,7 @@ class _Cfg(TileConfig):
 
 class _WindowedReadout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, fk, fv, sk, sv, spos, window, pos, chunk):
+    def forward(ctx, q, k, v, fk, fv, sk, sv, spos, window, pos, chunk, docs):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         fk, fv, sk, sv = (None if t is None else t.contiguous() for t in (fk, fv, sk, sv))
         cfg = _Cfg(q, k, sk, window, pos, chunk)
@@ -186,9 +200,12 @@ class _WindowedReadout(torch.autograd.Function):
         sp = spos.contiguous() if spos is not None else lse  # never read without a store
         _attn_fwd_kernel[(triton.cdiv(cfg.Tq, cfg.BM), cfg.B * cfg.H)](
             q, k, v, fk if fk is not None else k, fv if fv is not None else v,
-            sk if sk is not None else k, sv if sv is not None else v, sp, o, lse, *cfg.args(),
-            HAS_FADING=fk is not None, HAS_STORE=sk is not None, **cfg.blocks())
+            sk if sk is not None else k, sv if sv is not None else v, sp,
+            docs if docs is not None else sp, o, lse, *cfg.args(),
+            HAS_FADING=fk is not None, HAS_STORE=sk is not None, HAS_DOCS=docs is not None,
+            **cfg.blocks())
         ctx.save_for_backward(q, k, v, fk, fv, sk, sv, sp, o, lse)
+        ctx.docs = docs
         ctx.cfg = cfg
         return o
 
@@ -199,6 +216,7 @@ class _WindowedReadout(torch.autograd.Function):
 
         q, k, v, fk, fv, sk, sv, sp, o, lse = ctx.saved_tensors
         cfg = ctx.cfg
+        docs = ctx.docs if ctx.docs is not None else sp
         acc = acc_dtype(q.dtype)
         do = do.contiguous()
         # D_i = do_i . o_i, the softmax's row correction, as [B, H, Tq]
@@ -206,14 +224,16 @@ class _WindowedReadout(torch.autograd.Function):
         dq = empty(q.shape, acc, q.device)
         _attn_dq_kernel[(triton.cdiv(cfg.Tq, cfg.BM), cfg.B * cfg.H)](
             q, k, v, fk if fk is not None else k, fv if fv is not None else v,
-            sk if sk is not None else k, sv if sv is not None else v, sp, do, lse, dlt, dq,
-            *cfg.args(), HAS_FADING=fk is not None, HAS_STORE=sk is not None, **cfg.blocks())
+            sk if sk is not None else k, sv if sv is not None else v, sp, docs, do, lse, dlt,
+            dq, *cfg.args(), HAS_FADING=fk is not None, HAS_STORE=sk is not None,
+            HAS_DOCS=ctx.docs is not None, **cfg.blocks())
 
         def kv_grads(mode, kk, vv, tiles):
             dk = empty(kk.shape, acc, q.device)
             dv = empty(vv.shape, acc, q.device)
             _attn_dkdv_kernel[(tiles, cfg.B * cfg.H)](
-                q, kk, vv, sp, do, lse, dlt, dk, dv, *cfg.args(), MODE=mode, **cfg.blocks())
+                q, kk, vv, sp, docs, do, lse, dlt, dk, dv, *cfg.args(), MODE=mode,
+                HAS_DOCS=ctx.docs is not None, **cfg.blocks())
             return dk.to(kk.dtype), dv.to(vv.dtype)
 
         n_key_tiles = triton.cdiv(cfg.Tk, cfg.BN)
@@ -225,7 +245,7 @@ class _WindowedReadout(torch.autograd.Function):
             dsk, dsv = kv_grads(STORE, sk, sv, cfg.S * triton.cdiv(cfg.M, cfg.BN))
         elif sk is not None:
             dsk, dsv = torch.zeros_like(sk), torch.zeros_like(sv)
-        return (dq.to(q.dtype), dk, dv, dfk, dfv, dsk, dsv, None, None, None, None)
+        return (dq.to(q.dtype), dk, dv, dfk, dfv, dsk, dsv, None, None, None, None, None)
 
 
 def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos):
@@ -276,8 +296,24 @@ def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chu
                          f"{tuple(store_pos.shape)} {store_pos.dtype}")
 
 
+def _docs(cu_seqlens, q, k, store_k, pos):
+    """[2, T] int64: each position's document start and end (exclusive), from ``cu_seqlens``
+    (int32 [N + 1], checked by the caller: 0, strictly increasing, T)."""
+    where = "windowed_readout"
+    if store_k is not None or pos != 0 or k.shape[1] != q.shape[1] or q.shape[0] != 1:
+        raise ValueError(f"{where}: cu_seqlens takes one packed row (batch 1) of its own keys "
+                         f"from position 0, without a store")
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
+    if cu.ndim != 1 or cu.shape[0] < 2 or int(cu[-1]) != q.shape[1]:
+        raise ValueError(f"{where}: cu_seqlens must be [N + 1] ending at T={q.shape[1]}, got "
+                         f"{tuple(cu.shape)}")
+    lengths = cu[1:] - cu[:-1]
+    return torch.stack([cu[:-1].repeat_interleave(lengths),
+                        cu[1:].repeat_interleave(lengths)]).contiguous()
+
+
 def windowed_readout(q, k, v, window, fading_k=None, fading_v=None, store_k=None, store_v=None,
-                    store_pos=None, chunk=None, pos=0):
+                    store_pos=None, chunk=None, pos=0, cu_seqlens=None):
     """One softmax over the raw window, the fading window and the visible store entries.
 
     q: [B, Tq, H, E] at positions pos .. pos + Tq - 1; k, v (and fading_k, fading_v):
@@ -286,33 +322,40 @@ def windowed_readout(q, k, v, window, fading_k=None, fading_v=None, store_k=None
     store_k, store_v: [B, H, S, M, E] and store_pos [B, S, M] (int, negative for an empty slot):
     snapshot s is the store after chunk pos // chunk + s - 1, seen by the queries of chunk
     pos // chunk + s, entry by entry where its position p <= t - W. Keys arrive already rotated.
+    ``cu_seqlens`` (int32 [N + 1], a packed row of batch 1 at positions within documents, no
+    cache and no store): a query sees only keys of its own document.
     Returns o [B, Tq, H, E] in q's dtype, differentiable in every float input.
     """
     _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos)
     if q.shape[1] == 0:
         raise ValueError("windowed_readout: q must hold at least one query, got Tq = 0")
+    docs = None if cu_seqlens is None else _docs(cu_seqlens, q, k, store_k, pos)
     if store_k is not None:
         store_pos = store_pos.to(torch.int64)
     return _WindowedReadout.apply(q, k, v, fading_k, fading_v, store_k, store_v, store_pos,
-                                 window, pos, chunk)
+                                 window, pos, chunk, docs)
 
 
 def windowed_readout_ref(q, k, v, window, fading_k=None, fading_v=None, store_k=None,
-                        store_v=None, store_pos=None, chunk=None, pos=0):
+                        store_v=None, store_pos=None, chunk=None, pos=0, cu_seqlens=None):
     """The same function in plain torch, one query at a time (float32 or float64 inside)."""
     acc = acc_dtype(q.dtype)
     B, Tq, H, E = q.shape
     Tk = k.shape[1]
     kpos = torch.arange(Tk, device=q.device) + pos - (Tk - Tq)
+    starts = torch.zeros(Tq, dtype=torch.int64, device=q.device) - Tk
+    if cu_seqlens is not None:
+        for a in cu_seqlens[:-1].tolist():
+            starts[a:] = a
     outs = []
     for i in range(Tq):
         t = pos + i
-        raw = kpos <= t
+        raw = (kpos <= t) & (kpos >= starts[i])
         if window is not None:
             raw = raw & (kpos > t - window)
         keys, vals = [k[:, raw]], [v[:, raw]]  # [B, n, H, E]
         if fading_k is not None:
-            fad = (kpos <= t - window) & (kpos > t - 2 * window)
+            fad = (kpos <= t - window) & (kpos > t - 2 * window) & (kpos >= starts[i])
             keys.append(fading_k[:, fad])
             vals.append(fading_v[:, fad])
         n_plain = sum(x.shape[1] for x in keys)

@@ -15,32 +15,35 @@ from .softmax_tiles import backward_rows as _backward_rows
 from .softmax_tiles import dkdv_step as _dkdv_step
 from .softmax_tiles import dot as _dot
 from .softmax_tiles import program_rows as _program_rows
-from .windowed_readout import _kv_ptrs, _load_kv, _sweep, _visible
+from .windowed_readout import _doc_starts, _kv_ptrs, _load_kv, _sweep, _visible
 
 
 @triton.jit
-def _attn_dq_kernel(q, k, v, fk, fv, sk, sv, spos, do, lse, dlt, dq,
+def _attn_dq_kernel(q, k, v, fk, fv, sk, sv, spos, docs, do, lse, dlt, dq,
                     Tq, Tk, H, E, S, M, W, pos, C, scale,
-                    HAS_FADING: tl.constexpr, HAS_STORE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr,
-                    ACC: tl.constexpr):
+                    HAS_FADING: tl.constexpr, HAS_STORE: tl.constexpr, HAS_DOCS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                    IEEE: tl.constexpr, ACC: tl.constexpr):
     i0, bh, b, h, i, e = _program_rows(H, BLOCK_M, BLOCK_E)
     rows, q_ok, qt, dot_, lse_i, dlt_i = _backward_rows(q, do, lse, dlt, b, h, bh, i, e, Tq, H,
                                                         E)
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
     # the softmax's running max and sum are not needed: lse_i and dlt_i stand in
     acc, _, _ = _sweep(acc, lse_i, dlt_i, qt, dot_, lse_i, dlt_i, i0, i, k, v, fk, fv, sk, sv,
-                       spos, b, h, Tq, Tk, H, E, S, M, W, pos, C, scale, HAS_FADING, HAS_STORE,
-                       True, BLOCK_M, BLOCK_N, BLOCK_E, IEEE, ACC)
+                       spos, docs, b, h, Tq, Tk, H, E, S, M, W, pos, C, scale, HAS_FADING,
+                       HAS_STORE, HAS_DOCS, True, BLOCK_M, BLOCK_N, BLOCK_E, IEEE, ACC)
     tl.store(dq + rows, acc, mask=q_ok)
 
 
 @triton.jit
-def _attn_dkdv_kernel(q, kb, vb, spos, do, lse, dlt, dk, dv,
+def _attn_dkdv_kernel(q, kb, vb, spos, docs, do, lse, dlt, dk, dv,
                       Tq, Tk, H, E, S, M, W, pos, C, scale,
-                      MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_E: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
-    """Gradients of one source's keys and values: program (key tile [x snapshot], b * H + h)."""
+                      MODE: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr,
+                      ACC: tl.constexpr):
+    """Gradients of one source's keys and values: program (key tile [x snapshot], b * H + h).
+    In a packed row (``HAS_DOCS``: ``docs`` [2, T], each position's document start and end)
+    the query tiles after the last key's document are skipped."""
     pid = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -63,6 +66,8 @@ def _attn_dkdv_kernel(q, kb, vb, spos, do, lse, dlt, dk, dv,
         else:
             i_lo = tl.maximum(j0 - off + W, 0)
             i_hi = tl.minimum(j_last - off + 2 * W, Tq)
+        if HAS_DOCS:  # no query after the last key's document sees the tile
+            i_hi = tl.minimum(i_hi, tl.load(docs + Tq + tl.maximum(j_last, 0)))
     j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
     kt, vt, sp = _load_kv(MODE, kb, vb, spos, j, e, b, h, s, H, E, Tk, S, M)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
@@ -71,10 +76,11 @@ def _attn_dkdv_kernel(q, kb, vb, spos, do, lse, dlt, dk, dv,
         i = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
         _, _, qt, dot_, lse_i, dlt_i = _backward_rows(q, do, lse, dlt, b, h, bh, i, e, Tq, H, E)
         s_q = (pos + i) // C - pos // C
+        kst = _doc_starts(docs, i, Tq, HAS_DOCS)
         # transposed tiles [BN, BM]: keys along rows, queries along columns
         scT = _dot(kt, tl.trans(qt), IEEE).to(ACC) * scale
         vis = _visible(MODE, i[None, :], j[:, None], sp[:, None], s_q[None, :], s, off, W, pos,
-                       Tq, Tk, M)
+                       Tq, Tk, M, kst[None, :])
         dv_acc, dsT = _dkdv_step(dv_acc, scT, vis, lse_i, dlt_i, dot_, vt, IEEE, ACC)
         dk_acc += _dot(dsT.to(qt.dtype), qt, IEEE).to(ACC) * scale
     if MODE == 2:

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 from ..validate import check_associative_readout_args
 from .numerics import acc_dtype, cast_out, device, masked_softmax_readout, namespace
+from .packed import check_cu_seqlens, same_document
 from .rings import ring_positions, ring_write, seq_positions, seq_to_ring
 
 __all__ = ["associative_readout"]
 
 
-def read_memory(xp, q, mem_k, mem_v, mpos, qpos, capacity: int | None):
+def read_memory(xp, q, mem_k, mem_v, mpos, qpos, capacity: int | None, same=None):
     """q: [B, H, Q, E] at positions qpos [Q]; memory pairs mem_k, mem_v [B, H, S, E] at
-    positions mpos [S] (< 0: empty). A query at t reads the pairs t - M <= j <= t - 1."""
+    positions mpos [S] (< 0: empty). A query at t reads the pairs t - M <= j <= t - 1;
+    ``same`` [Q, S] (a packed row), only those of its own document."""
     mask = (mpos[None, :] <= qpos[:, None] - 1) & (mpos[None, :] >= 0)
     if capacity is not None:
         mask = mask & (mpos[None, :] >= qpos[:, None] - capacity)
+    if same is not None:
+        mask = mask & same
     scores = xp.matmul(q, xp.permute_dims(mem_k, (0, 1, 3, 2)))
     return masked_softmax_readout(xp, scores, mask[None, None], mem_v)
 
@@ -64,17 +68,20 @@ def memory_write(xp, capacity: int | None, mem_k, mem_v, k, v, pos: int):
     return ring_write(xp, mem_k, k, pos), ring_write(xp, mem_v, v, pos)
 
 
-def associative_readout(k, v, capacity=None):
+def associative_readout(k, v, capacity=None, cu_seqlens=None):
     """y_t = sum_{t-M <= j <= t-1} softmax_j(k_t . k_j) v_j, no scale; y_0 = 0.
 
-    k, v: [B, T, H, E] (keys double as queries). The layer form, with a streaming state,
-    is ``memcore.spec.mosaic``.
+    k, v: [B, T, H, E] (keys double as queries). ``cu_seqlens`` (int32 [N + 1], B = 1): j
+    only from t's document (y = 0 at each document's first token). The layer form, with a
+    streaming state, is ``memcore.spec.mosaic``.
     """
     xp = namespace(k, v)
     check_associative_readout_args(k, v)
+    bounds = check_cu_seqlens(cu_seqlens, k.shape[1], k.shape[0], None, "associative_readout")
     acc = acc_dtype(xp, k.dtype)
     kk = xp.permute_dims(xp.astype(k, acc), (0, 2, 1, 3))
     vv = xp.permute_dims(xp.astype(v, acc), (0, 2, 1, 3))
     i = xp.arange(k.shape[1], device=device(k))
-    y = read_memory(xp, kk, kk, vv, i, i, capacity)
+    same = None if bounds is None else same_document(xp, bounds, k)
+    y = read_memory(xp, kk, kk, vv, i, i, capacity, same)
     return cast_out(xp, xp.permute_dims(y, (0, 2, 1, 3)), k.dtype)

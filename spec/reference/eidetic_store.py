@@ -143,6 +143,30 @@ def select_chunks(xp, store, toks: dict, cand: dict, kept: dict, pos: int):
     return (sk, sv, mask), cand, kept
 
 
+def select_packed(xp, store, toks: dict, bounds):
+    """``select_chunks`` over a packed row (``bounds``: its checked cu_seqlens): every document
+    selects from an empty store and empty candidates, its chunks counted from its first token
+    (``toks["pos"]`` holds positions within documents), and a query sees only its own
+    document's store. Returns ((keys, values, mask [B, 1, T, S]), cand, kept) with the last
+    document's candidates and store."""
+    B, H, T, E = toks["k"].shape
+    dtype = toks["k"].dtype
+    keys, vals, masks = [], [], []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        doc = {f: (toks[f][:, :, a:b] if f in ("k", "v") else toks[f][:, a:b]) for f in FIELDS}
+        (sk, sv, m), cand, kept = select_chunks(
+            xp, store, doc, empty(xp, B, H, store.select, E, dtype, toks["k"]),
+            empty(xp, B, H, store.capacity, E, dtype, toks["k"]), 0)
+        S = m.shape[-1]
+        off = xp.zeros((B, 1, a, S), dtype=xp.bool, device=device(m))
+        after = xp.zeros((B, 1, T - b, S), dtype=xp.bool, device=device(m))
+        keys.append(sk)
+        vals.append(sv)
+        masks.append(xp.concat([off, m, after], axis=2))
+    return ((xp.concat(keys, axis=2), xp.concat(vals, axis=2), xp.concat(masks, axis=3)),
+            cand, kept)
+
+
 def visible_step(store, kept: dict, pos: int):
     """Streaming form of the store's source for the query at ``pos``: (keys, values, mask
     [B, 1, 1, M]) of the entries with position <= pos - window."""

@@ -2,7 +2,10 @@
 
     h = embed[tokens]
     for each block i:  h = h + mixer_i(norm1_i(h));  h = h + ffn_i(norm2_i(h))  (if ffn)
-    logits = logit_scale * norm_f(h) @ embed^T
+    logits = logit_scale * norm_f(h) @ embed^T         (lm_head^T when not tie_embeddings)
+
+ffn: "mlp" fc2(gelu(fc1(g))), "swiglu" down_proj(silu(gate_proj(g)) * up_proj(g)), or a
+persistent layer. Every norm takes the model's norm_eps.
 
 State: ``pos``, ``spec_id``, ``layers`` (a tuple of mixer states) and, with a persistent
 FFN, ``ffn`` (a tuple of its states: its key extractor carries a leaky average).
@@ -16,7 +19,18 @@ from ..layers import Persistent
 from ..params import check_params
 from ..validate import check_tokens
 from . import layers as L
-from .numerics import acc_dtype, device, gelu, layer_norm, linear, namespace, params_as, rms_norm
+from .numerics import (
+    acc_dtype,
+    device,
+    gelu,
+    layer_norm,
+    linear,
+    namespace,
+    params_as,
+    rms_norm,
+    silu,
+)
+from .packed import check_cu_seqlens, packed_array
 
 
 def _sub(p: dict, prefix: str) -> dict:
@@ -52,12 +66,25 @@ def _check_model_state(spec, state):
 
 
 def _norm(xp, spec, h, w):
-    return rms_norm(xp, h, w) if spec.norm == "rms" else layer_norm(xp, h, w)
+    norm = rms_norm if spec.norm == "rms" else layer_norm
+    return norm(xp, h, w, spec.norm_eps)
 
 
-def _run(spec, params, tokens, state, streaming: bool):
+def _dense_ffn(xp, spec, p, pre, g):
+    """The "mlp" or "swiglu" FFN of block ``pre`` on g [..., D]."""
+    if spec.ffn == "mlp":
+        return linear(xp, gelu(xp, linear(xp, g, p[pre + "ffn.fc1.weight"])),
+                      p[pre + "ffn.fc2.weight"])
+    gate = silu(xp, linear(xp, g, p[pre + "ffn.gate_proj.weight"]))
+    return linear(xp, gate * linear(xp, g, p[pre + "ffn.up_proj.weight"]),
+                  p[pre + "ffn.down_proj.weight"])
+
+
+def _run(spec, params, tokens, state, streaming: bool, cu_seqlens=None):
     check_tokens(spec, tokens, streaming=streaming)
     xp = namespace(tokens)
+    bounds = None if streaming else check_cu_seqlens(cu_seqlens, tokens.shape[1],
+                                                     tokens.shape[0], state)
     check_params(spec, params)
     like = _float_like(xp, params, tokens)
     p = params_as(xp, params, like)
@@ -72,6 +99,11 @@ def _run(spec, params, tokens, state, streaming: bool):
     h = xp.take(p["embed.weight"], flat, axis=0)
     h = xp.reshape(h, tuple(tokens.shape) + (spec.d_model,))
     run = L.step_aux if streaming else L.forward_aux
+    if bounds is not None:  # every layer restarts at each document, from the empty state
+        cu = packed_array(bounds)
+
+        def run(s, p_, x, _state):
+            return L.forward_aux(s, p_, x, None, cu)
     new_layers, new_ffn, aux = [], [], []
     for i, layer in enumerate(spec.layers):
         pre = f"layers.{i}."
@@ -83,16 +115,18 @@ def _run(spec, params, tokens, state, streaming: bool):
         h = h + y
         if spec.ffn is not None:
             g = _norm(xp, spec, h, p[pre + "norm2.weight"])
-            if spec.ffn == "mlp":
-                h = h + linear(xp, gelu(xp, linear(xp, g, p[pre + "ffn.fc1.weight"])),
-                               p[pre + "ffn.fc2.weight"])
+            if spec.ffn in ("mlp", "swiglu"):
+                h = h + _dense_ffn(xp, spec, p, pre, g)
             else:
                 y, st, _ = run(spec.ffn, _sub(p, pre + "ffn."), g, state["ffn"][i])
                 new_ffn.append(st)
                 h = h + y
     h = _norm(xp, spec, h, p["norm_f.weight"])
-    logits = linear(xp, h, p["embed.weight"]) * spec.logit_scale
+    head = p["embed.weight"] if spec.tie_embeddings else p["lm_head.weight"]
+    logits = linear(xp, h, head) * spec.logit_scale
     n = 1 if streaming else tokens.shape[1]
+    if bounds is not None:
+        n = bounds[-1] - bounds[-2]
     new = {"pos": state["pos"] + n, "spec_id": spec.spec_id, "layers": tuple(new_layers)}
     if new_ffn:
         new["ffn"] = tuple(new_ffn)
@@ -104,9 +138,11 @@ def _run(spec, params, tokens, state, streaming: bool):
     return logits, new, total_aux
 
 
-def forward_aux(spec, params, tokens, state=None):
-    """tokens [B, T] ints -> (logits [B, T, V], state, aux: the sum of the layers' aux losses)."""
-    return _run(spec, params, tokens, state, streaming=False)
+def forward_aux(spec, params, tokens, state=None, cu_seqlens=None):
+    """tokens [B, T] ints -> (logits [B, T, V], state, aux: the sum of the layers' aux losses).
+    ``cu_seqlens`` (int32 [N + 1], B = 1, state None): documents packed in one row, each run
+    as if alone from the empty state; the state is the last document's."""
+    return _run(spec, params, tokens, state, streaming=False, cu_seqlens=cu_seqlens)
 
 
 def step_aux(spec, params, tokens_t, state=None):
@@ -114,8 +150,8 @@ def step_aux(spec, params, tokens_t, state=None):
     return _run(spec, params, tokens_t, state, streaming=True)
 
 
-def forward(spec, params, tokens, state=None):
-    logits, state, _ = forward_aux(spec, params, tokens, state)
+def forward(spec, params, tokens, state=None, cu_seqlens=None):
+    logits, state, _ = forward_aux(spec, params, tokens, state, cu_seqlens)
     return logits, state
 
 

@@ -90,15 +90,15 @@ def l2_normalize(xp, x, axis: int = -1):
     return x / xp.maximum(n, xp.asarray(L2_EPS, dtype=x.dtype, device=device(x)))
 
 
-def rms_norm(xp, x, weight):
+def rms_norm(xp, x, weight, eps: float = NORM_EPS):
     ms = xp.mean(x * x, axis=-1, keepdims=True)
-    return x / xp.sqrt(ms + NORM_EPS) * weight
+    return x / xp.sqrt(ms + eps) * weight
 
 
-def layer_norm(xp, x, weight):
+def layer_norm(xp, x, weight, eps: float = NORM_EPS):
     mu = xp.mean(x, axis=-1, keepdims=True)
     var = xp.mean((x - mu) ** 2, axis=-1, keepdims=True)
-    return (x - mu) / xp.sqrt(var + NORM_EPS) * weight
+    return (x - mu) / xp.sqrt(var + eps) * weight
 
 
 def masked_softmax_readout(xp, scores, mask, values):

@@ -15,6 +15,7 @@ from ..validate import check_array, check_layer_input, check_state_arrays, check
 from . import layers as L
 from . import model as M
 from .numerics import acc_dtype, device, namespace
+from .packed import check_cu_seqlens
 
 
 class ReferenceLayer:
@@ -90,15 +91,18 @@ class ReferenceLayer:
         check_allocation(self.spec, what="state", batch=x.shape[0], max_len=pos + n,
                          dtype_bytes=_acc_bytes(namespace(x), x.dtype))
 
-    def forward_aux(self, x, state=None):
+    def forward_aux(self, x, state=None, *, cu_seqlens=None):
         """Parallel form: (y, state, aux). An input of T = 0 tokens gives an empty output and
-        leaves the state as it was."""
+        leaves the state as it was. ``cu_seqlens`` (int32 [N + 1], batch 1, state None):
+        documents packed in one row, each run as if alone from the empty state; the state
+        returned is the last document's."""
         check_layer_input(self.spec, x, streaming=False, name="x", empty_ok=True)
         check_state_arrays(state)
+        check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0], state)
         if x.shape[1] == 0:
             return self._empty(x, state)
         self._check_growth(x, state, x.shape[1])
-        return self._impl.forward_aux(self.spec, self.params, x, state)
+        return self._impl.forward_aux(self.spec, self.params, x, state, cu_seqlens)
 
     def step_aux(self, x_t, state=None):
         """Streaming form: (y_t, state, aux)."""
@@ -107,8 +111,8 @@ class ReferenceLayer:
         self._check_growth(x_t, state, 1)
         return self._impl.step_aux(self.spec, self.params, x_t, state)
 
-    def __call__(self, x, state=None):
-        y, state, _ = self.forward_aux(x, state)
+    def __call__(self, x, state=None, *, cu_seqlens=None):
+        y, state, _ = self.forward_aux(x, state, cu_seqlens=cu_seqlens)
         return y, state
 
     def step(self, x_t, state=None):
@@ -125,15 +129,16 @@ class ReferenceModel(ReferenceLayer):
 
     _impl = M
 
-    def forward_aux(self, tokens, state=None):
+    def forward_aux(self, tokens, state=None, *, cu_seqlens=None):
         """tokens [B, T] -> (logits [B, T, V], state, aux); T = 0 gives empty logits and leaves
-        the state as it was."""
+        the state as it was. ``cu_seqlens``: as for a layer."""
         check_tokens(self.spec, tokens, streaming=False, empty_ok=True)
         check_state_arrays(state)
+        check_cu_seqlens(cu_seqlens, tokens.shape[1], tokens.shape[0], state)
         if tokens.shape[1] == 0:
             return self._empty(tokens, state)
         self._check_growth(tokens, state, tokens.shape[1])
-        return M.forward_aux(self.spec, self.params, tokens, state)
+        return M.forward_aux(self.spec, self.params, tokens, state, cu_seqlens)
 
     def step_aux(self, tokens_t, state=None):
         check_tokens(self.spec, tokens_t, streaming=True)

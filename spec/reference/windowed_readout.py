@@ -12,6 +12,7 @@ import math
 
 from ..validate import check_windowed_readout_args
 from .numerics import acc_dtype, cast_out, device, masked_softmax_readout, namespace
+from .packed import check_cu_seqlens, same_document
 from .rings import ring_positions, ring_write, seq_positions, seq_to_ring
 
 __all__ = ["windowed_readout", "windowed_readout_step", "windowed_readout_state"]
@@ -44,12 +45,31 @@ def readout(xp, q, sources):
     return masked_softmax_readout(xp, scores, mask, vs)
 
 
-def raw_source(xp, k, v, ring_k, ring_v, pos: int, window: int | None):
+def _packed_source(xp, k, v, bounds, mask_fn, size):
+    """A source over a packed row: ``mask_fn`` (on positions) within each document, and the
+    ring (``size`` slots; a KV cache when None) of the last document alone, as a state."""
+    T = k.shape[2]
+    qpos = seq_positions(xp, 0, T, k)
+    src = (k, v, (mask_fn(qpos, qpos) & same_document(xp, bounds, k))[None, None])
+    last = bounds[-2]
+    kd, vd = k[:, :, last:], v[:, :, last:]
+    if size is None:
+        return src, kd, vd
+    dpos = seq_positions(xp, 0, T - last, k)
+    return (src, seq_to_ring(xp, kd, dpos, T - last, size),
+            seq_to_ring(xp, vd, dpos, T - last, size))
+
+
+def raw_source(xp, k, v, ring_k, ring_v, pos: int, window: int | None, bounds=None):
     """Parallel form of the raw source for queries at pos .. pos+T-1.
 
     k, v: [B, H, T, E]; ring_k, ring_v: the state's ring (or KV cache when window is None).
+    ``bounds`` (a packed row's checked cu_seqlens; then pos is 0 and the rings are empty):
+    keys only from the query's document, and the rings of the last document.
     Returns ((keys, values, mask [1, 1, T, S]), new ring_k, new ring_v).
     """
+    if bounds is not None:
+        return _packed_source(xp, k, v, bounds, lambda q, j: raw_mask(q, j, window), window)
     T = k.shape[2]
     qpos = seq_positions(xp, pos, T, k)
     kc = xp.concat([ring_k, k], axis=2)
@@ -63,8 +83,11 @@ def raw_source(xp, k, v, ring_k, ring_v, pos: int, window: int | None):
             seq_to_ring(xp, vc, kpos, pos + T, window))
 
 
-def fading_source(xp, fk, fv, ring_k, ring_v, pos: int, window: int):
+def fading_source(xp, fk, fv, ring_k, ring_v, pos: int, window: int, bounds=None):
     """Parallel form of the fading source; the ring holds 2 * window slots."""
+    if bounds is not None:
+        return _packed_source(xp, fk, fv, bounds, lambda q, j: fading_mask(q, j, window),
+                              2 * window)
     T = fk.shape[2]
     qpos = seq_positions(xp, pos, T, fk)
     kc = xp.concat([ring_k, fk], axis=2)
@@ -118,13 +141,18 @@ def windowed_readout_state(q, window: int | None, fading: bool = False):
 
 
 def windowed_readout(q, k, v, window=None, fading_k=None, fading_v=None, initial_state=None,
-                     return_final_state=False):
+                     return_final_state=False, cu_seqlens=None):
     """One softmax (scale 1/sqrt(E)) over the raw window (t-W, t] of (k, v) and, if given,
-    the fading window (t-2W, t-W] of (fading_k, fading_v). All [B, T, H, E], already rotated.
+    the fading window (t-2W, t-W] of (fading_k, fading_v). All [B, T, H, E], already rotated
+    (in a packed row, at positions within each document).
+    ``cu_seqlens`` (int32 [N + 1], B = 1): a query reads only its own document; the state
+    returned is the last document's.
     """
     xp = namespace(q, k, v)
     check_windowed_readout_args(q, k, v, fading_k, fading_v, window, initial_state,
                                 streaming=False)
+    bounds = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0], initial_state,
+                              "windowed_readout")
     fading = fading_k is not None
     state = initial_state or windowed_readout_state(q, window, fading)
     acc = acc_dtype(xp, q.dtype)
@@ -133,12 +161,13 @@ def windowed_readout(q, k, v, window=None, fading_k=None, fading_v=None, initial
         return _bhte(xp, xp.astype(a, acc))
 
     pos = state["pos"]
-    src, rk, rv = raw_source(xp, c(k), c(v), state["k"], state["v"], pos, window)
+    src, rk, rv = raw_source(xp, c(k), c(v), state["k"], state["v"], pos, window, bounds)
     sources = [src]
-    new = {"pos": pos + q.shape[1], "k": rk, "v": rv}
+    n = q.shape[1] if bounds is None else bounds[-1] - bounds[-2]
+    new = {"pos": pos + n, "k": rk, "v": rv}
     if fading:
         src, new["fk"], new["fv"] = fading_source(xp, c(fading_k), c(fading_v), state["fk"],
-                                                  state["fv"], pos, window)
+                                                  state["fv"], pos, window, bounds)
         sources.append(src)
     o = cast_out(xp, _bhte(xp, readout(xp, c(q), sources)), q.dtype)
     return (o, new) if return_final_state else o

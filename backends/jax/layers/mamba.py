@@ -1,6 +1,7 @@
 """The Mamba block (mamba-ssm's ``Mamba``) around the selective scan, both forms, as
 ``memcore.spec.reference.layers.mamba``.
 
+With ``spec.inner_norm_eps`` (Jamba's mixer) dt, B and C are RMS-normalised after x_proj.
 State: ``conv`` [B, Di, K - 1] (last K - 1 conv inputs), ``ssm`` [B, Di, N], ``pos``.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ..numerics import POS_DTYPE, linear, silu
+from ..numerics import POS_DTYPE, linear, rms_norm, silu
 from ..selective_scan import selective_scan, selective_state_update
 
 
@@ -18,9 +19,14 @@ def init_state(spec, batch: int, dtype, max_len: int = 0) -> dict:
             "pos": jnp.zeros((), POS_DTYPE)}
 
 
-def _split(spec, x_dbl):
+def _split(spec, p, x_dbl):
+    """x_proj's output [..., R + 2N] -> dt_low, B, C (normalised with inner_norm_eps)."""
     R, N = spec.dt_rank_value, spec.d_state
-    return x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:R + 2 * N]
+    parts = (x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:R + 2 * N])
+    if spec.inner_norm_eps is None:
+        return parts
+    return tuple(rms_norm(a, p[n + "_layernorm.weight"], spec.inner_norm_eps)
+                 for a, n in zip(parts, ("dt", "b", "c"), strict=True))
 
 
 def forward(spec, p, x, state, *, implementation="auto"):
@@ -36,7 +42,7 @@ def forward(spec, p, x, state, *, implementation="auto"):
     for j in range(K):  # K is the static conv width (4), not time
         conv = conv + w[None, :, j:j + 1] * xcat[:, :, j:j + T]
     xc = silu(conv)
-    dt_low, Bm, Cm = _split(spec, linear(jnp.swapaxes(xc, 1, 2), p["x_proj.weight"]))
+    dt_low, Bm, Cm = _split(spec, p, linear(jnp.swapaxes(xc, 1, 2), p["x_proj.weight"]))
     delta = jnp.swapaxes(linear(dt_low, p["dt_proj.weight"]), 1, 2)
     y, h = selective_scan(xc, delta, -jnp.exp(p["A_log"]), jnp.swapaxes(Bm, 1, 2),
                           jnp.swapaxes(Cm, 1, 2), p["D"], z, p["dt_proj.bias"], True,
@@ -55,7 +61,7 @@ def step(spec, p, x_t, state):
     window = jnp.concatenate([state["conv"], xi[:, :, None]], axis=-1)
     conv = jnp.sum(window * p["conv1d.weight"][None, :, 0, :], axis=-1) + p["conv1d.bias"][None]
     xc = silu(conv)
-    dt_low, Bm, Cm = _split(spec, linear(xc, p["x_proj.weight"]))
+    dt_low, Bm, Cm = _split(spec, p, linear(xc, p["x_proj.weight"]))
     delta = linear(dt_low, p["dt_proj.weight"])
     y, h = selective_state_update(state["ssm"], xc, delta, -jnp.exp(p["A_log"]), Bm, Cm, p["D"],
                                   z, p["dt_proj.bias"], True)

@@ -4,8 +4,9 @@ For a query at position t one softmax runs over the raw window (t - W, t], the f
 (t - 2W, t - W] and the visible store (entries with position <= t - W in the store after the
 chunk before t's), as read from ``spec.readout``.
 
-State (reference names and layouts): ``k``, ``v`` [B, H, W, E] ring (slot p % W), or with
-W = None a growing cache (slot p); ``fk``, ``fv`` [B, H, 2W, E] ring; ``conv``, ``ssm`` of the
+State (reference names and layouts): ``k``, ``v`` [B, Hkv, W, E] ring (slot p % W; Hkv =
+n_kv_heads, repeated to the H query heads only for the readout), or with W = None a growing
+cache (slot p); ``fk``, ``fv`` [B, H, 2W, E] ring; ``conv``, ``ssm`` of the
 Mamba block; bmojo: ``s_last`` [B, D], ``cand_*`` (running best ``select`` of the current
 chunk) and ``store_*`` (``capacity`` entries); ``pos``.
 """
@@ -16,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from memcore.spec.constants import ROPE_BASE
 
 from .. import eidetic_store as store
 from ..banded import dense_partial
@@ -30,7 +32,7 @@ def init_state(spec, batch: int, dtype, max_len: int = 0) -> dict:
     r = spec.readout
     H, E, W = r.n_heads, r.head_dim, r.window
     raw = max_len if W is None else W
-    st = {"k": jnp.zeros((batch, H, raw, E), dtype)}
+    st = {"k": jnp.zeros((batch, _kv_heads(spec), raw, E), dtype)}
     st["v"] = st["k"]
     if r.fading:
         st["fk"] = jnp.zeros((batch, H, 2 * W, E), dtype)
@@ -45,16 +47,28 @@ def init_state(spec, batch: int, dtype, max_len: int = 0) -> dict:
     return st
 
 
+def _kv_heads(spec) -> int:
+    return getattr(spec, "n_kv_heads", spec.readout.n_heads)
+
+
+def _shared(spec, a):
+    """Keys or values [B, Hkv, S, E] with each head repeated for the g = H / Hkv query heads
+    it serves (grouped-query attention, as transformers' repeat_kv) -> [B, H, S, E]."""
+    g = spec.readout.n_heads // _kv_heads(spec)
+    return a if g == 1 else jnp.repeat(a, g, axis=1)
+
+
 def _qkv(spec, wq, wk, wv, x, qpos):
-    """x: [B, T, D] -> q, k, v [B, H, T, E]; q and k rotated at ``qpos`` when rope."""
+    """x: [B, T, D] -> q [B, H, T, E], k, v [B, Hkv, T, E] (heads: the weight's rows / E); q
+    and k rotated at ``qpos`` when rope."""
     B, T, _ = x.shape
     r = spec.readout
-    H, E = r.n_heads, r.head_dim
+    E = r.head_dim
 
     def proj(w, rotate):
-        y = linear(x, w).reshape(B, T, H, E)
+        y = linear(x, w).reshape(B, T, w.shape[0] // E, E)
         if rotate and r.positions == "rope":
-            y = rope(y, qpos)
+            y = rope(y, qpos, getattr(spec, "rope_theta", ROPE_BASE))
         return jnp.swapaxes(y, 1, 2)
 
     return (None if wq is None else proj(wq, True)), proj(wk, True), proj(wv, False)
@@ -95,7 +109,8 @@ def forward(spec, p, x, st, *, implementation="auto"):
         new["v"] = cache_write(st["v"], v, pos)
         mask = jnp.arange(st["k"].shape[2])[None, :] <= qpos[:, None]
         scale = 1.0 / math.sqrt(r.head_dim)
-        o = combine([dense_partial(q, new["k"], new["v"], mask[None, None], scale)])
+        o = combine([dense_partial(q, _shared(spec, new["k"]), _shared(spec, new["v"]),
+                                   mask[None, None], scale)])
         return _out(p, o), new, None
 
     raw = (jnp.concatenate([ring_to_seq(st["k"], pos, W), k], axis=2),
@@ -124,7 +139,8 @@ def forward(spec, p, x, st, *, implementation="auto"):
         new["s_last"] = s[:, T - 1] if s is not None else st["s_last"]
         new.update({"cand_" + f: a for f, a in cand.items()})
         new.update({"store_" + f: a for f, a in kept.items()})
-    o = readout(q, pos, W, raw, fading, seen, implementation=implementation)
+    o = readout(q, pos, W, tuple(_shared(spec, a) for a in raw), fading, seen,
+                implementation=implementation)
     return _out(p, o), new, aux
 
 
@@ -146,7 +162,8 @@ def step(spec, p, x_t, st):
     else:
         kpos = ring_positions(pos + 1, W)
         mask = (kpos >= 0) & (kpos > pos - W)
-    parts.append(dense_partial(q, new["k"], new["v"], mask[None, None, None], scale))
+    parts.append(dense_partial(q, _shared(spec, new["k"]), _shared(spec, new["v"]),
+                               mask[None, None, None], scale))
 
     s_t = None
     if r.fading:

@@ -9,6 +9,7 @@ import torch
 from ..associative_readout import memory_readout
 from ..leaky_average import leaky_average, leaky_average_step
 from ..numerics import combine, l2_normalize, linear, partial
+from ..packed import cu_tensor
 from ..rings import append_in_place, ring_positions, ring_to_seq, ring_write, seq_to_ring
 
 
@@ -32,10 +33,12 @@ def split_heads(spec, y):
     return y.reshape(*y.shape[:-1], spec.n_heads, spec.head_dim)
 
 
-def leaky_keys(spec, p, x, kbar):
-    """The leaky average of x's key projection, parallel form: (kbar [B, T, H, E], final)."""
+def leaky_keys(spec, p, x, kbar, bounds=None):
+    """The leaky average of x's key projection, parallel form: (kbar [B, T, H, E], final);
+    restarting at every document of ``bounds`` (a packed row's checked cu_seqlens)."""
     return leaky_average(split_heads(spec, linear(x, p["k_proj.weight"])),
-                         -10.0 * p["leak"].abs(), initial_state=kbar, return_final_state=True)
+                         -10.0 * p["leak"].abs(), initial_state=kbar if bounds is None else None,
+                         return_final_state=True, cu_seqlens=cu_tensor(bounds))
 
 
 def leaky_key_step(spec, p, x_t, kbar, inplace: bool):
@@ -49,8 +52,13 @@ def _value(p, u_next, u_now):
     return torch.exp(10.0 * p["v_scale"])[:, None] * l2_normalize((1.0 - c) * u_next + c * u_now)
 
 
-def forward(spec, p, x, state):
-    """x [B, T, D] in the accumulation dtype -> (y, state, None)."""
+def forward(spec, p, x, state, bounds=None):
+    """x [B, T, D] in the accumulation dtype -> (y, state, None). ``bounds``: a packed row's
+    checked cu_seqlens (``packed.mosaic_forward``)."""
+    if bounds is not None:
+        from .packed import mosaic_forward
+
+        return mosaic_forward(spec, p, x, state, bounds)
     B, T, D = x.shape
     M, pos = spec.readout.capacity, state["pos"]
     kbar, kbar_T = leaky_keys(spec, p, x, state["kbar"])

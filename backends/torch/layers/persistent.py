@@ -22,11 +22,14 @@ def _read(p, kbar):
     return y * torch.exp(10.0 * p["out_scale"])[:, None]
 
 
-def forward(spec, p, x, state):
+def forward(spec, p, x, state, bounds=None):
+    """``bounds``: a packed row's checked cu_seqlens: the leaky average restarts at every
+    document; the state is the last document's."""
     B, T, D = x.shape
-    kbar, kbar_T = leaky_keys(spec, p, x, state["kbar"])
+    kbar, kbar_T = leaky_keys(spec, p, x, state["kbar"], bounds)
     y = _read(p, kbar).reshape(B, T, D)
-    return linear(y, p["o_proj.weight"]), {"pos": state["pos"] + T, "kbar": kbar_T}, None
+    n = T if bounds is None else T - bounds[-2]
+    return linear(y, p["o_proj.weight"]), {"pos": state["pos"] + n, "kbar": kbar_T}, None
 
 
 def step(spec, p, x_t, state, *, inplace: bool = False):

@@ -1,13 +1,15 @@
 """The windowed layers (section 3: transformer, bmojo_f, bmojo): rotated q/k/v projections, the
 windowed readout (2.3) over the raw window, the fading window (keys and values projected from a
 Mamba block's output s) and the eidetic store (2.4). States in the reference's layout: rings
-``k``/``v`` (a growing cache without a window), ``fk``/``fv`` and the fading block's
-``conv``/``ssm``, ``s_last``, the candidates ``cand_*`` and the store ``store_*``; plus ``pos``.
+``k``/``v`` of the n_kv_heads key/value heads (a growing cache without a window), ``fk``/``fv``
+and the fading block's ``conv``/``ssm``, ``s_last``, the candidates ``cand_*`` and the store
+``store_*``; plus ``pos``.
 """
 
 from __future__ import annotations
 
 import torch
+from memcore.spec.constants import ROPE_BASE
 
 from .. import eidetic_store
 from ..numerics import NEG_INF, default_scale, linear
@@ -25,8 +27,8 @@ def init_state(spec, batch: int, *, dtype=torch.float32, device=None) -> dict:
     def zeros(*shape):
         return torch.zeros(*shape, dtype=dtype, device=device)
 
-    raw = 0 if W is None else W
-    state = {"pos": 0, "k": zeros(batch, H, raw, E), "v": zeros(batch, H, raw, E)}
+    raw, Hkv = (0 if W is None else W), _kv_heads(spec)
+    state = {"pos": 0, "k": zeros(batch, Hkv, raw, E), "v": zeros(batch, Hkv, raw, E)}
     if rd.fading:
         state["fk"], state["fv"] = zeros(batch, H, 2 * W, E), zeros(batch, H, 2 * W, E)
         fb = mamba.init_state(spec.fading_block, batch, dtype=dtype, device=device)
@@ -40,11 +42,23 @@ def init_state(spec, batch: int, *, dtype=torch.float32, device=None) -> dict:
     return state
 
 
+def _kv_heads(spec) -> int:
+    return getattr(spec, "n_kv_heads", spec.n_heads)
+
+
+def _shared(spec, a):
+    """Keys or values [B, Hkv, S, E] with each head repeated for the g = H / Hkv query heads
+    it serves (grouped-query attention, as transformers' repeat_kv) -> [B, H, S, E]."""
+    g = spec.n_heads // _kv_heads(spec)
+    return a if g == 1 else a.repeat_interleave(g, dim=1)
+
+
 def _heads(spec, x, weight, pos, rotate):
+    """x [B, T, D] -> [B, heads, T, E], heads = the weight's rows / E (q: H, k and v: Hkv)."""
     B, T, _ = x.shape
-    y = linear(x, weight).reshape(B, T, spec.n_heads, spec.head_dim)
+    y = linear(x, weight).reshape(B, T, weight.shape[0] // spec.head_dim, spec.head_dim)
     if rotate and spec.positions == "rope":
-        y = rope(y, pos)
+        y = rope(y, pos, base=getattr(spec, "rope_theta", ROPE_BASE))
     return y.transpose(1, 2)
 
 
@@ -67,8 +81,13 @@ def _fading_state(state):
     return {"pos": state["pos"], "conv": state["conv"], "ssm": state["ssm"]}
 
 
-def forward(spec, p, x, state):
-    """x [B, T, D] in the accumulation dtype -> (y, state, aux)."""
+def forward(spec, p, x, state, bounds=None):
+    """x [B, T, D] in the accumulation dtype -> (y, state, aux). ``bounds``: a packed row's
+    checked cu_seqlens (``packed.windowed_forward``)."""
+    if bounds is not None:
+        from .packed import windowed_forward
+
+        return windowed_forward(spec, p, x, state, bounds)
     B, T, _ = x.shape
     W, pos = spec.window, state["pos"]
     rd = spec.readout
@@ -77,7 +96,10 @@ def forward(spec, p, x, state):
     v = _heads(spec, x, p["v_proj.weight"], pos, False)
     new = {"pos": pos + T}
     if W is None:  # full causal attention (no fading or store without a window)
-        o, new["k"], new["v"] = causal_full(q, state["k"], state["v"], k, v, pos)
+        o, new["k"], new["v"] = causal_full(q, *(_shared(spec, a) for a in (
+            state["k"], state["v"], k, v)), pos)
+        if _kv_heads(spec) != spec.n_heads:  # the cache keeps the key/value heads only
+            new["k"], new["v"] = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], 2)
         return _merge_heads(spec, p, o), new, None
     rk = torch.cat([ring_to_seq(state["k"], pos), k], dim=2)  # positions pos-W ..
     rv = torch.cat([ring_to_seq(state["v"], pos), v], dim=2)
@@ -100,7 +122,7 @@ def forward(spec, p, x, state):
     if rd.store is not None:
         store, aux, st_state = _store_forward(rd.store, p, x, s, k, v, state)
         new.update(st_state)
-    o = readout(q, pos, W, (rk, rv), fading, store)
+    o = readout(q, pos, W, (_shared(spec, rk), _shared(spec, rv)), fading, store)
     return _merge_heads(spec, p, o), new, aux
 
 
@@ -125,8 +147,10 @@ def _store_forward(st, p, x, s, k, v, state):
 
 
 def _step_heads(spec, x_t, weight, tables):
-    """One token's projection as heads [B, H, 1, E], rotated with ``tables`` if given."""
-    y = linear(x_t, weight).reshape(x_t.shape[0], 1, spec.n_heads, spec.head_dim)
+    """One token's projection as heads [B, heads, 1, E] (heads = the weight's rows / E),
+    rotated with ``tables`` if given."""
+    y = linear(x_t, weight).reshape(x_t.shape[0], 1, weight.shape[0] // spec.head_dim,
+                                    spec.head_dim)
     if tables is not None:
         y = rope(y, 0, tables)
     return y.transpose(1, 2)
@@ -183,7 +207,8 @@ def step(spec, p, x_t, state, *, inplace: bool = False):
     W, pos = spec.window, state["pos"]
     rd = spec.readout
     st = rd.store
-    tables = (step_tables(pos, spec.head_dim, x_t.dtype, x_t.device)
+    tables = (step_tables(pos, spec.head_dim, x_t.dtype, x_t.device,
+                          getattr(spec, "rope_theta", ROPE_BASE))
               if spec.positions == "rope" and spec.head_dim > 1 else None)
     q = _step_heads(spec, x_t, p["q_proj.weight"], tables)  # [B, H, 1, E]
     k = _step_heads(spec, x_t, p["k_proj.weight"], tables)
@@ -204,8 +229,8 @@ def step(spec, p, x_t, state, *, inplace: bool = False):
         new["v"] = ring_write(state["v"], v[:, :, 0], pos, inplace)
         masks.append(None if pos + 1 >= W else
                      (ring_positions(pos + 1, W, dev) >= 0)[None, None, None, :])
-    keys.append(new["k"])
-    vals.append(new["v"])
+    keys.append(_shared(spec, new["k"]))
+    vals.append(_shared(spec, new["v"]))
     reads.append(None)
     s_t = None
     if rd.fading:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from ...params import check_params
 from ...validate import check_layer_input
 from ..numerics import acc_dtype, cast_out, device, namespace, params_as
+from ..packed import check_cu_seqlens
 from . import mamba, mosaic, persistent, windowed
 
 META = ("pos", "spec_id")
@@ -83,10 +84,11 @@ def check_state(spec, state, batch: int, xp, dtype, name: str = "state") -> None
                              f"init_state(batch, like=x))")
 
 
-def _run(spec, params, x, state, streaming: bool):
+def _run(spec, params, x, state, streaming: bool, cu_seqlens=None):
     check_layer_input(spec, x, streaming=streaming, name="x_t" if streaming else "x")
     module = layer_module(spec)
     xp = namespace(x)
+    bounds = None if streaming else check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0], state)
     check_params(spec, params)
     acc = acc_dtype(xp, x.dtype)
     xa = x if x.dtype == acc else xp.astype(x, acc)
@@ -96,16 +98,21 @@ def _run(spec, params, x, state, streaming: bool):
     else:
         check_state(spec, state, x.shape[0], xp, x.dtype)
     inner = {k: v for k, v in state.items() if k != "spec_id"}
-    y, inner, aux = (module.step if streaming else module.forward)(spec, p, xa, inner)
+    if bounds is not None:
+        y, inner, aux = module.forward(spec, p, xa, inner, bounds)
+    else:
+        y, inner, aux = (module.step if streaming else module.forward)(spec, p, xa, inner)
     new = {"pos": inner["pos"], "spec_id": spec.spec_id}
     new.update({k: v for k, v in inner.items() if k != "pos"})
     return cast_out(xp, y, x.dtype), new, aux
 
 
-def forward_aux(spec, params, x, state=None):
+def forward_aux(spec, params, x, state=None, cu_seqlens=None):
     """Parallel form: x [B, T, D] -> (y [B, T, D], final state, aux). ``aux`` is bmojo's
-    innovation loss (mean score of this call's tokens), None for other layers."""
-    return _run(spec, params, x, state, streaming=False)
+    innovation loss (mean score of this call's tokens), None for other layers.
+    ``cu_seqlens`` (int32 [N + 1], B = 1, state None; see ``reference.packed``): each
+    document runs as if alone from the empty state; the state is the last document's."""
+    return _run(spec, params, x, state, streaming=False, cu_seqlens=cu_seqlens)
 
 
 def step_aux(spec, params, x_t, state=None):
@@ -113,8 +120,8 @@ def step_aux(spec, params, x_t, state=None):
     return _run(spec, params, x_t, state, streaming=True)
 
 
-def forward(spec, params, x, state=None):
-    y, state, _ = forward_aux(spec, params, x, state)
+def forward(spec, params, x, state=None, cu_seqlens=None):
+    y, state, _ = forward_aux(spec, params, x, state, cu_seqlens)
     return y, state
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from ..associative_readout import memory_extend, memory_positions, memory_write, read_memory
 from ..leaky_average import leaky_average, leaky_average_step
 from ..numerics import device, l2_normalize, linear, namespace
+from ..packed import packed_array, same_document
 from ..rings import seq_positions
 
 
@@ -29,11 +30,13 @@ def key_scale(xp, q):
     return xp.exp(xp.minimum(10.0 * q, xp.asarray(5.0, dtype=q.dtype, device=device(q))))
 
 
-def leaky_keys(xp, spec, p, x, kbar0):
-    """Parallel leaky average of x Wphi per head, from the state ``kbar0``: (kbar, final)."""
+def leaky_keys(xp, spec, p, x, kbar0, bounds=None):
+    """Parallel leaky average of x Wphi per head, from the state ``kbar0`` (restarting at
+    every document of ``bounds``, a packed row's cu_seqlens): (kbar, final)."""
     return leaky_average(heads(xp, linear(xp, x, p["k_proj.weight"]), spec.leaky.n_heads),
-                         -10.0 * xp.abs(p["leak"]), initial_state=kbar0,
-                         return_final_state=True)
+                         -10.0 * xp.abs(p["leak"]),
+                         initial_state=kbar0 if bounds is None else None,
+                         return_final_state=True, cu_seqlens=packed_array(bounds))
 
 
 def leaky_keys_step(xp, spec, p, x_t, kbar):
@@ -61,12 +64,14 @@ def init_state(spec, batch: int, like):
     return {"pos": 0, "kbar": z, "k_last": z, "u_last": z, "mem_k": mem, "mem_v": mem}
 
 
-def forward(spec, params, x, state):
-    """x: [B, T, D] at absolute positions pos .. pos+T-1 -> (y [B, T, D], state, None)."""
+def forward(spec, params, x, state, bounds=None):
+    """x: [B, T, D] at absolute positions pos .. pos+T-1 -> (y [B, T, D], state, None).
+    ``bounds``: a packed row's checked cu_seqlens (from the empty state): a query reads only
+    pairs of its own document; the state is the last document's."""
     xp, p, cap = namespace(x), params, spec.readout.capacity
     B, T, _ = x.shape
     pos = state["pos"]
-    kbar, kbar_T = leaky_keys(xp, spec, p, x, state["kbar"])
+    kbar, kbar_T = leaky_keys(xp, spec, p, x, state["kbar"], bounds)
     k = _keys(xp, p, kbar)  # [B, T, H, E]
     u = heads(xp, linear(xp, x, p["v_proj.weight"]), spec.readout.n_heads)
     # Pairs completed by this call: j = pos-1 .. pos+T-2 (j = -1 does not exist).
@@ -78,9 +83,19 @@ def forward(spec, params, x, state):
     mem_k, mem_v, mpos, new_k, new_v = memory_extend(xp, cap, state["mem_k"], state["mem_v"],
                                                      kp, vp, pos)
     q = xp.permute_dims(k, (0, 2, 1, 3))  # keys are the queries
-    y = read_memory(xp, q, mem_k, mem_v, mpos, seq_positions(xp, pos, T, x), cap)
+    same = None
+    if bounds is not None:  # columns: the empty state's slots, then pairs j = -1 .. T - 2
+        held = state["mem_k"].shape[2]
+        same = xp.concat([xp.zeros((T, held + 1), dtype=xp.bool, device=device(x)),
+                          same_document(xp, bounds, x)[:, :T - 1]], axis=1)
+    y = read_memory(xp, q, mem_k, mem_v, mpos, seq_positions(xp, pos, T, x), cap, same)
     y = xp.reshape(xp.permute_dims(y, (0, 2, 1, 3)), (B, T, spec.d_model))
-    new_state = {"pos": pos + T, "kbar": kbar_T, "k_last": k[:, -1], "u_last": u[:, -1],
+    if bounds is not None:  # the last document's memory, from its own pairs only
+        last = bounds[-2]
+        *_, new_k, new_v = memory_extend(xp, cap, state["mem_k"], state["mem_v"],
+                                         kp[:, :, last:], vp[:, :, last:], 0)
+    n = T if bounds is None else T - bounds[-2]
+    new_state = {"pos": pos + n, "kbar": kbar_T, "k_last": k[:, -1], "u_last": u[:, -1],
                  "mem_k": new_k, "mem_v": new_v}
     return linear(xp, y, p["o_proj.weight"]), new_state, None
 

@@ -28,13 +28,15 @@ def _read(xp, p, kbar):
     return y * xp.exp(10.0 * p["out_scale"])[:, None]
 
 
-def forward(spec, params, x, state):
-    """x: [B, T, D] -> (y [B, T, D], state, None)."""
+def forward(spec, params, x, state, bounds=None):
+    """x: [B, T, D] -> (y [B, T, D], state, None). ``bounds``: a packed row's checked
+    cu_seqlens (from the empty state): the leaky average restarts at every document."""
     xp, p, ro = namespace(x), params, spec.readout
     B, T, _ = x.shape
-    kbar, kbar_T = leaky_keys(xp, spec, p, x, state["kbar"])
+    kbar, kbar_T = leaky_keys(xp, spec, p, x, state["kbar"], bounds)
     y = xp.reshape(_read(xp, p, kbar), (B, T, ro.n_heads * ro.head_dim))
-    return linear(xp, y, p["o_proj.weight"]), {"pos": state["pos"] + T, "kbar": kbar_T}, None
+    n = T if bounds is None else T - bounds[-2]
+    return linear(xp, y, p["o_proj.weight"]), {"pos": state["pos"] + n, "kbar": kbar_T}, None
 
 
 def step(spec, params, x_t, state):

@@ -1,17 +1,5 @@
-"""Parameters from other projects' modules, mapped onto memcore specs.
-
-    spec, params = memcore.interop.from_mamba_ssm(mamba_module.state_dict())
-    spec, params = memcore.interop.from_memory_mosaics(stack_asso_mem.state_dict(),
-                                                       config={"pre_ln": True, "v_shift": 1})
-    spec, params = memcore.interop.from_memory_mosaics(torch.load("ckpt.pt"))  # training script
-    layer = memcore.realize(spec, backend="torch", params=params)
-
-Both take a state dict of torch tensors or numpy arrays (from_memory_mosaics also the model's
-options, or a training checkpoint that holds them) and return ``(spec, params)`` with
-params a dict of numpy arrays under memcore's names (``memcore.spec.params``). Values are
-copied, never shared with the source; bfloat16 becomes float32 (exactly), other float dtypes
-are kept.
-"""
+"""The official Memory Mosaics model (facebookresearch/MemoryMosaics) as a memcore model spec
+and params."""
 
 from __future__ import annotations
 
@@ -20,98 +8,12 @@ import math
 
 import numpy as np
 
-from memcore.spec import Mamba, Model, Mosaic, Persistent
+from memcore.spec import Model, Mosaic, Persistent
 from memcore.spec.params import check_params
 
-__all__ = ["from_mamba_ssm", "from_memory_mosaics"]
+from .arrays import as_dict, shape_error, to_numpy
 
-
-def _to_numpy(name: str, value) -> np.ndarray:
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch, without importing it
-        t = value.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":
-            t = t.float()  # numpy has no bfloat16; widening is exact
-        value = t.numpy()
-    arr = np.array(value, copy=True)
-    if arr.dtype.name == "bfloat16":  # ml_dtypes, e.g. from JAX
-        arr = arr.astype(np.float32)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(f"state_dict[{name!r}] must hold floating values, got dtype {arr.dtype}")
-    return arr
-
-
-def _as_dict(owner: str, state_dict) -> dict:
-    if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
-        raise TypeError(f"{owner}: state_dict must be a mapping of names to tensors, got "
-                        f"{type(state_dict).__name__}")
-    return {str(k): state_dict[k] for k in state_dict.keys()}
-
-
-def _shape_error(owner: str, name: str, want: str, got) -> ValueError:
-    return ValueError(f"{owner}: state_dict[{name!r}] must have shape {want}, got {tuple(got)}")
-
-
-# --- mamba-ssm ---------------------------------------------------------------------------
-
-_MAMBA_KEYS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight",
-               "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight")
-
-
-def from_mamba_ssm(state_dict, d_conv: int | None = None) -> tuple[Mamba, dict]:
-    """A mamba-ssm ``Mamba`` module's state dict as memcore's ``mamba`` spec and params.
-
-    Names map 1:1 (memcore's Mamba block uses mamba-ssm's names and layouts). d_model, d_inner
-    (hence expand), d_state, d_conv and dt_rank are read from the shapes; ``d_conv``, if given,
-    must agree with conv1d.weight. A module built with ``conv_bias=False`` has no conv1d.bias:
-    it maps to a zero bias, which is the same function. A module built with ``bias=True``
-    (in_proj.bias, out_proj.bias) is refused: memcore's block has no such biases.
-    """
-    owner = "from_mamba_ssm"
-    sd = _as_dict(owner, state_dict)
-    biases = sorted(k for k in ("in_proj.bias", "out_proj.bias") if k in sd)
-    if biases:
-        raise ValueError(f"{owner}: the module has {biases} (built with bias=True); memcore's "
-                         f"Mamba block has no in_proj/out_proj bias, so it cannot be mapped")
-    required = [k for k in _MAMBA_KEYS if k != "conv1d.bias"]
-    missing = sorted(k for k in required if k not in sd)
-    unknown = sorted(set(sd) - set(_MAMBA_KEYS))
-    if missing or unknown:
-        raise ValueError(f"{owner}: state_dict keys do not match a mamba-ssm Mamba module: "
-                         f"missing {missing}, unknown {unknown}")
-    p = {k: _to_numpy(k, v) for k, v in sd.items()}
-
-    w_in = p["in_proj.weight"]
-    if w_in.ndim != 2 or w_in.shape[0] % 2:
-        raise _shape_error(owner, "in_proj.weight", "[2 * d_inner, d_model]", w_in.shape)
-    Di, D = w_in.shape[0] // 2, w_in.shape[1]
-    if Di % D:
-        raise ValueError(f"{owner}: d_inner={Di} (in_proj.weight rows / 2) is not a multiple of "
-                         f"d_model={D}; memcore's spec needs an integer expand")
-    conv = p["conv1d.weight"]
-    if conv.ndim != 3 or conv.shape[:2] != (Di, 1):
-        raise _shape_error(owner, "conv1d.weight", f"[{Di}, 1, d_conv]", conv.shape)
-    K = conv.shape[2]
-    if d_conv is not None and d_conv != K:
-        raise ValueError(f"{owner}: d_conv={d_conv} was given but conv1d.weight has width {K}")
-    a_log = p["A_log"]
-    if a_log.ndim != 2 or a_log.shape[0] != Di:
-        raise _shape_error(owner, "A_log", f"[{Di}, d_state]", a_log.shape)
-    N = a_log.shape[1]
-    dt_w = p["dt_proj.weight"]
-    if dt_w.ndim != 2 or dt_w.shape[0] != Di:
-        raise _shape_error(owner, "dt_proj.weight", f"[{Di}, dt_rank]", dt_w.shape)
-    R = dt_w.shape[1]
-    if "conv1d.bias" not in p:
-        p["conv1d.bias"] = np.zeros((Di,), dtype=conv.dtype)
-    spec = Mamba(D, d_state=N, d_conv=K, expand=Di // D,
-                 dt_rank="auto" if R == math.ceil(D / 16) else R)
-    # The remaining shapes (x_proj, dt_proj.bias, D, out_proj) follow from the spec.
-    try:
-        check_params(spec, p)
-    except ValueError as err:
-        raise ValueError(f"{owner}: {err}") from None
-    return spec, p
-
+__all__ = ["from_memory_mosaics"]
 
 # --- Memory Mosaics (facebookresearch/MemoryMosaics, StackAssoMem) --------------------------
 
@@ -220,12 +122,12 @@ def _check_mm_config(owner: str, config: dict, version: str, sizes: dict) -> Non
 def _split_checkpoint(owner: str, source, config):
     """(state dict, config) from a state dict and config=, or from a training checkpoint
     (``{"model": state dict, "model_args": options, ...}``)."""
-    sd = _as_dict(owner, source)
+    sd = as_dict(owner, source)
     if "model" in sd and "model_args" in sd and "emb.weight" not in sd:
         if config is not None:
             raise ValueError(f"{owner}: the checkpoint carries its options ('model_args'); do "
                              f"not give config= as well")
-        return _as_dict(owner, sd["model"]), sd["model_args"]
+        return as_dict(owner, sd["model"]), sd["model_args"]
     return sd, config
 
 
@@ -237,7 +139,7 @@ def _leaky(owner: str, p: dict, unit: str, version: str, H: int) -> np.ndarray:
     u_name = unit + "leaky_average.leaky_beta_u_under"
     w, u = p[w_name], p[u_name]
     if w.shape != (H,):
-        raise _shape_error(owner, w_name, f"[{H}] (one decay per head, leaky_per_head=True)",
+        raise shape_error(owner, w_name, f"[{H}] (one decay per head, leaky_per_head=True)",
                            w.shape)
     if u.shape != (H,) or not np.array_equal(np.abs(u), np.abs(w)):
         raise ValueError(f"{owner}: state_dict[{u_name!r}] differs from {w_name!r} in magnitude "
@@ -328,18 +230,18 @@ def from_memory_mosaics(state_dict, n_heads: int | None = None, *,
                          f"({version} version) with {n_layers} blocks"
                          f"{'' if ffn else ' (attn_only)'}: missing {missing}, unknown {unknown} "
                          f"(biases, other featurizers and other versions are not supported)")
-    p = {k: _to_numpy(k, v) for k, v in sd.items()}
+    p = {k: to_numpy(k, v) for k, v in sd.items()}
 
     emb = p["emb.weight"]
     if emb.ndim != 2:
-        raise _shape_error(owner, "emb.weight", "[vocab_size, d_model]", emb.shape)
+        raise shape_error(owner, "emb.weight", "[vocab_size, d_model]", emb.shape)
     V, D = emb.shape
     if "head.weight" in p and not np.array_equal(p["head.weight"], emb):
         raise ValueError(f"{owner}: head.weight differs from emb.weight (a model built with "
                          f"weight_tying=False); memcore's models tie the output head")
     beta = p["blocks.0.attn.kernel_beta"]
     if beta.ndim != 1:
-        raise _shape_error(owner, "blocks.0.attn.kernel_beta", "[n_heads]", beta.shape)
+        raise shape_error(owner, "blocks.0.attn.kernel_beta", "[n_heads]", beta.shape)
     H = beta.shape[0]
     if n_heads is not None and n_heads != H:
         raise ValueError(f"{owner}: n_heads={n_heads} was given but blocks.0.attn.kernel_beta "
@@ -348,13 +250,13 @@ def from_memory_mosaics(state_dict, n_heads: int | None = None, *,
         raise ValueError(f"{owner}: d_model={D} is not divisible by n_heads={H}")
     for k in p:
         if k.endswith("conv.weight") and (p[k].ndim != 3 or p[k].shape[2] != 1):
-            raise _shape_error(owner, k, f"[{D}, {D}, 1] (a kernel-1 linearconv)", p[k].shape)
+            raise shape_error(owner, k, f"[{D}, {D}, 1] (a kernel-1 linearconv)", p[k].shape)
     ffn_spec, sizes = None, {"n_head": H, "n_embd": D, "n_layer": n_layers, "vocab_size": V,
                              "attn_only": not ffn}
     if ffn:
         mk = p["blocks.0.pmem.pmem.M_k0"]
         if mk.ndim != 4 or mk.shape[0] != 1:
-            raise _shape_error(owner, "blocks.0.pmem.pmem.M_k0", f"[1, {H}, slots, {D // H}]",
+            raise shape_error(owner, "blocks.0.pmem.pmem.M_k0", f"[1, {H}, slots, {D // H}]",
                                mk.shape)
         ffn_spec = Persistent(D, H, mk.shape[2])
         sizes["pmem_size"] = mk.shape[2]
@@ -382,7 +284,7 @@ def from_memory_mosaics(state_dict, n_heads: int | None = None, *,
             for src, dst in (("M_k0", "mem_k"), ("M_v0", "mem_v")):
                 t = p[b + "pmem.pmem." + src]
                 if t.ndim != 4 or t.shape[0] != 1:
-                    raise _shape_error(owner, b + "pmem.pmem." + src,
+                    raise shape_error(owner, b + "pmem.pmem." + src,
                                        f"[1, {H}, slots, {D // H}]", t.shape)
                 out[f + dst] = t[0].copy()
     try:

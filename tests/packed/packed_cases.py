@@ -1,0 +1,69 @@
+"""Shared pieces of the packed-sequence tests (DESIGN 5a): document boundaries drawn by
+hypothesis, and the property itself: a packed forward equals the separate forwards of its
+documents, concatenated, and returns the last document's state.
+
+``ERRORS`` keeps the largest packed-vs-separate relative error seen per (tree, realization),
+so a run can report it (see tests/packed/report.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+from refcheck import assert_close, assert_states_equal, rel_err, to_numpy
+
+ERRORS: dict = {}
+
+
+# Drawn first (hypothesis starts from the simplest example, a one-token row): many documents,
+# length-1 ones together and at both ends, boundaries inside chunks of 2 .. 4 and windows.
+AWKWARD = ([1, 5, 1, 1, 7, 2, 1], [6, 1, 9])
+
+
+@st.composite
+def doc_lengths(draw, max_docs: int = 5, max_len: int = 9):
+    """Lengths of 1 .. max_docs documents, each 1 .. max_len tokens (length 1 often); the
+    rows of ``AWKWARD`` among them."""
+    if not draw(st.booleans()):  # False is hypothesis's first choice
+        return list(draw(st.sampled_from(AWKWARD)))
+    n = draw(st.integers(1, max_docs))
+    return draw(st.lists(st.one_of(st.just(1), st.integers(1, max_len)), min_size=n,
+                         max_size=n))
+
+
+def cu_seqlens(lengths) -> np.ndarray:
+    """int32 [N + 1]: 0, then the cumulative lengths."""
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+
+def split(x, cu, axis: int = 1):
+    """The documents of a packed array along ``axis``."""
+    return [x[(slice(None),) * axis + (slice(int(a), int(b)),)]
+            for a, b in zip(cu[:-1], cu[1:], strict=True)]
+
+
+def concat(parts, axis: int = 1):
+    return np.concatenate([to_numpy(p) for p in parts], axis=axis)
+
+
+def record(tree: str, name: str, err: float) -> None:
+    key = (tree, name)
+    ERRORS[key] = max(ERRORS.get(key, 0.0), err)
+
+
+def check_packed(run, x, cu, tree: str, name: str, rtol: float, axis: int = 1) -> None:
+    """``run(x, cu_seqlens)`` -> (y, state, aux) on a packed row equals ``run(doc, None)`` per
+    document: y concatenated, the last document's state, and aux as the token-weighted mean
+    of the documents' (a mean over the packed row's tokens)."""
+    y, state, aux = run(x, cu)
+    parts = [run(doc, None) for doc in split(x, cu, axis)]
+    want = concat([p[0] for p in parts], axis)
+    err = rel_err(y, want)
+    record(tree, name, err)
+    assert_close(y, want, f"{name}: packed vs separate", rtol)
+    assert_states_equal(state, parts[-1][1], f"{name}: final state", rtol)
+    if aux is not None or parts[-1][2] is not None:
+        lengths = np.diff(cu)
+        total = sum(float(to_numpy(p[2])) * n for p, n in zip(parts, lengths, strict=True))
+        mean = total / lengths.sum()
+        assert abs(float(to_numpy(aux)) - mean) <= rtol * max(1.0, abs(mean)), (
+            f"{name}: aux {float(to_numpy(aux))} != token-weighted mean {mean}")
