@@ -16,6 +16,7 @@ Constructors follow DESIGN section 3::
 from __future__ import annotations
 
 from .base import Spec, from_dict, from_json
+from .constants import ROPE_BASE
 from .layers import LAYER_KINDS, BMojo, BMojoF, Mamba, Mosaic, Persistent, Transformer
 from .model import Model, jamba, model
 from .primitives import (
@@ -29,13 +30,15 @@ from .primitives import (
 
 
 def transformer(d_model: int, n_heads: int, window: int | None = None,
-                positions: str = "rope") -> Transformer:
-    return Transformer(d_model, n_heads, window, positions)
+                positions: str = "rope", n_kv_heads: int | None = None,
+                rope_theta: float = ROPE_BASE) -> Transformer:
+    return Transformer(d_model, n_heads, window, positions, n_kv_heads=n_kv_heads,
+                       rope_theta=rope_theta)
 
 
 def mamba(d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-          dt_rank: int | str = "auto") -> Mamba:
-    return Mamba(d_model, d_state, d_conv, expand, dt_rank)
+          dt_rank: int | str = "auto", inner_norm_eps: float | None = None) -> Mamba:
+    return Mamba(d_model, d_state, d_conv, expand, dt_rank, inner_norm_eps=inner_norm_eps)
 
 
 def bmojo_f(d_model: int, n_heads: int, window: int, d_state: int = 16, positions: str = "rope",
