@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                 eval_every="validation (checkpoint choice) every N steps (default 250)",
                 eval_windows="test windows of 4L bytes (default 100)",
                 val_windows="validation windows of L bytes (default 100)")
+    p.add_argument("--packed", action="store_true",
+                   help="train on rows of batch 1 packed with whole documents (the text cut at "
+                        "blank lines) with cu_seqlens: no loss across a boundary (torch only)")
     _sweep_args(p, "0 1 2", "1e-3 2e-3 4e-3")
     _jobs_arg(p)
     _threads_arg(p)

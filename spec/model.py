@@ -29,6 +29,9 @@ class Model(Spec):
     ``norm_eps``: the epsilon of every norm of the stack (x / sqrt(mean + eps)).
     ``tie_embeddings``: the head is the embedding (logits = h @ embed^T); False gives the model
     an output head of its own, ``lm_head.weight`` [vocab_size, d_model].
+    ``short_conv``: K > 0 puts a short causal depthwise convolution of width K before each
+    mixer, h = h + mixer(conv(norm1(h))) with conv(g)_t = sum_k w[:, k] g_{t-K+1+k} (zero
+    before the first token; Zoology's and Based's hybrids); 0: none.
     """
 
     kind = "model"
@@ -41,6 +44,7 @@ class Model(Spec):
     d_ff: int | None = None
     norm_eps: float = NORM_EPS
     tie_embeddings: bool = True
+    short_conv: int = 0
 
     def _validate(self):
         if isinstance(self.layers, list):
@@ -62,6 +66,7 @@ class Model(Spec):
         int_arg("model", "d_ff", self.d_ff, minimum=1, allow_none=True)
         float_arg("model", "norm_eps", self.norm_eps, positive=True)
         bool_arg("model", "tie_embeddings", self.tie_embeddings)
+        int_arg("model", "short_conv", self.short_conv, minimum=0)
         if self.ffn == "persistent":
             heads = next((layer.n_heads for layer in self.layers if hasattr(layer, "n_heads")), 1)
             object.__setattr__(self, "ffn", Persistent(self.d_model, heads,
@@ -79,7 +84,7 @@ class Model(Spec):
 
     def to_dict(self):
         return drop_defaults(super().to_dict(), {"d_ff": None, "norm_eps": NORM_EPS,
-                                                 "tie_embeddings": True})
+                                                 "tie_embeddings": True, "short_conv": 0})
 
     @property
     def ffn_width(self) -> int:
@@ -97,9 +102,9 @@ class Model(Spec):
 
 def model(layers, vocab_size: int, ffn="mlp", norm: str = "rms", mlp_ratio: int = 4,
           logit_scale: float = 1.0, d_ff: int | None = None, norm_eps: float = NORM_EPS,
-          tie_embeddings: bool = True) -> Model:
+          tie_embeddings: bool = True, short_conv: int = 0) -> Model:
     return Model(tuple(layers) if isinstance(layers, list) else layers, vocab_size, ffn, norm,
-                 mlp_ratio, logit_scale, d_ff, norm_eps, tie_embeddings)
+                 mlp_ratio, logit_scale, d_ff, norm_eps, tie_embeddings, short_conv)
 
 
 def jamba(d_model: int, n_heads: int, pattern: str = "MMMA", n_layers: int | None = None,

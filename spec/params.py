@@ -17,7 +17,9 @@ bmojo: bmojo_f's; pred_proj.weight [D, D] (the innovation predictor) if fading.
 mosaic: k_proj.weight, v_proj.weight, o_proj.weight [D, D]; leak, k_scale, v_scale, v_mix [H].
 persistent: k_proj.weight, o_proj.weight [D, D]; leak, k_scale, out_scale [H];
     mem_k, mem_v [H, P, E].
-model: embed.weight [V, D]; layers.{i}.norm1.weight [D]; layers.{i}.mixer.<layer names>;
+model: embed.weight [V, D]; layers.{i}.norm1.weight [D]; layers.{i}.conv.weight [D, K] if
+    short_conv = K > 0 (w[:, k] multiplies the input k - K + 1 steps back, U(+-1/sqrt(K)) as
+    torch's depthwise Conv1d); layers.{i}.mixer.<layer names>;
     with an ffn, layers.{i}.norm2.weight [D] and layers.{i}.ffn.<names> (mlp: fc1.weight
     [F, D], fc2.weight [D, F]; swiglu: gate_proj.weight, up_proj.weight [F, D],
     down_proj.weight [D, F]; F = d_ff or mlp_ratio * D; or the persistent names);
@@ -141,6 +143,9 @@ def _table(spec: Spec) -> dict[str, tuple[tuple, Init]]:
         table = {"embed.weight": ((V, D), _normal(D ** -0.5))}
         for i, layer in enumerate(spec.layers):
             table[f"layers.{i}.norm1.weight"] = ((D,), _const(1.0))
+            if spec.short_conv:
+                K = spec.short_conv
+                table[f"layers.{i}.conv.weight"] = ((D, K), _uniform_fan_in(K))
             table.update({f"layers.{i}.mixer.{n}": v for n, v in _table(layer).items()})
             if spec.ffn is not None:
                 table[f"layers.{i}.norm2.weight"] = ((D,), _const(1.0))

@@ -109,6 +109,9 @@ def _param_terms(spec):
         pre = f"layers[{i}]."
         terms += [(n, _prefixed(pre, f), False) for n, f in _layer_params(layer)]
         terms.append((D * (1 if spec.ffn is None else 2), width, False))  # norm1, norm2
+        if spec.short_conv:
+            terms.append((D * spec.short_conv, width + (("short_conv", spec.short_conv),),
+                          False))
         if spec.ffn in ("mlp", "swiglu"):
             wide = (("mlp_ratio", spec.mlp_ratio),) if spec.d_ff is None else (
                 ("d_ff", spec.d_ff),)
@@ -172,6 +175,10 @@ def _state_terms(spec, batch: int, max_len):
         if isinstance(spec.ffn, Persistent):
             terms += [(n, _prefixed(f"ffn[{i}].", f), ix)
                       for n, f, ix in _layer_state(spec.ffn, batch, max_len)]
+        if spec.short_conv:  # the convolution's last K - 1 inputs
+            K, D = spec.short_conv, spec.d_model
+            terms.append((batch * (K - 1) * D, (("batch", batch), ("d_model", D),
+                                                ("short_conv", K)), False))
     return terms
 
 

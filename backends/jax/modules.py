@@ -55,12 +55,14 @@ def _layer_core(spec, params, x, arrays, pos, streaming, implementation):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _model_core(spec, params, tokens, arrays, pos, streaming, acc, implementation):
+def _model_core(spec, params, tokens, arrays, pos, streaming, acc, implementation,
+                positions=None):
     p, st = _cast(params, acc), {**arrays, "pos": pos}
     if streaming:
         logits, st, aux = model.step(spec, p, tokens, st)
     else:
-        logits, st, aux = model.forward(spec, p, tokens, st, implementation=implementation)
+        logits, st, aux = model.forward(spec, p, tokens, st, implementation=implementation,
+                                        positions=positions)
     return logits, _arrays(st), aux
 
 
@@ -102,6 +104,23 @@ def _check_tokens(spec, tokens, streaming: bool):
                              f"vocab_size={spec.vocab_size}), got values in [{t.min()}, "
                              f"{t.max()}]")
     return tokens
+
+
+def _check_positions(positions, n: int):
+    """Flat indices into the ``n`` positions of a call: integer [k], in range (checked where
+    concrete, outside jit)."""
+    _jax_or_numpy(positions, "positions")
+    positions = jnp.asarray(positions)
+    if positions.ndim != 1 or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"positions must be a 1-D integer array of flat indices into the "
+                         f"B * T positions, got dtype {positions.dtype} shape "
+                         f"{tuple(positions.shape)}")
+    if not is_traced(positions) and positions.size:
+        p = np.asarray(positions)
+        if p.min() < 0 or p.max() >= n:
+            raise ValueError(f"positions must lie in [0, B * T = {n}), got values in "
+                             f"[{p.min()}, {p.max()}]")
+    return positions
 
 
 def _prepare_state(spec, state, batch: int, n: int, dtype, streaming: bool):
@@ -195,17 +214,23 @@ class JaxModel(eqx.Module, strict=True):
         return _init_state(self.spec, batch, self.dtype if dtype is None else dtype, device,
                            max_len)
 
-    def forward_aux(self, tokens, state: State | None = None):
+    def forward_aux(self, tokens, state: State | None = None, *, positions=None):
+        """tokens [B, T] -> (logits [B, T, V], state, aux); ``positions`` (integer [n], flat
+        indices into the B * T positions, row-major): the logits there only, [n, V] (a
+        fixed-length index array keeps traced shapes static under jit)."""
         tokens = _check_tokens(self.spec, tokens, False)
         B, T = tokens.shape
+        if positions is not None:
+            positions = _check_positions(positions, B * T)
         state = _prepare_state(self.spec, state, B, T, self.dtype, False)
         if T == 0:  # empty in, empty out; the state as it was
-            logits = jnp.zeros((B, 0, self.spec.vocab_size), self.dtype)
+            shape = (B, 0) if positions is None else (0,)
+            logits = jnp.zeros(shape + (self.spec.vocab_size,), self.dtype)
             return logits, state, _aux_zero(self.spec, self.dtype)
         _check_layout(self.spec, state, B, T, self.dtype)
         logits, arrays, aux = _model_core(self.spec, self.params, tokens, state.arrays,
                                           state.pos, False, self.dtype,
-                                          impl.resolve(self.params["embed.weight"]))
+                                          impl.resolve(self.params["embed.weight"]), positions)
         logits = _check_room(self.spec, state, T, logits)
         return logits, State(state.pos + T, arrays, self.spec.spec_id, state.growable), aux
 

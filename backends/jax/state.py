@@ -134,6 +134,14 @@ def check_state(spec, state, batch: int, dtype, name: str = "state") -> None:
         if isinstance(spec.ffn, Persistent):
             pairs += [(spec.ffn, a, f"{name}.ffn[{i}]")
                       for i, a in enumerate(state.arrays.get("ffn", ()))]
+        if spec.short_conv:
+            want = (batch, spec.short_conv - 1, spec.d_model)
+            conv = state.arrays.get("conv", ())
+            got = [(tuple(getattr(c, "shape", ())), getattr(c, "dtype", None)) for c in conv]
+            if got != [(want, jnp.dtype(acc))] * spec.n_layers:
+                raise ValueError(f"{name}.conv must hold {spec.n_layers} arrays of shape {want} "
+                                 f"and dtype {jnp.dtype(acc)} (each block's last short_conv - 1 "
+                                 f"inputs), got {got!r:.120}")
     else:
         pairs = [(spec, state.arrays, name)]
     for s, arrays, where in pairs:
@@ -225,6 +233,8 @@ def to_reference_state(spec, state: State) -> dict:
                            for s, a in zip(spec.layers, state.arrays["layers"], strict=True))}
     if "ffn" in state.arrays:
         out["ffn"] = tuple(_layer_to_ref(spec.ffn, a, pos) for a in state.arrays["ffn"])
+    if "conv" in state.arrays:
+        out["conv"] = tuple(np.asarray(a) for a in state.arrays["conv"])
     return out
 
 
@@ -269,6 +279,8 @@ def from_reference_state(spec, ref: dict, max_len: int | None = None) -> State:
         if "ffn" in ref:
             arrays["ffn"] = tuple(_layer_from_ref(spec.ffn, r, max_len, f"ref_state['ffn'][{i}]")
                                   for i, r in enumerate(ref["ffn"]))
+        if "conv" in ref:
+            arrays["conv"] = tuple(jnp.asarray(np.asarray(a)) for a in ref["conv"])
     else:
         arrays = _layer_from_ref(spec, ref, max_len, "ref_state")
     return State(jnp.asarray(pos, POS_DTYPE), arrays, spec.spec_id)

@@ -1,11 +1,13 @@
 """The model composition (DESIGN section 3), exactly as ``memcore.spec.reference.model``:
 
     h = embed[tokens]
-    for each block i:  h = h + mixer_i(norm1_i(h));  h = h + ffn_i(norm2_i(h))  (if ffn)
+    for each block i:  h = h + mixer_i(conv_i(norm1_i(h)));  h = h + ffn_i(norm2_i(h))  (if ffn)
     logits = logit_scale * norm_f(h) @ embed^T         (lm_head^T when not tie_embeddings)
 
-on parameters by ``memcore.init``'s names, already in the accumulation dtype. States: ``pos``,
-``spec_id``, ``layers`` (a tuple of layer states) and, with a persistent FFN, ``ffn``.
+on parameters by ``memcore.init``'s names, already in the accumulation dtype (conv_i: the short
+causal convolution, ``short_conv.py``, with short_conv > 0). States: ``pos``, ``spec_id``,
+``layers`` (a tuple of layer states), with a persistent FFN ``ffn``, with short_conv ``conv``
+(each block's last short_conv - 1 conv inputs [B, K - 1, D]).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from memcore.spec.layers import Persistent
 
 from . import layers
+from . import short_conv as C
 from .numerics import gelu, layer_norm, linear, rms_norm, silu
 from .params import sub
 
@@ -32,6 +35,9 @@ def init_state(spec, batch: int, *, dtype, device) -> dict:
     if persistent_ffn(spec):
         state["ffn"] = tuple(layers.init_state(spec.ffn, batch, dtype=dtype, device=device)
                              for _ in spec.layers)
+    if spec.short_conv:
+        state["conv"] = tuple(C.init_state(batch, spec.d_model, spec.short_conv, dtype=dtype,
+                                           device=device) for _ in spec.layers)
     return state
 
 
@@ -86,17 +92,24 @@ def _dense_ffn(spec, p, pre, g):
 
 
 def run(spec, p, tokens, state, streaming: bool, inplace: bool = False,
-        logits_to_keep: int = 0, bounds=None):
+        logits_to_keep: int = 0, bounds=None, positions=None):
     """tokens [B, T] (or [B] streaming) -> (logits, new state, aux summed over the layers or
     None); with ``inplace`` the layer states are updated where they are. ``bounds``: a packed
     row's checked cu_seqlens (from the empty ``state``; the state returned is the last
-    document's)."""
+    document's). ``positions`` (parallel form): flat indices [n] into the B * T positions,
+    the only rows of the head ([n, V] logits)."""
     h = p["embed.weight"][tokens]
     pos = state["pos"]
-    new_layers, new_ffn, aux = [], [], None
+    new_layers, new_ffn, new_conv, aux = [], [], [], None
     for i, lspec in enumerate(spec.layers):
         pre = f"layers.{i}."
         g = _norm(spec, h, p[pre + "norm1.weight"])
+        if spec.short_conv:
+            w, past = p[pre + "conv.weight"], state["conv"][i]
+            if inplace and past.requires_grad:  # saved for a backward: shift a copy
+                past = past.detach().clone()
+            g, past = C.step(g, w, past, inplace) if streaming else C.forward(g, w, past, bounds)
+            new_conv.append(past)
         y, st, a = run_layer(lspec, sub(p, pre + "mixer."), g, state["layers"][i], streaming,
                              inplace, bounds)
         new_layers.append(st)
@@ -114,6 +127,8 @@ def run(spec, p, tokens, state, streaming: bool, inplace: bool = False,
                 h = h + y
     if logits_to_keep:  # the head only where logits are wanted (e.g. a prompt's last token)
         h = h[:, -logits_to_keep:]
+    if positions is not None:  # e.g. a task's labelled positions only
+        h = h.reshape(-1, h.shape[-1])[positions]
     h = _norm(spec, h, p["norm_f.weight"])
     head = p["embed.weight"] if spec.tie_embeddings else p["lm_head.weight"]
     logits = linear(h, head) * spec.logit_scale
@@ -122,8 +137,12 @@ def run(spec, p, tokens, state, streaming: bool, inplace: bool = False,
         n = bounds[-1] - bounds[-2]
     if inplace:
         state["pos"] = pos + n
+        if new_conv:
+            state["conv"] = tuple(new_conv)
         return logits, state, aux
     new = {"pos": pos + n, "spec_id": spec.spec_id, "layers": tuple(new_layers)}
     if new_ffn:
         new["ffn"] = tuple(new_ffn)
+    if new_conv:
+        new["conv"] = tuple(new_conv)
     return logits, new, aux

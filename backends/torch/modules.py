@@ -19,7 +19,7 @@ from memcore.spec.sizes import check_allocation, check_layout, growing
 from memcore.spec.validate import check_layer_input, check_tokens
 from torch import nn
 
-from . import layers, model
+from . import layers, model, short_conv
 from .numerics import acc_dtype
 from .packed import check_cu_seqlens
 from .params import check_like_params, param_dict, register_params, step_params, sub
@@ -80,6 +80,26 @@ def _check_tensors(state, name: str) -> None:
             if n not in META and not isinstance(a, torch.Tensor):
                 raise TypeError(f"{name}[{n!r}] must be a torch.Tensor, got "
                                 f"{type(a).__module__}.{type(a).__name__}")
+
+
+def _check_positions(positions, tokens, logits_to_keep: int) -> None:
+    """``positions``: a 1-D integer tensor of flat indices into the B * T positions of
+    ``tokens``, on their device; not together with ``logits_to_keep``."""
+    if not isinstance(positions, torch.Tensor) or positions.ndim != 1 or \
+            positions.dtype.is_floating_point or positions.dtype.is_complex or \
+            positions.dtype == torch.bool:
+        raise ValueError(f"positions must be a 1-D integer tensor of flat indices into the "
+                         f"B * T positions, got {type(positions).__name__} "
+                         f"{getattr(positions, 'dtype', '')} "
+                         f"{tuple(getattr(positions, 'shape', ()))}")
+    if logits_to_keep:
+        raise ValueError("positions and logits_to_keep both choose the head's rows: pass one")
+    n = tokens.numel()
+    if positions.device != tokens.device:
+        raise ValueError(f"positions are on {positions.device}, the tokens on {tokens.device}")
+    if positions.numel() and bool(((positions < 0) | (positions >= n)).any()):
+        raise ValueError(f"positions must lie in [0, B * T = {n}), got values from "
+                         f"{int(positions.min())} to {int(positions.max())}")
 
 
 class TorchLayer(nn.Module):
@@ -266,9 +286,11 @@ class TorchModel(nn.Module):
             b.mixer.check_state(state["layers"][i], B, dtype, device, f"state['layers'][{i}]")
             if self._persistent:
                 b.ffn.check_state(state["ffn"][i], B, dtype, device, f"state['ffn'][{i}]")
+        if spec.short_conv:
+            short_conv.check_state(spec, state.get("conv"), B, acc_dtype(dtype), device)
 
     def _run(self, tokens, state, streaming: bool, inplace: bool = False,
-             logits_to_keep: int = 0, cu_seqlens=None):
+             logits_to_keep: int = 0, cu_seqlens=None, positions=None):
         if inplace:
             check_inplace()
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or \
@@ -281,6 +303,8 @@ class TorchModel(nn.Module):
         check_tokens(self.spec, tokens, streaming=streaming, empty_ok=True)
         bounds = None if streaming else check_cu_seqlens(cu_seqlens, tokens.shape[1],
                                                          tokens.shape[0], state)
+        if positions is not None:
+            _check_positions(positions, tokens, logits_to_keep)
         w = self.embed.weight
         if tokens.device != w.device:
             raise ValueError(f"tokens are on device {tokens.device}, but the parameters are on "
@@ -296,26 +320,31 @@ class TorchModel(nn.Module):
             self._check_state(state, tokens.shape[0], acc, tokens.device)
         if not streaming and tokens.shape[1] == 0:  # empty in, empty out; the state as it was
             aux = w.new_zeros((), dtype=acc) if has_aux(self.spec) else None
-            return w.new_zeros((tokens.shape[0], 0, self.spec.vocab_size), dtype=acc), state, aux
+            shape = (tokens.shape[0], 0) if positions is None else (0,)
+            return w.new_zeros(shape + (self.spec.vocab_size,), dtype=acc), state, aux
         _check_growth(self.spec, state, tokens.shape[0], 1 if streaming else tokens.shape[1], acc,
                       streaming)
         p = step_params(self, acc) if streaming else param_dict(self, acc)
         return model.run(self.spec, p, tokens, state, streaming, inplace, logits_to_keep,
-                         bounds)
+                         bounds, positions)
 
-    def forward(self, tokens, state=None, *, logits_to_keep: int = 0, cu_seqlens=None):
+    def forward(self, tokens, state=None, *, logits_to_keep: int = 0, cu_seqlens=None,
+                positions=None):
         """tokens [B, T] ints -> (logits [B, T, V], final state). ``logits_to_keep=n > 0``
         returns the logits of the last n positions only ([B, min(n, T), V]), sparing the head's
-        matmul elsewhere; the state is the same. ``cu_seqlens`` (int32 [N + 1], batch 1,
-        state None): documents packed in one row, each run as if alone from the empty state;
-        the state returned is the last document's."""
+        matmul elsewhere; the state is the same. ``positions`` (an int tensor [n] of flat
+        indices into the B * T positions, row-major): the logits there only ([n, V]), e.g. a
+        task's labelled positions. ``cu_seqlens`` (int32 [N + 1], batch 1, state None):
+        documents packed in one row, each run as if alone from the empty state; the state
+        returned is the last document's."""
         return self._run(tokens, state, streaming=False, logits_to_keep=logits_to_keep,
-                         cu_seqlens=cu_seqlens)[:2]
+                         cu_seqlens=cu_seqlens, positions=positions)[:2]
 
-    def forward_aux(self, tokens, state=None, *, logits_to_keep: int = 0, cu_seqlens=None):
+    def forward_aux(self, tokens, state=None, *, logits_to_keep: int = 0, cu_seqlens=None,
+                    positions=None):
         """``forward`` and the aux summed over the layers (None where no layer has one)."""
         return self._run(tokens, state, streaming=False, logits_to_keep=logits_to_keep,
-                         cu_seqlens=cu_seqlens)
+                         cu_seqlens=cu_seqlens, positions=positions)
 
     def step(self, tokens_t, state=None, *, inplace: bool = False):
         """tokens_t [B] ints -> (logits [B, V], state). Functional by default (a new state,

@@ -90,7 +90,8 @@ def cmd_lm(args) -> int:
 
     fields = {"seq_len": args.seq_len, "d_model": args.d_model, "batch_size": args.batch,
               "steps": args.steps, "eval_every": args.eval_every,
-              "eval_windows": args.eval_windows, "val_windows": args.val_windows}
+              "eval_windows": args.eval_windows, "val_windows": args.val_windows,
+              "packed": args.packed or None}
 
     def run():
         return lm.run(args.text, args.models, _config(lm.LMConfig(), fields),

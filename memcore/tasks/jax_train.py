@@ -12,7 +12,7 @@
 - Evaluation every ``eval_every`` steps and at the end, early stop above ``early_stop``; the
   same JSON-lines log (``log.jsonl``) and progress lines as the torch loop.
 - A checkpoint is one safetensors file (never pickle), written to a temporary file and moved
-  into place: ``model.<name>`` under the torch twin's parameter names, ``optim.<path>`` for each
+  into place: ``model.<name>`` under the torch model's parameter names, ``optim.<path>`` for each
   leaf of the optax state, and JSON metadata (step, config, history, ``"backend": "jax"``).
   Batches and learning rates are pure functions of (seed, step) and the model has no random
   state, so resuming replays the uninterrupted run.
@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from memcore.checkpoint import atomic_write
+from memcore.tasks import jax_stack
 from memcore.tasks.jax_stack import pad_positions
 from memcore.tasks.mqar import IGNORE
 from memcore.tasks.train import TrainConfig, lr_at, run_steps, spec_of, start_run
@@ -95,7 +96,7 @@ def trainable(model):
 def masked_loss(model, inputs, positions, targets, weights, aux_weight: float):
     """Mean cross-entropy at the gathered positions (``weights`` 0 on padding), plus the weighted
     aux loss. Returns (total, cross_entropy)."""
-    logits, aux = model.logits_aux(inputs, positions)
+    logits, aux = jax_stack.logits_aux(model, inputs, positions)
     logp = jax.nn.log_softmax(logits.astype(F32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
     ce = jnp.sum(nll * weights) / jnp.sum(weights)
@@ -159,7 +160,7 @@ def save_checkpoint(path: str, model, opt_state, step: int, cfg: TrainConfig,
     from safetensors.numpy import save_file
 
     # np.array, not np.ascontiguousarray: the latter turns the 0-d step counts into [1].
-    tensors = {f"model.{k}": np.array(v) for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": np.array(v) for k, v in jax_stack.state_dict(model).items()}
     for k, v in _opt_leaves(opt_state).items():
         tensors[k] = np.array(v)
     meta = {"step": step, "backend": "jax", "config": asdict(cfg), "history": history,
@@ -182,8 +183,8 @@ def load_checkpoint(path: str, model, opt_state):
         raise ValueError(f"--resume: {path} was written by the {meta.get('backend', 'torch')} "
                          f"backend; resume it with --backend {meta.get('backend', 'torch')}")
     tensors = load_file(path)
-    model = model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
-                                   if k.startswith("model.")})
+    model = jax_stack.load_state_dict(model, {k[len("model."):]: v for k, v in tensors.items()
+                                              if k.startswith("model.")})
     own = _opt_leaves(opt_state)
     got = {k: v for k, v in tensors.items() if k.startswith("optim")}
     if set(own) != set(got):
@@ -205,11 +206,11 @@ def load_checkpoint(path: str, model, opt_state):
 def train(model, batch_fn: Callable, cfg: TrainConfig, eval_fn: Callable | None = None,
           resume: bool = False, name: str = "model", quiet: bool = False,
           loss_fn: Callable | None = None, time_multiple: int = 1, pad_token: int = 0) -> dict:
-    """Train the JAX ``model`` (``memcore.tasks.jax_stack``) for ``cfg.steps`` AdamW steps on
-    ``batch_fn(step) -> (inputs, labels)`` (IGNORE where unlabelled). ``eval_fn(model)`` (a
-    float, or a dict with "val") as in the torch loop. ``loss_fn(model, *batch) -> (total,
-    reported)`` (pure, traceable) replaces the masked cross-entropy; the batch is then passed
-    as arrays.
+    """Train the JAX ``model`` (a model realization, or ``jax_stack.JaxMoonsMemory``) for
+    ``cfg.steps`` AdamW steps on ``batch_fn(step) -> (inputs, labels)`` (IGNORE where
+    unlabelled). ``eval_fn(model)`` (a float, or a dict with "val") as in the torch loop.
+    ``loss_fn(model, *batch) -> (total, reported)`` (pure, traceable) replaces the masked
+    cross-entropy; the batch is then passed as arrays.
     Returns the torch loop's dict plus "model": the trained model (modules are immutable)."""
     if isinstance(time_multiple, bool) or not isinstance(time_multiple, int) or \
             time_multiple < 1:
@@ -240,15 +241,13 @@ def _train(model, dev, batch_fn, cfg, eval_fn, resume, name, quiet, loss_fn, tim
     loss, loss_args = (masked_loss, (float(cfg.aux_weight),)) if loss_fn is None else \
         (loss_fn, ())
     clip = float(cfg.grad_clip) if cfg.grad_clip else None
-    check = getattr(model, "check_inputs", None)
 
     def step_fn(step: int) -> float:
         nonlocal model, opt_state
         raw = batch_fn(step)
         if loss_fn is None:
             inputs, batch = _masked_batch(*raw, time_multiple, pad_token)
-            if check is not None:
-                check(inputs)
+            jax_stack.check_inputs(model, inputs)
         else:
             batch = tuple(jnp.asarray(a) for a in raw)
         batch = jax.device_put(batch, dev)

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-import memcore
 from memcore import spec as S
-from memcore.tasks import ngram, plots, protocol, runs, sweep
+from memcore.tasks import ngram, packing, plots, protocol, runs, sweep
+from memcore.tasks.stack import task_model
 from memcore.tasks.train import TrainConfig, check_backend
 
 MODELS = ("transformer", "transformer_window", "mamba", "bmojo_f", "bmojo", "mosaic", "jamba")
@@ -59,6 +59,7 @@ class LMConfig:
     val_windows: int = 100
     eval_factor: int = 4
     bucket: int = 16
+    packed: bool = False  # training rows of whole documents with cu_seqlens (packing.py)
 
     def __post_init__(self):
         runs.check_counts("lm", self, ("seq_len", "d_model", "n_heads", "n_layers", "d_state",
@@ -67,6 +68,13 @@ class LMConfig:
                                        "eval_factor", "bucket"))
         if self.seq_len < 2:
             raise ValueError(f"lm: seq_len must be >= 2, got {self.seq_len}")
+        if not isinstance(self.packed, bool):
+            raise ValueError(f"lm: packed must be a bool, got {self.packed!r}")
+
+    @property
+    def row_len(self) -> int:
+        """A packed training row's bytes: the batch's, batch_size * seq_len."""
+        return self.batch_size * self.seq_len
 
     @property
     def test_len(self) -> int:
@@ -95,27 +103,10 @@ def lm_spec(name: str, cfg: LMConfig):
     return S.model([layers[name]() for _ in range(cfg.n_layers)], VOCAB, ffn=ffn)
 
 
-class NextByte(torch.nn.Module):
-    """The model realization behind the loop's interface: ``forward(tokens, mask)``."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.aux_loss = None  # the last forward's aux (the loop reads it)
-
-    def forward(self, tokens, mask=None):
-        logits, _, self.aux_loss = self.model.forward_aux(tokens)
-        return logits if mask is None else logits[mask]
-
-
 def next_token_model(backend: str, spec, seed: int):
     """``spec``'s realization with ``memcore.init(spec, seed)``'s parameters behind the loop's
-    interface: ``NextByte`` (torch) or ``jax_stack.JaxNextByte``."""
-    if backend == "jax":
-        from memcore.tasks.jax_stack import JaxNextByte
-
-        return JaxNextByte(spec, seed=seed)
-    return NextByte(memcore.realize(spec, backend="torch", params=memcore.init(spec, seed)))
+    interface (``memcore.tasks.stack.task_model``)."""
+    return task_model(backend, spec, seed)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -168,7 +159,7 @@ def nll_torch(model, windows: np.ndarray, batch: int = 8) -> np.ndarray:
 
 
 def nll_jax(model, windows: np.ndarray, batch: int = 8) -> np.ndarray:
-    """``nll_torch`` for a ``jax_stack.JaxNextByte``."""
+    """``nll_torch`` for a JAX model realization."""
     from memcore.tasks.jax_stack import logits_at
 
     out = []
@@ -243,10 +234,14 @@ def run_one(name: str, lr: float, seed: int, sub: str | None, cfg: LMConfig, tex
     tcfg = TrainConfig(steps=cfg.steps, lr=lr, seed=seed, log_every=log_every,
                        warmup=min(100, cfg.steps // 10), min_lr_ratio=0.1,
                        eval_every=cfg.eval_every, out_dir=sub, device=device)
+    options = {}
+    if cfg.packed:
+        batches = packing.packed_batches(packing.documents(train), cfg.row_len, seed)
+        options["loss_fn"] = packing.packed_loss(tcfg.aux_weight)
     best: dict = {}
     _, res, params = runs.train_model(
         backend, next_token_model(backend, lm_spec(name, cfg), seed), batches, tcfg,
-        eval_fn=evaluator(val, test, cfg, backend, best), name=name, quiet=quiet)
+        eval_fn=evaluator(val, test, cfg, backend, best), name=name, quiet=quiet, **options)
     step, v, _ = protocol.best_evaluation(res["evals"])
     return {"lr": lr, "seed": seed, "val_loss": -v, "best_step": step,
             **{k: w for k, w in best.items() if k != "val"},
@@ -289,6 +284,15 @@ def baselines(parts: dict, val: np.ndarray, test: np.ndarray, cfg: LMConfig) -> 
 PROTOCOL = LMConfig()
 
 
+def config_record(cfg: LMConfig) -> dict:
+    """The configuration as results.json records it; ``packed`` only when set, so that a run
+    kept from before the option existed is still this configuration's."""
+    out = asdict(cfg)
+    if not cfg.packed:
+        del out["packed"]
+    return out
+
+
 def deviations(cfg: LMConfig, lr_sweep: protocol.Sweep, overlap: bool) -> list[str]:
     """This run's departures from the task's protocol, from its configuration."""
     out = []
@@ -302,6 +306,13 @@ def deviations(cfg: LMConfig, lr_sweep: protocol.Sweep, overlap: bool) -> list[s
                    f"too small")
     if cfg.steps < PROTOCOL.steps:
         out.append(f"{cfg.steps} training steps instead of {PROTOCOL.steps}")
+    if cfg.packed:
+        out.append(f"packed training rows: batch 1 of {cfg.row_len} bytes, whole documents of "
+                   f"the training split (cut at blank lines; one longer than the row cut to it; "
+                   f"the rest of a row that no document fits is unlabelled padding) with "
+                   f"cu_seqlens, each document from the empty state and no loss across a "
+                   f"boundary, instead of {cfg.batch_size} random windows of {cfg.seq_len} "
+                   f"bytes; validation and test windows unchanged")
     return out + lr_sweep.deviations()
 
 
@@ -311,6 +322,12 @@ def run(text: str, models=DEFAULT_MODELS, cfg: LMConfig = PROTOCOL, lrs=LRS, see
     """Every (model, learning rate, seed) of the sweep and the n-gram baselines; results.json
     and the plot under ``out_dir``."""
     check_backend(backend)
+    if cfg.packed and backend != "torch":
+        raise ValueError(f"--packed needs --backend torch: the {backend} model does not take "
+                         f"cu_seqlens yet")
+    if cfg.packed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--packed trains on rows of batch 1: torchrun data parallel "
+                         "(WORLD_SIZE > 1) would split no batch")
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"--models: unknown model(s) {unknown}; choose among {list(MODELS)}")
@@ -318,7 +335,7 @@ def run(text: str, models=DEFAULT_MODELS, cfg: LMConfig = PROTOCOL, lrs=LRS, see
     say = runs.say_unless(quiet)
     t0 = time.time()
     parts, val, test, overlap = held_out(text, cfg)
-    results = {"text": os.path.abspath(text), "config": asdict(cfg), "backend": backend,
+    results = {"text": os.path.abspath(text), "config": config_record(cfg), "backend": backend,
                "split_bytes": {k: len(v) for k, v in parts.items()},
                "sweep": {"lrs": list(lr_sweep.lrs), "seeds": list(lr_sweep.seeds)},
                "deviations": deviations(cfg, lr_sweep, overlap), "models": {},
@@ -328,7 +345,7 @@ def run(text: str, models=DEFAULT_MODELS, cfg: LMConfig = PROTOCOL, lrs=LRS, see
         say(f"  - {dv}")
     four = results["baselines"]["4-gram"]["loss_within_L"]
     done = sweep.run_all("lm", run_one, models, lr_sweep,
-                         {"task": asdict(cfg), "backend": backend,
+                         {"task": config_record(cfg), "backend": backend,
                           "text": results["split_bytes"]},
                          (cfg, text, device, backend, log_every, quiet), out_dir, jobs, say,
                          lambda r: f"val {r['val_loss']:.4f} test <L {r['loss_within_L']:.4f} "

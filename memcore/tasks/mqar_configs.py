@@ -11,7 +11,7 @@ from itertools import product
 import numpy as np
 
 from memcore import spec as S
-from memcore.tasks import model_args, mqar, protocol, runs
+from memcore.tasks import memory, mqar, protocol, runs
 
 MODELS = ("bmojo", "mamba", "transformer", "transformer_window", "bmojo_f", "mosaic", "jamba",
           "mamba_swa")
@@ -122,17 +122,19 @@ SWEPT_BY_FLAG = {"window": ("window", "hybrid_window"),
 def matched_window(cfg: MQARConfig) -> int:
     """mamba_swa's attention window with at most bmojo's memory at ``cfg.seq_len`` (the
     B'MOJO paper's hybrid baseline at matched memory): the largest such window, at least 1."""
-    target = model_args.memory_bytes(model_spec("bmojo", cfg), cfg.seq_len, cfg.short_conv)
-    one = model_args.memory_bytes(_hybrid(cfg, 1), cfg.seq_len, cfg.short_conv)
-    per_token = cfg.pattern.count("A") * 2 * cfg.d_model * model_args.FLOAT_BYTES
+    target = memory.memory_bytes(model_spec("bmojo", cfg), cfg.seq_len)
+    one = memory.memory_bytes(_hybrid(cfg, 1), cfg.seq_len)
+    per_token = cfg.pattern.count("A") * 2 * cfg.d_model * memory.FLOAT_BYTES
     if not per_token:
         return 1
     return int(min(cfg.seq_len, max(1, 1 + (target - one) // per_token)))
 
 
 def _hybrid(cfg: MQARConfig, window: int | None):
-    return S.jamba(cfg.d_model, cfg.n_heads, pattern=cfg.pattern, n_layers=len(cfg.pattern),
-                   vocab_size=cfg.vocab_size, d_state=cfg.d_state, window=window, ffn=None)
+    return replace(S.jamba(cfg.d_model, cfg.n_heads, pattern=cfg.pattern,
+                           n_layers=len(cfg.pattern), vocab_size=cfg.vocab_size,
+                           d_state=cfg.d_state, window=window, ffn=None),
+                   short_conv=cfg.short_conv)
 
 
 def model_spec(name: str, cfg: MQARConfig):
@@ -159,7 +161,7 @@ def model_spec(name: str, cfg: MQARConfig):
         return _hybrid(cfg, cfg.hybrid_window or matched_window(cfg))
     else:
         raise ValueError(f"unknown model {name!r}; choose among {list(MODELS)}")
-    return S.model([layer, layer], V, ffn=None)
+    return S.model([layer, layer], V, ffn=None, short_conv=cfg.short_conv)
 
 
 def check_models(names) -> list:

@@ -19,9 +19,11 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
-from memcore.tasks import model_args, mqar, plots, protocol, runs
+from memcore.tasks import mqar, plots, protocol, runs
 from memcore.tasks import sweep as sweep_runs
+from memcore.tasks.memory import memory_bytes
 from memcore.tasks.mqar_configs import MODELS, MQARConfig, deviations, model_spec, plan
+from memcore.tasks.stack import task_model
 from memcore.tasks.train import CHECKPOINT, TrainConfig, check_backend
 
 TEST_STREAM, VAL_STREAM = 4, 5  # the held-out sets' generator streams (training: [seed, ...])
@@ -119,14 +121,7 @@ def run_one(name: str, cfg: MQARConfig, seed: int = 0, device: str = "cpu",
         if not out_dir:
             raise ValueError("--resume needs --out (the folder holding the checkpoints)")
         resume = False  # this run had not written a checkpoint yet: it starts afresh
-    if backend == "jax":
-        from memcore.tasks.jax_stack import JaxTaskLM
-
-        model = JaxTaskLM(spec, seed=seed, short_conv=cfg.short_conv)
-    else:
-        from memcore.tasks.stack import TaskLM
-
-        model = TaskLM(spec, seed=seed, short_conv=cfg.short_conv)
+    model = task_model(backend, spec, seed)
     _, res, params = runs.train_model(backend, model, _batches(cfg, seed), tcfg,
                                       eval_fn=evaluator(cfg, backend), resume=resume,
                                       name=name, quiet=quiet)
@@ -157,7 +152,7 @@ def summarize(name: str, cfg: MQARConfig, results: list) -> dict:
     at = [r for r in results if r["lr"] == sel["lr"]]
     return {**{k: sel[k] for k in ("accuracy", "accuracy_std", "val_accuracy",
                                    "val_accuracy_std", "lr", "seeds", "by_lr")},
-            "memory_bytes": model_args.memory_bytes(spec, cfg.seq_len, cfg.short_conv),
+            "memory_bytes": memory_bytes(spec, cfg.seq_len),
             "params": results[0]["params"], "budget_steps": cfg.total_steps,
             "steps": round(float(np.mean([r["steps"] for r in at]))),
             "seconds": round(sum(r["seconds"] for r in results), 1),
@@ -278,7 +273,7 @@ def describe(variants: list, sweep: protocol.Sweep, overrides: dict | None) -> s
         lines.append(f"  {tag}: {layers_text(spec)}; L={c.seq_len} kv={c.num_kv_pairs} "
                      f"V={c.vocab_size} d={c.d_model} batch={c.batch_size} "
                      f"steps={c.total_steps} memory "
-                     f"{model_args.memory_bytes(spec, c.seq_len, c.short_conv):,} B")
+                     f"{memory_bytes(spec, c.seq_len):,} B")
     return "\n".join(lines)
 
 

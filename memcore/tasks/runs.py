@@ -92,12 +92,13 @@ def previous_results(out_dir: str | None) -> dict | None:
 
 def check_same_run(previous: dict, current: dict, what: str, out_dir: str) -> None:
     """Refuse to continue the run under ``out_dir`` (its results.json: ``previous``) with
-    another configuration: the first field of ``current`` (nested dicts compared field by
-    field) that differs is named."""
+    another configuration: the first field (nested dicts compared field by field; a field on
+    one side only compared with None, as a field added at its default is left out) that
+    differs is named."""
     def walk(old, new, path):
         if isinstance(old, dict) and isinstance(new, dict):
-            for k in new:
-                walk(old.get(k), new[k], f"{path}.{k}" if path else k)
+            for k in [*new, *(k for k in old if k not in new)]:
+                walk(old.get(k), new.get(k), f"{path}.{k}" if path else k)
         elif json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
             raise ValueError(f"{what}: {path} differs from the run under {out_dir} ({old!r} "
                              f"there, now {new!r}); use the same settings or another --out")

@@ -1,111 +1,98 @@
-"""A language model assembled from realized torch mixer layers, for the tasks.
+"""The tasks' language models: a model spec realized by ``memcore.realize`` on
+``memcore.init(spec, seed)``'s parameters (the short convolution before each mixer, where a task
+uses one, is the spec's ``short_conv``).
 
-    h = embed[tokens]
-    for each block i:  h = h + mixer_i(conv_i(norm1_i(h)))     (conv_i only with short_conv)
-    logits = logit_scale * norm_f(h) @ embed^T                  (tied head)
+- torch: ``TaskModel``, the realized ``nn.Module`` behind the torch loop's interface,
+  ``model(tokens, mask=None, cu_seqlens=None)`` (logits at the masked positions only: at an
+  8192-way vocabulary the head dominates the cost, and MQAR's loss reads only the labelled
+  positions) with the last call's aux loss in ``aux_loss``. A module, so that the loop's
+  data-parallel wrapper calls it.
+- JAX: the realized ``equinox.Module`` itself, with the functions of ``jax_stack``.
 
-Without ``short_conv`` this is exactly the torch realization of the model spec (same parameter
-names and values). The optional short causal depthwise convolution before each mixer is not a
-memcore layer spec: it is the tasks' own addition (Zoology and the Based paper hybridise their
-mixers with such a convolution), so recall is learnable in minutes on a CPU.
-
-The head can be evaluated at selected positions only: at an 8192-way vocabulary the head
-dominates the cost, and MQAR's loss uses only the labelled positions.
+``state_bytes(model, tokens)`` counts what either keeps to continue after ``tokens``.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 from torch import nn
 
 import memcore
-from memcore.backends.torch.numerics import layer_norm, rms_norm
 from memcore.spec.model import Model
-from memcore.tasks import model_args
 
 
-def _norm(kind: str, x, w):
-    # The torch model realization's norms: without short_conv the stack is that realization.
-    return rms_norm(x, w) if kind == "rms" else layer_norm(x, w)
+class TaskModel(nn.Module):
+    """A realized torch model (``memcore.realize(..., backend="torch")``) for the loop:
+    token ids [B, T] -> logits [B, T, V], or [n, V] at the True positions of ``mask`` [B, T]
+    (row-major)."""
 
-
-def _conv(x, w):
-    # Causal depthwise: y_t = sum_k w[:, k] x_{t-K+1+k}; left zero padding.
-    K = w.shape[1]
-    xt = torch.nn.functional.pad(x.transpose(1, 2), (K - 1, 0))
-    return torch.nn.functional.conv1d(xt, w[:, None, :], groups=w.shape[0]).transpose(1, 2)
-
-
-def _state_bytes(mixer, g):
-    # run_blocks' mix for state_bytes: the mixer's output and its streaming state's bytes.
-    y, state = mixer(g)
-    return y, sum(a.numel() * a.element_size() for a in state.values()
-                  if isinstance(a, torch.Tensor))
-
-
-class TaskLM(nn.Module):
-    """Token ids [B, T] -> hidden states or logits, from a mixer-only model spec."""
-
-    def __init__(self, spec: Model, params: dict | None = None, seed: int = 0,
-                 short_conv: int = 0):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        params = model_args.check_task_model("TaskLM", spec, params, seed, short_conv)
-        self.spec = spec
-        self.short_conv = short_conv
-        t = {n: torch.as_tensor(np.asarray(a, dtype=np.float32)) for n, a in params.items()}
-        self.embed = nn.Parameter(t["embed.weight"].clone())
-        self.norm_f = nn.Parameter(t["norm_f.weight"].clone())
-        self.norms = nn.ParameterList()
-        self.mixers = nn.ModuleList()
-        self.convs = nn.ParameterList()
-        D = spec.d_model
-        gen = torch.Generator().manual_seed(int(seed) + 7919)
-        for i, layer in enumerate(spec.layers):
-            pre = f"layers.{i}.mixer."
-            sub = {n[len(pre):]: a for n, a in params.items() if n.startswith(pre)}
-            self.norms.append(nn.Parameter(t[f"layers.{i}.norm1.weight"].clone()))
-            self.mixers.append(memcore.realize(layer, backend="torch", params=sub))
-            if short_conv:
-                # Depthwise conv1d's default init, U(-1/sqrt(K), 1/sqrt(K)).
-                bound = 1.0 / math.sqrt(short_conv)
-                w = (torch.rand(D, short_conv, generator=gen) * 2 - 1) * bound
-                self.convs.append(nn.Parameter(w))
-        self.aux_loss = None
+        if getattr(model, "backend", None) != "torch" or not isinstance(model.spec, Model):
+            raise TypeError(f"TaskModel wraps a realized torch model (a model spec), got "
+                            f"{type(model).__name__}")
+        self.model = model
+        self.aux_loss = None  # the last forward's aux (the loop reads it)
 
-    def hidden(self, tokens):
-        """tokens [B, T] -> final normed hidden states [B, T, D]; sets ``aux_loss`` (the sum
-        of the bmojo layers' innovation losses, or None)."""
-        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
-            raise ValueError(f"tokens must be a [batch, T] torch tensor of ids, got "
-                             f"{type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}")
-        if tokens.numel():
-            model_args.check_token_range(int(tokens.min()), int(tokens.max()),
-                                         self.spec.vocab_size)
-        h, auxes = model_args.run_blocks(self, self.embed[tokens], _norm, _conv,
-                                         model_args.forward_aux)
-        self.aux_loss = model_args.sum_aux(auxes)
-        return _norm(self.spec.norm, h, self.norm_f)
+    @property
+    def spec(self) -> Model:
+        return self.model.spec
 
-    def head(self, h):
-        return (h @ self.embed.T) * self.spec.logit_scale
-
-    def forward(self, tokens, mask=None):
-        """Logits [B, T, V]; with a boolean ``mask`` [B, T], only at the masked positions
-        ([n, V], row-major order)."""
-        h = self.hidden(tokens)
+    def forward(self, tokens, mask=None, cu_seqlens=None):
+        positions = None
         if mask is not None:
-            h = h[mask]
-        return self.head(h)
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
+                    mask.shape != tokens.shape:
+                raise ValueError(f"mask must be a bool tensor of the tokens' shape "
+                                 f"{tuple(tokens.shape)}, got {getattr(mask, 'dtype', None)} "
+                                 f"{tuple(getattr(mask, 'shape', ()))}")
+            positions = mask.reshape(-1).nonzero()[:, 0]
+        logits, _, self.aux_loss = self.model.forward_aux(tokens, positions=positions,
+                                                          cu_seqlens=cu_seqlens)
+        return logits
 
-    @torch.no_grad()
-    def state_bytes(self, tokens) -> int:
-        """Bytes of everything the model must keep to continue after ``tokens`` [1, T]:
-        each mixer's streaming state (recurrent state, raw and fading windows, store, or KV
-        cache) plus the convolutions' last K-1 inputs, at float32."""
-        if tokens.ndim != 2 or tokens.shape[0] != 1:
-            raise ValueError(f"state_bytes: tokens must be [1, T], got {tuple(tokens.shape)}")
-        _, sizes = model_args.run_blocks(self, self.embed[tokens], _norm, _conv, _state_bytes)
-        return int(sum(sizes) + model_args.conv_state_bytes(self))
+
+def task_model(backend: str, spec: Model, seed: int):
+    """``spec`` realized on ``backend`` with ``memcore.init(spec, seed)``'s parameters: a
+    ``TaskModel`` (torch) or the JAX model (jax)."""
+    if not isinstance(spec, Model):
+        raise TypeError(f"spec must be a memcore model spec, got {type(spec).__name__}")
+    model = memcore.realize(spec, backend=backend, params=memcore.init(spec, seed))
+    return model if backend == "jax" else TaskModel(model)
+
+
+def _arrays(state):
+    if isinstance(state, dict):
+        for v in state.values():
+            yield from _arrays(v)
+    elif isinstance(state, (tuple, list)):
+        for v in state:
+            yield from _arrays(v)
+    elif hasattr(state, "shape") and hasattr(state, "dtype"):
+        yield state
+
+
+def _nbytes(a) -> int:
+    # Floats count at float32 (the models' dtype), integer positions at their own width.
+    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    return int(a.size) * (4 if np.issubdtype(a.dtype, np.floating) else a.itemsize)
+
+
+def state_bytes(model, tokens) -> int:
+    """Bytes of everything ``model`` (a ``TaskModel`` or a JAX model) keeps to continue after
+    ``tokens`` [1, T]: its streaming state after them (each mixer's recurrent state, windows,
+    store or KV cache, and the short convolutions' last K - 1 inputs), floats at float32."""
+    if getattr(tokens, "ndim", None) != 2 or tokens.shape[0] != 1:
+        raise ValueError(f"state_bytes: tokens must be [1, T], got "
+                         f"{tuple(getattr(tokens, 'shape', ()))}")
+    if isinstance(model, TaskModel):
+        with torch.no_grad():
+            x = tokens if isinstance(tokens, torch.Tensor) else torch.as_tensor(np.asarray(tokens))
+            _, state = model.model(x)
+    else:
+        import jax.numpy as jnp
+
+        _, st = model(jnp.asarray(np.asarray(tokens)))
+        state = model.to_reference_state(st)  # caches cut to the tokens held
+    return sum(_nbytes(a) for a in _arrays(state))

@@ -1,14 +1,16 @@
 """Model-level reference: embedding, pre-norm residual blocks, tied head; both forms.
 
     h = embed[tokens]
-    for each block i:  h = h + mixer_i(norm1_i(h));  h = h + ffn_i(norm2_i(h))  (if ffn)
+    for each block i:  h = h + mixer_i(conv_i(norm1_i(h)));  h = h + ffn_i(norm2_i(h))  (if ffn)
     logits = logit_scale * norm_f(h) @ embed^T         (lm_head^T when not tie_embeddings)
 
 ffn: "mlp" fc2(gelu(fc1(g))), "swiglu" down_proj(silu(gate_proj(g)) * up_proj(g)), or a
-persistent layer. Every norm takes the model's norm_eps.
+persistent layer. Every norm takes the model's norm_eps. conv_i is the short causal depthwise
+convolution of width short_conv (``short_conv.py``; none when short_conv is 0).
 
-State: ``pos``, ``spec_id``, ``layers`` (a tuple of mixer states) and, with a persistent
-FFN, ``ffn`` (a tuple of its states: its key extractor carries a leaky average).
+State: ``pos``, ``spec_id``, ``layers`` (a tuple of mixer states), with a persistent FFN
+``ffn`` (a tuple of its states: its key extractor carries a leaky average), and with
+short_conv = K > 0 ``conv`` (a tuple of each block's last K - 1 conv inputs [B, K - 1, D]).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..layers import Persistent
 from ..params import check_params
 from ..validate import check_tokens
 from . import layers as L
+from . import short_conv as C
 from .numerics import (
     acc_dtype,
     device,
@@ -52,10 +55,14 @@ def init_state(spec, batch: int, like):
     state = {"pos": 0, "spec_id": spec.spec_id, "layers": layers}
     if isinstance(spec.ffn, Persistent):
         state["ffn"] = tuple(L.init_state(spec.ffn, batch, like) for _ in spec.layers)
+    if spec.short_conv:
+        xp = namespace(like)
+        state["conv"] = tuple(C.init_state(xp, batch, spec.d_model, spec.short_conv, like)
+                              for _ in spec.layers)
     return state
 
 
-def _check_model_state(spec, state):
+def _check_model_state(spec, state, batch: int):
     if not isinstance(state, dict) or state.get("spec_id") != spec.spec_id:
         got = state.get("spec_id") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"state was made for another spec ({got!r}); this model has spec_id "
@@ -63,6 +70,13 @@ def _check_model_state(spec, state):
     if len(state["layers"]) != spec.n_layers:
         raise ValueError(f"state['layers'] has {len(state['layers'])} entries, expected "
                          f"{spec.n_layers}")
+    if spec.short_conv:
+        want = (batch, spec.short_conv - 1, spec.d_model)
+        conv = state.get("conv")
+        shapes = [tuple(c.shape) for c in conv] if isinstance(conv, (tuple, list)) else conv
+        if not isinstance(conv, (tuple, list)) or shapes != [want] * spec.n_layers:
+            raise ValueError(f"state['conv'] must hold {spec.n_layers} arrays of shape {want} "
+                             f"(each block's last short_conv - 1 inputs), got {shapes!r:.80}")
 
 
 def _norm(xp, spec, h, w):
@@ -91,7 +105,7 @@ def _run(spec, params, tokens, state, streaming: bool, cu_seqlens=None):
     B = tokens.shape[0]
     if state is None:
         state = init_state(spec, B, like)
-    _check_model_state(spec, state)
+    _check_model_state(spec, state, B)
     V = spec.vocab_size
     flat = xp.reshape(tokens, (-1,))
     if bool(xp.any((flat < 0) | (flat >= V))):
@@ -104,11 +118,15 @@ def _run(spec, params, tokens, state, streaming: bool, cu_seqlens=None):
 
         def run(s, p_, x, _state):
             return L.forward_aux(s, p_, x, None, cu)
-    new_layers, new_ffn, aux = [], [], []
+    new_layers, new_ffn, new_conv, aux = [], [], [], []
     for i, layer in enumerate(spec.layers):
         pre = f"layers.{i}."
-        y, st, a = run(layer, _sub(p, pre + "mixer."), _norm(xp, spec, h, p[pre + "norm1.weight"]),
-                       state["layers"][i])
+        g = _norm(xp, spec, h, p[pre + "norm1.weight"])
+        if spec.short_conv:
+            w, past = p[pre + "conv.weight"], state["conv"][i]
+            g, past = C.step(xp, g, w, past) if streaming else C.forward(xp, g, w, past, bounds)
+            new_conv.append(past)
+        y, st, a = run(layer, _sub(p, pre + "mixer."), g, state["layers"][i])
         new_layers.append(st)
         if a is not None:
             aux.append(a)
@@ -130,6 +148,8 @@ def _run(spec, params, tokens, state, streaming: bool, cu_seqlens=None):
     new = {"pos": state["pos"] + n, "spec_id": spec.spec_id, "layers": tuple(new_layers)}
     if new_ffn:
         new["ffn"] = tuple(new_ffn)
+    if new_conv:
+        new["conv"] = tuple(new_conv)
     total_aux = None
     if aux:
         total_aux = aux[0]

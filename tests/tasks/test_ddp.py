@@ -15,15 +15,16 @@ SETUP = """
 import numpy as np
 from memcore import spec as S
 from memcore.tasks import mqar
-from memcore.tasks.stack import TaskLM
+from memcore.tasks.stack import task_model
 from memcore.tasks.train import TrainConfig, train
 
 def batches(step):
     return mqar.generate(4, 64, 16, 2, np.random.default_rng([11, step]))
 
 def fit(out):
-    spec = S.model([S.transformer(16, 2), S.transformer(16, 2, window=4)], 64, ffn=None)
-    model = TaskLM(spec, seed=0, short_conv=3)
+    spec = S.model([S.transformer(16, 2), S.transformer(16, 2, window=4)], 64, ffn=None,
+                   short_conv=3)
+    model = task_model("torch", spec, 0)
     train(model, batches, TrainConfig(steps=3, lr=3e-3, log_every=0, out_dir=out,
                                       checkpoint_every=3), quiet=True)
     return model

@@ -1,5 +1,6 @@
-"""The JAX twins of the task models: same parameter names and initial values as the torch
-stacks, and, on the torch stack's weights, the same outputs (float32 relative RMSE <= 1e-5)."""
+"""The tasks' JAX models (the JAX model realization, and the moons memory's twin): the same
+parameter names and initial values as the torch models, and, on the torch model's weights, the
+same outputs (float32 relative RMSE <= 1e-5)."""
 
 from dataclasses import replace
 
@@ -12,14 +13,17 @@ pytest.importorskip("equinox")
 
 import jax.numpy as jnp  # noqa: E402
 
-from memcore.tasks import lm, moons, moons_model, mqar, mqar_configs  # noqa: E402
+from memcore.tasks import moons, moons_model, mqar, mqar_configs  # noqa: E402
 from memcore.tasks.jax_stack import (  # noqa: E402
     JaxMoonsMemory,
-    JaxTaskLM,
+    check_inputs,
+    load_state_dict,
+    logits_aux,
     n_params,
     pad_positions,
+    state_dict,
 )
-from memcore.tasks.stack import TaskLM  # noqa: E402
+from memcore.tasks.stack import state_bytes, task_model  # noqa: E402
 
 TOL = 1e-5  # DESIGN section 6: float32 relative RMSE
 CFG = replace(mqar_configs.QUICK, vocab_size=64, seq_len=16, num_kv_pairs=2, d_model=16,
@@ -42,25 +46,26 @@ def _tokens(n=3, seed=0):
 @pytest.mark.parametrize("name", ["bmojo", "mamba", "mosaic"])
 def test_task_lm_matches_torch(name):
     spec = mqar_configs.model_spec(name, CFG)
-    ref = TaskLM(spec, seed=3, short_conv=3)
+    assert spec.short_conv == 3
+    ref = task_model("torch", spec, 3)
     # the same seed gives the same initial values, under the same names
-    init = JaxTaskLM(spec, seed=3, short_conv=3).state_dict()
+    init = state_dict(task_model("jax", spec, 3))
     sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     assert set(init) == set(sd)
     for k in sd:
         np.testing.assert_array_equal(init[k], sd[k], err_msg=k)
     # another seed's model, given the torch weights, computes the torch logits
-    ours = JaxTaskLM(spec, seed=8, short_conv=3).load_state_dict(ref.state_dict())
+    ours = load_state_dict(task_model("jax", spec, 8), ref.state_dict())
     x, _ = _tokens(1)  # batch 1: state_bytes below reuses the compiled layers
     with torch.no_grad():
         want = ref(torch.as_tensor(x)).numpy()
-    logits, aux = ours.logits_aux(jnp.asarray(x))
+    logits, aux = logits_aux(ours, jnp.asarray(x))
     assert rel_rmse(logits, want) <= TOL
     if ref.aux_loss is None:
         assert aux is None
     else:
         assert abs(float(aux) - float(ref.aux_loss)) <= TOL * abs(float(ref.aux_loss))
-    assert ours.state_bytes(x[:1]) == ref.state_bytes(torch.as_tensor(x[:1]))
+    assert state_bytes(ours, x[:1]) == state_bytes(ref, torch.as_tensor(x[:1]))
     assert n_params(ours) == sum(p.numel() for p in ref.parameters())
 
 
@@ -93,24 +98,22 @@ def test_pad_positions():
 
 def test_bad_arguments():
     spec = mqar_configs.model_spec("transformer", CFG)
-    with pytest.raises(ValueError, match="short_conv must be"):
-        JaxTaskLM(spec, short_conv=-1)
     with pytest.raises(TypeError, match="spec must be a memcore model spec"):
-        JaxTaskLM(spec.layers[0])
-    with pytest.raises(ValueError, match="spec.ffn must be None"):
-        JaxTaskLM(lm.lm_spec("transformer", lm.LMConfig(d_model=8, n_heads=1)))
-    model = JaxTaskLM(spec)
+        task_model("jax", spec.layers[0], 0)
+    model = task_model("jax", spec, 0)
     with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=64\)"):
-        model(jnp.asarray([[0, 64]]))
+        check_inputs(model, np.asarray([[0, 64]]))
     with pytest.raises(ValueError, match="tokens must be a \\[batch, T\\]"):
-        model(jnp.asarray([0, 1]))
-    sd = model.state_dict()
-    sd.pop("embed")
+        check_inputs(model, np.asarray([0, 1]))
+    with pytest.raises(ValueError, match="state_bytes: tokens must be \\[1, T\\]"):
+        state_bytes(model, np.zeros((2, 3), np.int64))
+    sd = state_dict(model)
+    sd.pop("model.embed.weight")
     with pytest.raises(ValueError, match="parameter names differ"):
-        model.load_state_dict(sd)
-    sd = model.state_dict()
-    sd["embed"] = sd["embed"][:3]
-    with pytest.raises(ValueError, match="embed has shape"):
-        model.load_state_dict(sd)
+        load_state_dict(model, sd)
+    sd = state_dict(model)
+    sd["model.embed.weight"] = sd["model.embed.weight"][:3]
+    with pytest.raises(ValueError, match="model.embed.weight has shape"):
+        load_state_dict(model, sd)
     with pytest.raises(ValueError, match="heads must be 1 or 3"):
         JaxMoonsMemory(2)

@@ -14,8 +14,8 @@ pytest.importorskip("equinox")
 pytest.importorskip("optax")
 
 from memcore.tasks import jax_train, mqar, mqar_configs  # noqa: E402
-from memcore.tasks.jax_stack import JaxTaskLM, logits_at  # noqa: E402
-from memcore.tasks.stack import TaskLM  # noqa: E402
+from memcore.tasks.jax_stack import logits_at, state_dict  # noqa: E402
+from memcore.tasks.stack import task_model  # noqa: E402
 from memcore.tasks.train import CHECKPOINT, TrainConfig, check_backend, lr_at, train  # noqa: E402
 
 V, L, KV = 64, 16, 2
@@ -31,7 +31,7 @@ def _cfg(**kw):
 
 
 def _jax_model(seed=0):
-    return JaxTaskLM(SPEC, seed=seed, short_conv=3)
+    return task_model("jax", SPEC, seed)
 
 
 def _batches(step):
@@ -44,13 +44,15 @@ def test_trains_like_the_torch_loop(tmp_path):
     # The clip threshold is compiled into the step: every test uses the same.
     cfg = dict(steps=5, lr=3e-3, warmup=2, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=CLIP,
                log_every=1)
-    ref = TaskLM(SPEC, seed=2, short_conv=3)
+    assert SPEC.short_conv == 3  # the convolution trains on both sides
+    ref = task_model("torch", SPEC, 2)
     want = train(ref, _batches, TrainConfig(out_dir=str(tmp_path / "t"), **cfg), quiet=True)
     got = jax_train.train(_jax_model(seed=2), _batches,
                           TrainConfig(out_dir=str(tmp_path / "j"), **cfg), quiet=True)
     np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5)
     assert got["losses"][-1] < got["losses"][0]
-    sd = got["model"].state_dict()
+    sd = state_dict(got["model"])
+    assert set(sd) == set(ref.state_dict())
     for k, v in ref.state_dict().items():
         v = v.detach().numpy()
         err = np.sqrt(np.mean((sd[k] - v) ** 2) / np.mean(v ** 2))
@@ -66,7 +68,7 @@ def test_resume_continues_exactly(interrupted_and_resumed):
     cfg = dict(steps=6, lr=3e-3, seed=0, checkpoint_every=3, log_every=0, warmup=1,
                grad_clip=CLIP)
     whole, resumed = interrupted_and_resumed(jax_train.train, _jax_model, _batches, cfg)
-    a, b = whole["model"].state_dict(), resumed["model"].state_dict()
+    a, b = state_dict(whole["model"]), state_dict(resumed["model"])
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
@@ -85,7 +87,7 @@ def test_checkpoint_is_safetensors_with_json_scalars(tmp_path):
         meta = json.loads(f.metadata()["train_state"])
     assert meta["step"] == 4 and meta["backend"] == "jax"  # written at the early stop
     assert len(meta["history"]["losses"]) == 4 and meta["config"]["steps"] == 6
-    assert {f"model.{k}" for k in res["model"].state_dict()} <= keys
+    assert {f"model.{k}" for k in state_dict(res["model"])} <= keys
     assert any(k.startswith("optim") and ".mu" in k for k in keys)  # Adam's moments
     assert not list(tmp_path.glob(".ckpt-*"))
     lines = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -98,7 +100,7 @@ def test_bad_arguments(tmp_path, monkeypatch):
         jax_train.train(_jax_model(), _batches, _cfg(steps=2, out_dir=str(tmp_path)),
                         resume=True, quiet=True)
     # a torch checkpoint is not silently loaded into the JAX loop
-    train(TaskLM(SPEC, short_conv=3), _batches,
+    train(task_model("torch", SPEC, 0), _batches,
           _cfg(steps=1, checkpoint_every=1, out_dir=str(tmp_path), log_every=0),
           quiet=True)
     with pytest.raises(ValueError, match="written by the torch backend"):
@@ -136,14 +138,14 @@ def test_bad_arguments(tmp_path, monkeypatch):
 def test_torch_tensors_are_not_needed():
     # The JAX loop takes numpy batches and never builds torch tensors for the model.
     res = jax_train.train(_jax_model(), _batches, _cfg(steps=1, log_every=0), quiet=True)
-    assert all(not isinstance(v, torch.Tensor) for v in res["model"].state_dict().values())
+    assert all(not isinstance(v, torch.Tensor) for v in state_dict(res["model"]).values())
 
 
 def test_logits_at_labelled_positions_are_rows_of_the_full_logits():
     model = _jax_model(seed=4)
     x, y = _batches(1)
     mask = y != mqar.IGNORE
-    full = np.asarray(model(jax_numpy().asarray(x)))
+    full = np.asarray(model(jax_numpy().asarray(x))[0])
     got = logits_at(model, x, mask)
     assert got.shape == (int(mask.sum()), V)
     np.testing.assert_allclose(got, full[mask], rtol=1e-5, atol=1e-6)

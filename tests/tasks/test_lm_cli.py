@@ -48,10 +48,8 @@ def test_validation_and_test_windows_come_from_disjoint_splits(text):
 def test_nll_is_per_position_cross_entropy_and_buckets_carry_standard_errors():
     import torch
 
-    import memcore
-
     cfg = lm.LMConfig(seq_len=4, d_model=8, n_heads=1, bucket=3)
-    model = lm.NextByte(memcore.realize(lm.lm_spec("transformer", cfg), backend="torch"))
+    model = lm.next_token_model("torch", lm.lm_spec("transformer", cfg), 0)
     w = np.random.default_rng(0).integers(0, 256, (3, 9))
     got = lm.nll_torch(model, w, batch=2)
     logp = torch.log_softmax(model(torch.as_tensor(w[:, :-1])), -1)

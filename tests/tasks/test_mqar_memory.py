@@ -11,9 +11,9 @@ import torch
 
 import memcore
 from memcore import cli
-from memcore.tasks import commands, model_args, mqar
+from memcore.tasks import commands, memory, mqar
 from memcore.tasks import mqar_configs as C
-from memcore.tasks.stack import TaskLM
+from memcore.tasks.stack import state_bytes, task_model
 
 SMALL = replace(C.QUICK, vocab_size=64, seq_len=16, num_kv_pairs=2, d_model=16,
                 n_heads=2, d_state=4, window=3, chunk=4, select=2, capacity=5)
@@ -22,32 +22,37 @@ VARIANTS = [(name, SMALL) for name in C.MODELS] + [
     ("mamba_swa", replace(SMALL, pattern="MAM", hybrid_window=2))]
 
 
-def _tensor_bytes(state: dict) -> int:
-    return sum(a.numel() * a.element_size() for a in state.values()
-               if isinstance(a, torch.Tensor))
+def _tensor_bytes(state) -> int:
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in state)
+    return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
 
 
 @pytest.mark.parametrize("name,cfg", VARIANTS, ids=[f"{n}-{i}" for i, (n, _) in
                                                     enumerate(VARIANTS)])
 def test_memory_accounting_is_the_real_state(name, cfg):
     spec = C.model_spec(name, cfg)
-    model = TaskLM(spec, short_conv=3)
-    # before any token: what init_state allocates, plus the convolutions' K-1 inputs
-    init = sum(_tensor_bytes(m.init_state(1)) for m in model.mixers)
+    assert spec.short_conv == 3  # the tasks' convolution is the spec's
+    model = task_model("torch", spec, 0)
+    # before any token: what init_state allocates, the convolutions' K-1 inputs included
+    init = model.model.init_state(1)
     conv = len(spec.layers) * 2 * spec.d_model * 4
-    assert model_args.memory_bytes(spec, 0, 3) == init + conv
+    assert _tensor_bytes(init["conv"]) == conv
+    assert memory.memory_bytes(spec, 0) == _tensor_bytes(init)
     # after T tokens: the states the layers return (grown caches included)
     for T in (1, 7, 19):
         x = torch.as_tensor(mqar.generate(1, 64, 16, 2, np.random.default_rng(T))[0])
         x = torch.cat([x, x], 1)[:, :T]
-        assert model_args.memory_bytes(spec, T, 3) == model.state_bytes(x), (name, T)
+        assert memory.memory_bytes(spec, T) == state_bytes(model, x), (name, T)
 
 
 def test_memory_accounting_errors():
     with pytest.raises(TypeError, match="model spec"):
-        model_args.memory_bytes(memcore.spec.mamba(8), 4)
+        memory.memory_bytes(memcore.spec.mamba(8), 4)
     with pytest.raises(ValueError, match="seq_len must be an int >= 0"):
-        model_args.memory_bytes(C.model_spec("mamba", SMALL), -1)
+        memory.memory_bytes(C.model_spec("mamba", SMALL), -1)
 
 
 def test_the_hybrids_are_what_their_names_say():
@@ -69,7 +74,7 @@ def test_mamba_swa_matches_bmojo_memory_by_default():
         assert C.model_spec("mamba_swa", cfg).layers[1].window == w
 
         def mem(spec, L=L, cfg=cfg):
-            return model_args.memory_bytes(spec, L, cfg.short_conv)
+            return memory.memory_bytes(spec, L)
 
         bmojo = mem(C.model_spec("bmojo", cfg))
         assert mem(C.model_spec("mamba_swa", replace(cfg, hybrid_window=w))) <= bmojo
@@ -150,7 +155,7 @@ def test_memory_sweep_runs_family_by_family_into_one_folder(tmp_path, capsys):
                    ("transformer_window", {"window": 4})]
     for p in res["points"]:
         spec = memcore.spec.from_dict(p["spec"])
-        assert p["memory_bytes"] == model_args.memory_bytes(spec, 16, 3)
+        assert p["memory_bytes"] == memory.memory_bytes(spec, 16)
         assert 0.0 <= p["accuracy"] <= 1.0 and p["accuracy_std"] == 0.0
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "mqar.png").stat().st_size > 0

@@ -10,7 +10,7 @@ import torch
 import memcore
 from memcore import spec as S
 from memcore.tasks import mqar
-from memcore.tasks.stack import TaskLM
+from memcore.tasks.stack import TaskModel, task_model
 from memcore.tasks.train import (
     CHECKPOINT,
     TrainConfig,
@@ -25,19 +25,24 @@ V, L, KV = 64, 16, 2
 
 
 def _model(seed=0, conv=3):
-    spec = S.model([S.transformer(16, 2), S.transformer(16, 2, window=4)], V, ffn=None)
-    return TaskLM(spec, seed=seed, short_conv=conv)
+    spec = S.model([S.transformer(16, 2), S.transformer(16, 2, window=4)], V, ffn=None,
+                   short_conv=conv)
+    return task_model("torch", spec, seed)
 
 
 def _batches(step):
     return mqar.generate(4, V, L, KV, np.random.default_rng([11, step]))
 
 
-def test_task_lm_without_conv_is_the_model_realization():
+@pytest.mark.parametrize("conv", [0, 3])
+def test_task_model_is_the_model_realization(conv):
     spec = S.model([S.bmojo(16, 2, window=4, chunk=4, select=2, capacity=4, d_state=4)] * 2,
-                   V, ffn=None)
+                   V, ffn=None, short_conv=conv)
     params = memcore.init(spec, 5)
-    ours = TaskLM(spec, params=params)
+    ours = task_model("torch", spec, 5)
+    assert {k[len("model."):] for k in ours.state_dict()} == set(params)
+    for k, v in ours.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), params[k[len("model."):]], err_msg=k)
     ref = memcore.realize(spec, backend="torch", params=params)
     tokens = torch.as_tensor(_batches(0)[0])
     want, _, want_aux = ref.forward_aux(tokens)
@@ -48,6 +53,8 @@ def test_task_lm_without_conv_is_the_model_realization():
     mask = torch.zeros(tokens.shape, dtype=torch.bool)
     mask[0, 3] = mask[2, 7] = True
     torch.testing.assert_close(ours(tokens, mask), want[mask], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        ours(tokens, mask[:1])
 
 
 def test_masked_loss_uses_labelled_positions_only():
@@ -85,7 +92,7 @@ def test_checkpoint_is_safetensors_with_json_scalars(tmp_path):
         keys = set(f.keys())
         meta = json.loads(f.metadata()["train_state"])
     assert meta["step"] == 2 and len(meta["history"]["losses"]) == 2
-    assert "rng.torch" in keys and "model.embed" in keys
+    assert "rng.torch" in keys and "model.model.embed.weight" in keys
     assert any(k.startswith("optim.") and k.endswith(".exp_avg") for k in keys)
     assert not list(tmp_path.glob(".ckpt-*"))  # no temporary file left behind
     lines = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -110,7 +117,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="checkpoint_every needs out_dir"):
         TrainConfig(steps=2, checkpoint_every=1)
     with pytest.raises(ValueError, match="short_conv must be"):
-        TaskLM(S.model([S.mamba(8)], 16, ffn=None), short_conv=-1)
+        S.model([S.mamba(8)], 16, ffn=None, short_conv=-1)
+    with pytest.raises(TypeError, match="TaskModel wraps a realized torch model"):
+        TaskModel(torch.nn.Linear(2, 2))
 
 
 class _Stop(Exception):
@@ -174,8 +183,8 @@ def test_checkpoint_at_the_end_and_an_early_stop_stays_stopped(tmp_path):
 ])
 def test_resume_refuses_another_run_by_name(tmp_path, change, message):
     def model(width=16, vocab=V):
-        spec = S.model([S.transformer(width, 2)] * 2, vocab, ffn=None)
-        return TaskLM(spec, short_conv=3)
+        spec = S.model([S.transformer(width, 2)] * 2, vocab, ffn=None, short_conv=3)
+        return task_model("torch", spec, 0)
 
     base = dict(steps=4, lr=3e-3, seed=0, checkpoint_at_end=True, out_dir=str(tmp_path))
     train(model(), _batches, TrainConfig(**base), quiet=True)
