@@ -1,12 +1,10 @@
 """Selective scan (DESIGN 2.1) and the linear recurrence h_t = a_t * h_{t-1} + b_t it shares
 with the leaky average (2.2).
 
-The plain-JAX scan is two-level. Time is cut into nc chunks of L steps (the tail padded with
-dt = 0, which leaves the state unchanged). A ``lax.scan`` walks the L positions of every chunk
-at once from a zero state, forming exp(dt_t A) and x_t B_t per step, to get each chunk's end
-state; a ``lax.scan`` over the chunk summaries (decay, end state) gives each chunk's start state
-from h0; a second walk over the L positions from those start states contracts y_t = C_t . h_t
-inside the step, so the [Bt, Dc, N, T] state is never built whole. ``linear_recurrence`` keeps
+The plain-JAX scan is two-level and differentiated by hand: ``selective_scan_vjp.fused_scan``
+(a ``jax.custom_vjp``; its module docstring has the levels). ``autodiff_core`` is the same
+two-level forward left to JAX autodiff (chunk walks under ``jax.checkpoint``): the backward it
+replaced, kept as the independent check of the hand-written one. ``linear_recurrence`` keeps
 ``jax.lax.associative_scan``: the leaky average's state has no N axis, and there the chunked
 form measured slower on CPU. Accumulation is float32 (float64 for float64 inputs).
 ``implementation="pallas"`` runs ``memcore.kernels.pallas.selective_scan``.
@@ -22,6 +20,7 @@ from memcore.spec.validate import check_scan_args
 
 from . import implementation as impl
 from .numerics import acc_dtype, as_acc, silu, softplus
+from .selective_scan_vjp import fused_scan
 
 MIN_CHUNK = 16
 MAX_CHUNK = 64  # measured on CPU, mamba fwd+bwd: 64 beat 16, 32 and 128 at T = 1024 and 4096
@@ -112,7 +111,16 @@ def _chunked_selective(dt, x, A, B, C, h0, L=None):
 
 def scan_core(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk=None):
     """Validated arrays in the accumulation dtype -> (y [Bt, Dc, T], h_T); ``chunk`` is the
-    in-chunk length L (``chunk_len(T)`` if None)."""
+    in-chunk length L (``chunk_len(T)`` if None). Gradients: the hand-written backward."""
+    T = u.shape[-1]
+    if T == 0:
+        return jnp.zeros(u.shape, u.dtype), h0
+    L = chunk_len(T) if chunk is None else chunk
+    return fused_scan(u, delta, A, B, C, D, z, delta_bias, h0, bool(delta_softplus), L)
+
+
+def autodiff_core(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk=None):
+    """``scan_core`` with JAX autodiff's backward through the chunk walks."""
     dt = delta if delta_bias is None else delta + delta_bias[None, :, None]
     if delta_softplus:
         dt = softplus(dt)

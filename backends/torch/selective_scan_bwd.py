@@ -47,18 +47,21 @@ def backward_groups(dec, dtc, wc, A, A2, Bc, Cc, H, E, gyc, group_elements: int,
             prev.append(hs[l] if rcg is None else restart(hs[l].clone(), rcg, l))
             hs.append(torch.mul(prev[l], a_grp[l]).addcmul_(
                 wc[sl, l, ..., None], Bc[sl, l, ..., None, :]))
+            # gC needs h_l and gy only: read it out while h_l is still in cache
+            gC[sl, l] = (gyc[sl, l, ..., None, :] @ hs[l + 1])[..., 0, :]
+        del hs[L]  # the last state enters no product below
         e = E[sl].clone()
         # sum over positions of d(log a) * dt, per chunk: summed over chunks once at the end
         dlog_dt = torch.zeros_like(e)
+        dlog_buf = torch.empty_like(e)  # one buffer for every position: stays in cache
         for l in range(L - 1, -1, -1):
             gy_l, w_l = gyc[sl, l], wc[sl, l]
-            gC[sl, l] = (gy_l[..., None, :] @ hs[l + 1])[..., 0, :]
             g = e.addcmul_(gy_l[..., None], Cc[sl, l, ..., None, :])  # g_l, in e's memory
             gw[sl, l] = (Bc[sl, l, ..., None, :] @ g.transpose(-1, -2))[..., 0, :]
             gB[sl, l] = (w_l[..., None, :] @ g)[..., 0, :]
             e = g.mul_(a_grp[l])  # a_l g_l
-            # d/d(log a_l) = g_l a_l h_{l-1}, into h_l's memory (h_l is no longer needed)
-            dlog = torch.mul(e, prev[l], out=hs[l + 1])
+            # d/d(log a_l) = g_l a_l h_{l-1}
+            dlog = torch.mul(e, prev[l], out=dlog_buf)
             dlog_dt.addcmul_(dlog, dtc[sl, l, ..., None])
             gdt[sl, l] = dlog.mul_(A).sum(-1)
             restart(e, rcg, l)

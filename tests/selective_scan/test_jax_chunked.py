@@ -1,7 +1,8 @@
 """The two-level chunked selective scan of ``memcore.backends.jax.selective_scan`` against the
 associative form (``linear_recurrence`` then a contraction with C) and against the reference, in
 float64 (<= 1e-9, DESIGN 6): lengths of one step, under one chunk, with a partial tail chunk and
-of several whole chunks; an initial state; grouped B/C; and gradients through JAX autodiff."""
+of several whole chunks; an initial state; grouped B/C; and the hand-written gradients
+against JAX autodiff of the associative form."""
 
 from __future__ import annotations
 

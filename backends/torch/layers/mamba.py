@@ -37,17 +37,52 @@ def causal_conv(xcat, weight, bias, T: int, dpos=None):
     transposes around the convolution, and the output feeds x_proj and the scan as is.
     ``dpos`` [T] (a packed row's positions within documents): a tap that would read before
     its document's first token reads 0 (selected, so another document's NaN stays out)."""
+    if dpos is None:
+        return _CausalConv.apply(xcat, weight, bias, T)
     w = weight[:, 0, :].t()  # [K, Di]
     K = w.shape[0]
 
     def tap(j):
-        x = xcat[:, j:j + T]
-        return x if dpos is None else torch.where((dpos >= K - 1 - j)[None, :, None], x, 0.0)
+        return torch.where((dpos >= K - 1 - j)[None, :, None], xcat[:, j:j + T], 0.0)
 
     y = torch.addcmul(bias, tap(0), w[0])
     for j in range(1, K):
         y = torch.addcmul(y, tap(j), w[j])
     return y
+
+
+class _CausalConv(torch.autograd.Function):
+    """``causal_conv`` without document bounds, with its backward written out: the taps'
+    gradients are added into one buffer in place (autograd would build a zero-filled
+    copy of xcat per tap, then add them up)."""
+
+    @staticmethod
+    def forward(ctx, xcat, weight, bias, T: int):
+        w = weight[:, 0, :].t()  # [K, Di]
+        y = torch.addcmul(bias, xcat[:, :T], w[0])
+        for j in range(1, w.shape[0]):
+            y.addcmul_(xcat[:, j:j + T], w[j])
+        ctx.save_for_backward(xcat, weight)
+        ctx.T = T
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xcat, weight = ctx.saved_tensors
+        T, K = ctx.T, weight.shape[-1]
+        w = weight[:, 0, :].t()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.zeros_like(xcat)
+            for j in range(K):
+                gx[:, j:j + T].addcmul_(gy, w[j])
+        if ctx.needs_input_grad[1]:
+            # sum over batch and time of gy * tap j: one [Di] dot product per tap
+            gw = torch.stack([(gy * xcat[:, j:j + T]).sum((0, 1)) for j in range(K)],
+                             dim=-1)[:, None, :]
+        if ctx.needs_input_grad[2]:
+            gb = gy.sum((0, 1))
+        return gx, gw, gb, None
 
 
 def forward(spec, p, x, state, bounds=None):
@@ -56,22 +91,26 @@ def forward(spec, p, x, state, bounds=None):
     document, and the state is the last document's."""
     Di, K = spec.d_inner, spec.d_conv
     T = x.shape[1]
-    xz = linear(x, p["in_proj.weight"])  # [B, T, 2 Di]
-    z = xz[..., Di:].transpose(1, 2)  # [B, Di, T], a view
-    xcat = torch.cat([state["conv"].transpose(1, 2), xz[..., :Di]], dim=1)  # [B, K-1+T, Di]
+    # Two products, not one split in two: slicing one [B, T, 2 Di] output would cost its
+    # backward a zero-filled gradient of the whole output per half.
+    w_in = p["in_proj.weight"]
+    xi = linear(x, w_in[:Di])  # [B, T, Di]
+    z = linear(x, w_in[Di:]).transpose(1, 2)  # [B, Di, T], a view
+    xcat = torch.cat([state["conv"].transpose(1, 2), xi], dim=1)  # [B, K-1+T, Di]
     dpos = None if bounds is None else doc_positions(bounds, x.device)
     xc = silu(causal_conv(xcat, p["conv1d.weight"], p["conv1d.bias"], T, dpos))  # [B, T, Di]
     dt_low, Bm, Cm = _split_x_dbl(spec, p, linear(xc, p["x_proj.weight"]))
-    delta = linear(dt_low, p["dt_proj.weight"]).transpose(1, 2)
+    # dt_proj's bias added by the product (one pass less each way than the scan's add)
+    delta = torch.nn.functional.linear(dt_low, p["dt_proj.weight"],
+                                       p["dt_proj.bias"]).transpose(1, 2)
     A = -torch.exp(p["A_log"])
     y, h = selective_scan(xc.transpose(1, 2), delta, A, Bm.transpose(1, 2),
-                          Cm.transpose(1, 2), p["D"], z, delta_bias=p["dt_proj.bias"],
-                          delta_softplus=True,
+                          Cm.transpose(1, 2), p["D"], z, delta_softplus=True,
                           initial_state=state["ssm"] if bounds is None else None,
                           return_final_state=True, cu_seqlens=cu_tensor(bounds))
     out = linear(y.transpose(1, 2), p["out_proj.weight"])
     if bounds is not None:  # the last document's conv inputs, after the state's zeros
-        xcat = torch.cat([state["conv"].transpose(1, 2), xz[:, bounds[-2]:, :Di]], dim=1)
+        xcat = torch.cat([state["conv"].transpose(1, 2), xi[:, bounds[-2]:]], dim=1)
         T = T - bounds[-2]
     conv = (xcat[:, xcat.shape[1] - (K - 1):].transpose(1, 2) if K > 1 else state["conv"])
     return out, {"pos": state["pos"] + T, "conv": conv, "ssm": h}, None

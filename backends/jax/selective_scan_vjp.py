@@ -1,0 +1,237 @@
+"""The plain-JAX selective scan (DESIGN 2.1) as one ``jax.custom_vjp``: the two-level forward of
+``selective_scan`` and a hand-written backward, as the torch path's.
+
+Time is cut into nc chunks of L steps (the tail padded with dt = 0 and dt u = 0, which leave the
+state unchanged). Forward: every chunk from a zero start, all chunks at once (a ``lax.scan``
+over the L positions), the chunk level (a ``lax.scan`` over the chunks) for each chunk's
+entering state H_c, and the L positions again from those, contracting y_t = C_t . h_t as each
+state is formed. Only H [nc, Bt, Dc, N] is kept, never the [T, Bt, Dc, N] states.
+
+Backward, the adjoint g_t = C_t gy_t + a_{t+1} g_{t+1} of the state at t run in reverse with
+the same two levels: in-chunk from a zero end (all chunks at once), over chunks for the adjoint
+E_c arriving at each chunk's end, then per group of chunks the states recomputed from H and the
+adjoint run back from E, with every gradient read off as it passes. A zero cotangent
+contributes nothing: each product with a forward value selects with ``where`` instead of
+multiplying, so a non-finite input at t (whose state and outputs from t on are non-finite)
+leaves the gradients of every loss on the outputs before t as in the clean run.
+
+Core layout (time first): dt, w = dt u, gy [L, nc, Bt, G, Dg]; B, C [L, nc, Bt, G, N]; A
+[G, Dg, N]; states [nc, Bt, G, Dg, N] (G = 1 for ungrouped B and C).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from .numerics import sigmoid, silu, softplus
+
+# States recomputed at once by the backward (per group of chunks): bounds its memory to
+# about this many elements beside the O(T (Dc + N)) inputs.
+GROUP_ELEMENTS = 1 << 23
+
+
+def _sel(g, x):
+    """g * x where the cotangent g is nonzero, else 0 (also against a non-finite x)."""
+    return jnp.where(g == 0, jnp.zeros((), g.dtype), g * x)
+
+
+def _to_chunks(x, nc: int, L: int):
+    """[..., T] -> [L, nc, ...], the tail padded with zeros."""
+    pad = nc * L - x.shape[-1]
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return jnp.moveaxis(x.reshape(x.shape[:-1] + (nc, L)), (-1, -2), (0, 1))
+
+
+def _from_chunks(x, T: int):
+    """[L, nc, ...] -> [..., T]."""
+    x = jnp.moveaxis(x, (0, 1), (-1, -2))
+    return x.reshape(x.shape[:-2] + (-1,))[..., :T]
+
+
+def _grouped(M):
+    """B or C [Bt, N, T] or [Bt, G, N, T] -> [Bt, G, N, T]."""
+    return M[:, None] if M.ndim == 3 else M
+
+
+def _decay(dt_l, A):
+    return jnp.exp(dt_l[..., None] * A)
+
+
+def _advance(h, A, dt_l, w_l, b_l):
+    """h <- exp(dt A) h + w B. h [..., Dg, N]; dt_l, w_l [..., Dg]; b_l [..., N]."""
+    return _decay(dt_l, A) * h + w_l[..., None] * b_l[..., None, :]
+
+
+def _scan_forward(dt, w, A, Bc, Cc, h0):
+    """-> y [L, nc, Bt, G, Dg], h_T, entering states H and whole-chunk decays [nc, ...]."""
+    nc = dt.shape[1]
+    zero = jnp.zeros((nc,) + h0.shape, h0.dtype)
+
+    def free(h, xs):
+        return _advance(h, A, *xs), None
+
+    ends, _ = jax.lax.scan(free, zero, (dt, w, Bc))
+    tot = _decay(jnp.sum(dt, axis=0), A)
+
+    def carry(h, xs):
+        tot_c, end_c = xs
+        return tot_c * h + end_c, h
+
+    hT, H = jax.lax.scan(carry, h0, (tot, ends))
+
+    def out(h, xs):
+        *ab, c_l = xs
+        h = _advance(h, A, *ab)
+        return h, jnp.sum(c_l[..., None, :] * h, axis=-1)
+
+    _, y = jax.lax.scan(out, H, (dt, w, Bc, Cc))
+    return y, hT, H, tot
+
+
+def _group_backward(A, dt, w, Bc, Cc, gy, H, E):
+    """One group of chunks: the states recomputed from H, the adjoint run back from E.
+    -> (gdt, gw [L, n, Bt, G, Dg], gB, gC [L, n, Bt, G, N], gA [G, Dg, N])."""
+
+    def states(h, xs):
+        return _advance(h, A, *xs), h
+
+    _, prev = jax.lax.scan(states, H, (dt, w, Bc))  # prev[l]: the state before position l
+
+    def back(carry, xs):
+        e, gA = carry
+        dt_l, w_l, b_l, c_l, gy_l, p_l = xs
+        a = _decay(dt_l, A)
+        h_l = a * p_l + w_l[..., None] * b_l[..., None, :]  # one step again, not stored
+        gy_n = gy_l[..., None]
+        g = e + _sel(gy_n, c_l[..., None, :])
+        gC = jnp.sum(_sel(gy_n, h_l), axis=-2)
+        gw = jnp.sum(_sel(g, b_l[..., None, :]), axis=-1)
+        gB = jnp.sum(_sel(g, w_l[..., None]), axis=-2)
+        e = _sel(g, a)
+        dlog = _sel(e, p_l)  # d/d(log a_l) = a_l g_l h_{l-1}
+        gA = gA + jnp.sum(_sel(dlog, dt_l[..., None]), axis=(0, 1))
+        return (e, gA), (jnp.sum(dlog * A, axis=-1), gw, gB, gC)
+
+    (_, gA), (gdt, gw, gB, gC) = jax.lax.scan(back, (E, jnp.zeros_like(A)),
+                                              (dt, w, Bc, Cc, gy, prev), reverse=True)
+    return gdt, gw, gB, gC, gA
+
+
+def _scan_backward(A, dt, w, Bc, Cc, H, tot, gy, ghT):
+    """Cotangents of (y, h_T) -> (gdt, gw, gA, gB, gC, gh0), in the core layout."""
+    L, nc = dt.shape[:2]
+
+    def free(e, xs):  # in-chunk, from a zero end: the adjoint leaving each chunk's start
+        dt_l, gy_l, c_l = xs
+        g = e + _sel(gy_l[..., None], c_l[..., None, :])
+        return _sel(g, _decay(dt_l, A)), None
+
+    leave, _ = jax.lax.scan(free, jnp.zeros_like(H), (dt, gy, Cc), reverse=True)
+
+    def over(E, xs):  # E: the adjoint arriving at chunk c's end from the chunks after it
+        leave_c, tot_c = xs
+        return leave_c + _sel(E, tot_c), E
+
+    gh0, E = jax.lax.scan(over, ghT, (leave, tot), reverse=True)
+
+    per_chunk = L * H[0].size
+    n = max(1, min(nc, GROUP_ELEMENTS // max(1, per_chunk)))
+    if n >= nc:
+        gdt, gw, gB, gC, gA = _group_backward(A, dt, w, Bc, Cc, gy, H, E)
+        return gdt, gw, gA, gB, gC, gh0
+    ng = -(-nc // n)
+    pad = ng * n - nc
+
+    def split(x, axis):  # chunk axis -> [ng, ..., n, ...] (padding: dt = w = gy = 0, H = E = 0)
+        x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
+        x = x.reshape(x.shape[:axis] + (ng, n) + x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    def merge(x):  # [ng, L, n, ...] -> [L, nc, ...]
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape((L, ng * n) + x.shape[3:])[:, :nc]
+
+    parts = jax.lax.map(lambda xs: _group_backward(A, *xs),
+                        (*(split(x, 1) for x in (dt, w, Bc, Cc, gy)), split(H, 0), split(E, 0)))
+    gdt, gw, gB, gC = (merge(x) for x in parts[:4])
+    return gdt, gw, jnp.sum(parts[4], axis=0), gB, gC, gh0
+
+
+def _prologue(delta, delta_bias, delta_softplus: bool):
+    x = delta if delta_bias is None else delta + delta_bias[None, :, None]
+    return x, (softplus(x) if delta_softplus else x)
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, L):
+    Bt, Dc, T = u.shape
+    Bg = _grouped(B)
+    G, N = Bg.shape[1], A.shape[1]
+    nc = -(-T // L)
+    x, dt = _prologue(delta, delta_bias, delta_softplus)
+
+    def core(a):  # [Bt, Dc, T] -> [L, nc, Bt, G, Dg]
+        c = _to_chunks(a, nc, L)
+        return c.reshape(c.shape[:3] + (G, Dc // G))
+
+    dtc, wc = core(dt), core(dt * u)
+    Bc, Cc = _to_chunks(Bg, nc, L), _to_chunks(_grouped(C), nc, L)
+    Ag = A.reshape(G, Dc // G, N)
+    yc, hT, H, tot = _scan_forward(dtc, wc, Ag, Bc, Cc, h0.reshape(Bt, G, Dc // G, N))
+    y = _from_chunks(yc.reshape(yc.shape[:3] + (Dc,)), T)
+    if D is not None:
+        y = y + D[None, :, None] * u
+    pre = y
+    if z is not None:
+        y = y * silu(z)
+    res = (u, x, dt, A, B, C, D, z, delta_bias, dtc, wc, Bc, Cc, H, tot, pre)
+    return (y, hT.reshape(Bt, Dc, N)), res
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def fused_scan(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, L):
+    """The selective scan from validated arrays in the accumulation dtype -> (y [Bt, Dc, T],
+    h_T [Bt, Dc, N]), T >= 1. u, delta, z: [Bt, Dc, T]; A: [Dc, N]; B, C: [Bt, (G,) N, T];
+    D, delta_bias: [Dc] (D, z, delta_bias may be None); h0: [Bt, Dc, N]; L: in-chunk length."""
+    return _forward(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, L)[0]
+
+
+def _fwd(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, L):
+    return _forward(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, L)
+
+
+def _bwd(delta_softplus, L, res, cts):
+    u, x, dt, A, B, C, D, z, delta_bias, dtc, wc, Bc, Cc, H, tot, pre = res
+    gy, ghT = cts
+    Bt, Dc, T = u.shape
+    G, N = Bc.shape[3], A.shape[1]
+    gz = None
+    if z is not None:
+        s = sigmoid(z)
+        gz = _sel(gy, pre * s * (1 + z * (1 - s)))
+        gy = _sel(gy, silu(z))
+    gD = None if D is None else jnp.sum(_sel(gy, u), axis=(0, 2))
+    gu = 0 if D is None else _sel(gy, D[None, :, None])
+    gyc = _to_chunks(gy, -(-T // L), L)
+    gyc = gyc.reshape(gyc.shape[:3] + (G, Dc // G))
+    gdtc, gwc, gA, gBc, gCc, gh0 = _scan_backward(A.reshape(G, Dc // G, N), dtc, wc, Bc, Cc, H,
+                                                  tot, gyc, ghT.reshape(H.shape[1:]))
+
+    def flat(g):  # [L, nc, Bt, G, Dg] -> [Bt, Dc, T]
+        return _from_chunks(g.reshape(g.shape[:3] + (Dc,)), T)
+
+    gw = flat(gwc)
+    gu = gu + _sel(gw, dt)
+    gdt = flat(gdtc) + _sel(gw, u)
+    gdelta = _sel(gdt, sigmoid(x)) if delta_softplus else gdt
+    gbias = None if delta_bias is None else jnp.sum(gdelta, axis=(0, 2))
+    gB, gC = _from_chunks(gBc, T), _from_chunks(gCc, T)
+    if B.ndim == 3:
+        gB, gC = gB[:, 0], gC[:, 0]
+    return (gu, gdelta, gA.reshape(Dc, N), gB, gC, gD, gz, gbias,
+            gh0.reshape(Bt, Dc, N))
+
+
+fused_scan.defvjp(_fwd, _bwd)
