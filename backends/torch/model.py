@@ -146,3 +146,23 @@ def run(spec, p, tokens, state, streaming: bool, inplace: bool = False,
     if new_conv:
         new["conv"] = tuple(new_conv)
     return logits, new, aux
+
+
+def check_positions(positions, tokens, logits_to_keep: int) -> None:
+    """``positions``: a 1-D integer tensor of flat indices into the B * T positions of
+    ``tokens``, on their device; not together with ``logits_to_keep``."""
+    if not isinstance(positions, torch.Tensor) or positions.ndim != 1 or \
+            positions.dtype.is_floating_point or positions.dtype.is_complex or \
+            positions.dtype == torch.bool:
+        raise ValueError(f"positions must be a 1-D integer tensor of flat indices into the "
+                         f"B * T positions, got {type(positions).__name__} "
+                         f"{getattr(positions, 'dtype', '')} "
+                         f"{tuple(getattr(positions, 'shape', ()))}")
+    if logits_to_keep:
+        raise ValueError("positions and logits_to_keep both choose the head's rows: pass one")
+    n = tokens.numel()
+    if positions.device != tokens.device:
+        raise ValueError(f"positions are on {positions.device}, the tokens on {tokens.device}")
+    if positions.numel() and bool(((positions < 0) | (positions >= n)).any()):
+        raise ValueError(f"positions must lie in [0, B * T = {n}), got values from "
+                         f"{int(positions.min())} to {int(positions.max())}")

@@ -82,26 +82,6 @@ def _check_tensors(state, name: str) -> None:
                                 f"{type(a).__module__}.{type(a).__name__}")
 
 
-def _check_positions(positions, tokens, logits_to_keep: int) -> None:
-    """``positions``: a 1-D integer tensor of flat indices into the B * T positions of
-    ``tokens``, on their device; not together with ``logits_to_keep``."""
-    if not isinstance(positions, torch.Tensor) or positions.ndim != 1 or \
-            positions.dtype.is_floating_point or positions.dtype.is_complex or \
-            positions.dtype == torch.bool:
-        raise ValueError(f"positions must be a 1-D integer tensor of flat indices into the "
-                         f"B * T positions, got {type(positions).__name__} "
-                         f"{getattr(positions, 'dtype', '')} "
-                         f"{tuple(getattr(positions, 'shape', ()))}")
-    if logits_to_keep:
-        raise ValueError("positions and logits_to_keep both choose the head's rows: pass one")
-    n = tokens.numel()
-    if positions.device != tokens.device:
-        raise ValueError(f"positions are on {positions.device}, the tokens on {tokens.device}")
-    if positions.numel() and bool(((positions < 0) | (positions >= n)).any()):
-        raise ValueError(f"positions must lie in [0, B * T = {n}), got values from "
-                         f"{int(positions.min())} to {int(positions.max())}")
-
-
 class TorchLayer(nn.Module):
     """A layer spec realized in torch. Parameter names are ``memcore.init``'s names."""
 
@@ -304,7 +284,7 @@ class TorchModel(nn.Module):
         bounds = None if streaming else check_cu_seqlens(cu_seqlens, tokens.shape[1],
                                                          tokens.shape[0], state)
         if positions is not None:
-            _check_positions(positions, tokens, logits_to_keep)
+            model.check_positions(positions, tokens, logits_to_keep)
         w = self.embed.weight
         if tokens.device != w.device:
             raise ValueError(f"tokens are on device {tokens.device}, but the parameters are on "

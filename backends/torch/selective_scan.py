@@ -25,9 +25,10 @@ import torch
 from memcore.spec.validate import check_scan_args
 
 from .implementation import scan_choice
-from .numerics import NEG_INF, acc_dtype, all_finite, cast, fast_softplus, silu, softplus
+from .numerics import NEG_INF, acc_dtype, all_finite, fast_softplus, silu
 from .packed import check_cu_seqlens, doc_starts
 from .selective_scan_bwd import backward_groups, restart, ssm_decay
+from .selective_scan_step import selective_state_update  # noqa: F401 (the primitive's streaming form)
 
 CHUNK = 16  # steps per chunk: the intra-chunk decay matrix is L x L per (batch, channel, state)
 GROUP_ELEMENTS = 1 << 24  # decay-matrix elements per group of chunks (memory bound)
@@ -364,59 +365,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (y, hT) if return_final_state else y
 
 
-def _expand_streaming(M, Dc: int):
-    if M.ndim == 2:
-        return M[:, None]
-    Bt, G, N = M.shape
-    return M[:, :, None].expand(Bt, G, Dc // G, N).reshape(Bt, Dc, N)
-
-
 def _time_first(M):
     """[Bt, N, T] or [Bt, G, N, T] -> [T, Bt, G, N], contiguous rows per position."""
     M = M[:, None] if M.ndim == 3 else M
     return M.permute(3, 0, 1, 2).contiguous()
-
-
-def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                           delta_softplus=False, *, inplace: bool = False):
-    """One token: state [Bt, Dc, N]; u, delta, z [Bt, Dc]; B, C [Bt, N] or [Bt, G, N].
-    Returns (y [Bt, Dc] in u's dtype, new state in the accumulation dtype). With ``inplace``
-    (every argument already in the accumulation dtype, ``state`` a buffer of its own) the new
-    state is written into ``state``."""
-    if inplace:
-        return _state_update_(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    check_scan_args(u, delta, A, B, C, D, z, delta_bias, state, streaming=True)
-    acc = acc_dtype(u.dtype)
-    u_, dt, A_, B_, C_, D_, z_, db, h = cast(acc, u, delta, A, B, C, D, z, delta_bias, state)
-    Dc = u.shape[1]
-    if db is not None:
-        dt = dt + db[None, :]
-    if delta_softplus:
-        dt = softplus(dt)
-    B_ = _expand_streaming(B_, Dc)
-    C_ = _expand_streaming(C_, Dc)
-    h = torch.exp(dt[:, :, None] * A_[None]) * h + (dt * u_)[:, :, None] * B_
-    y = (h * C_).sum(2)
-    if D_ is not None:
-        y = y + D_[None, :] * u_
-    if z_ is not None:
-        y = y * silu(z_)
-    return y.to(u.dtype), h
-
-
-def _state_update_(h, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """``selective_state_update`` written into ``h`` [B, Dc, N]. Returns (y [B, Dc], h)."""
-    dt = delta if delta_bias is None else delta + delta_bias[None, :]
-    if delta_softplus:
-        dt = softplus(dt)
-    Dc = u.shape[1]
-    h.mul_(torch.exp(dt[:, :, None] * A[None]))
-    h.addcmul_((dt * u)[:, :, None], B[:, None, :] if B.ndim == 2 else _expand_streaming(B, Dc))
-    Cm = C[:, :, None] if C.ndim == 2 else _expand_streaming(C, Dc)[..., None]
-    y = torch.matmul(h, Cm)[:, :, 0] if C.ndim == 2 else torch.matmul(
-        h[:, :, None], Cm)[:, :, 0, 0]
-    if D is not None:
-        y = y + D[None, :] * u
-    if z is not None:
-        y = y * silu(z)
-    return y, h
