@@ -18,21 +18,27 @@ from memcore.spec.validate import check_associative_readout_args
 from . import implementation as impl
 from .banded import banded_partial, dense_partial
 from .numerics import acc_dtype, combine, partial
+from .packed import check_cu_seqlens, segment_ids
 from .rings import cache_write, ring_positions, ring_to_seq, ring_write, seq_to_ring
 
 
-def associative_readout(k, v, capacity=None, *, implementation="auto"):
-    """k, v: [B, T, H, E] -> y [B, T, H, E]. Banded when ``capacity`` is set."""
+def associative_readout(k, v, capacity=None, cu_seqlens=None, *, implementation="auto"):
+    """k, v: [B, T, H, E] -> y [B, T, H, E]. Banded when ``capacity`` is set.
+    ``cu_seqlens`` (int32 [N + 1], B = 1; boundaries may be traced): a query reads pairs of
+    its own document only."""
     impl.plain_only("associative_readout", implementation)
     check_associative_readout_args(k, v)
-    return _associative(k, v, capacity)
+    cu = check_cu_seqlens(cu_seqlens, k.shape[1], k.shape[0], None, "associative_readout")
+    return _associative(k, v, capacity, None if cu is None else segment_ids(cu, k.shape[1]))
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
-def _associative(k, v, capacity):
+def _associative(k, v, capacity, seg=None):
     acc = acc_dtype(k.dtype)
     B, T, H, E = k.shape
     kk, vv = (jnp.swapaxes(a.astype(acc), 1, 2) for a in (k, v))
+    if seg is not None:
+        return jnp.swapaxes(packed_readout(kk, kk, vv, seg, capacity), 1, 2).astype(k.dtype)
     if capacity is None:
         i = jnp.arange(T)
         part = dense_partial(kk, kk, vv, (i[None, :] <= i[:, None] - 1)[None, None], 1.0)
@@ -44,6 +50,23 @@ def _associative(k, v, capacity):
         valid = jnp.broadcast_to(jnp.arange(M + 1 + T) >= M + 1, (B, M + 1 + T))
         part = banded_partial(kk, kx, vx, valid, M, 1.0)
     return jnp.swapaxes(combine([part]), 1, 2).astype(k.dtype)
+
+
+def packed_readout(q, kp, vp, seg, capacity):
+    """A packed row's readout: query t [B, H, T, E] reads pairs j = t - M .. t - 1 (all
+    earlier ones without a capacity M) of kp, vp [B, H, T, E] whose document seg[j] is its
+    own (seg [T], the document of each position). Returns o [B, H, T, E]."""
+    B, H, T, E = q.shape
+    if capacity is None:  # masked causal: T x T
+        i = jnp.arange(T)
+        mask = (i[None, :] <= i[:, None] - 1) & (seg[None, :] == seg[:, None])
+        return combine([dense_partial(q, kp, vp, mask[None, None], 1.0)])
+    M = capacity  # extended entry j holds pair j - (M + 1): query i reads i + 1 .. i + M
+    pad = jnp.zeros((B, H, M + 1, E), kp.dtype)
+    kx, vx = jnp.concatenate([pad, kp], axis=2), jnp.concatenate([pad, vp], axis=2)
+    valid = jnp.broadcast_to(jnp.arange(M + 1 + T) >= M + 1, (B, M + 1 + T))
+    eseg = jnp.concatenate([jnp.full((M + 1,), -1, seg.dtype), seg])
+    return combine([banded_partial(q, kx, vx, valid, M, 1.0, seg=(seg, eseg))])
 
 
 def readout(q, kp, vp, mem_k, mem_v, pos, capacity):

@@ -15,11 +15,13 @@ import numpy as np
 from .numerics import finite_values, partial
 
 
-def banded_partial(q, kx, vx, valid, width: int, scale: float):
+def banded_partial(q, kx, vx, valid, width: int, scale: float, seg=None):
     """q: [B, H, T, E]; kx, vx: [B, H, L, E]; valid: [B, L] (bool, entry holds a key).
 
-    Query i reads entries j with i + 1 <= j <= i + width (and valid). Returns (m, l, o)
-    with m, l [B, H, T] and o [B, H, T, E].
+    Query i reads entries j with i + 1 <= j <= i + width (and valid). ``seg`` (a packed
+    row): (query_seg [T], entry_seg [L]), the document of each query and entry; a query then
+    reads entries of its own document only. Returns (m, l, o) with m, l [B, H, T] and
+    o [B, H, T, E].
     """
     B, H, T, E = q.shape
     Q = max(1, min(width, T))
@@ -32,6 +34,8 @@ def banded_partial(q, kx, vx, valid, width: int, scale: float):
         kx = jnp.pad(kx, ((0, 0), (0, 0), (0, pad), (0, 0)))
         vx = jnp.pad(vx, ((0, 0), (0, 0), (0, pad), (0, 0)))
         valid = jnp.pad(valid, ((0, 0), (0, pad)))
+        if seg is not None:
+            seg = (seg[0], jnp.pad(seg[1], (0, pad), constant_values=-1))
     idx = (np.arange(nb)[:, None] * Q + np.arange(span)[None, :])  # [nb, span], static
     kg = kx[:, :, idx]  # [B, H, nb, span, E]
     # A block's slice holds keys later than some of its queries: non-finite values are zeroed
@@ -45,6 +49,9 @@ def banded_partial(q, kx, vx, valid, width: int, scale: float):
     qp = jnp.pad(q, ((0, 0), (0, 0), (0, nb * Q - T), (0, 0))).reshape(B, H, nb, Q, E)
     scores = jnp.einsum("bhnqe,bhnke->bhnqk", qp, kg) * scale
     mask = band[None, None, None] & vmask[:, None, :, None, :]
+    if seg is not None:
+        qs = jnp.pad(seg[0], (0, nb * Q - T), constant_values=-2).reshape(nb, Q)
+        mask = mask & (qs[:, :, None] == seg[1][idx][:, None, :])[None, None]
     m, l, o = partial(scores, mask, vg, bad[:, :, idx])
     return (m.reshape(B, H, nb * Q)[:, :, :T], l.reshape(B, H, nb * Q)[:, :, :T],
             o.reshape(B, H, nb * Q, E)[:, :, :T])

@@ -189,6 +189,90 @@ def visible_partial(q, snap, layout, W: int, C: int, scale: float):
             jnp.take(o.reshape(B, H, nc * C, E), back, axis=2))
 
 
+# --- packed rows (DESIGN 5a): chunks restart at every document, boundaries traced ----------
+
+def packed_chunks(cu, T: int, C: int):
+    """The chunks of a packed row, each document's counted from its first token, on a static
+    number of chunk slots nC = min(ceil(T / C) + N - 1, T) (a document of n tokens has
+    ceil(n / C) chunks; these sum to at most that). Returns a dict of
+    ``tok`` [nC, C] (token of each slot, clipped into range), ``tvalid`` [nC, C] (the slot
+    holds a token), ``first`` [nC] (a document's first chunk), ``complete`` [nC] (C tokens),
+    ``last`` (0-d: the last chunk in use), ``at`` [T] (each token's flat slot)."""
+    N = cu.shape[0] - 1
+    nC = min(-(-T // C) + N - 1, T)
+    starts, lens = cu[:-1], cu[1:] - cu[:-1]
+    count = (lens + C - 1) // C
+    ends = jnp.cumsum(count)
+    g = jnp.arange(nC, dtype=cu.dtype)
+    in_use = g < ends[-1]
+    d = jnp.clip(jnp.searchsorted(ends, g, side="right"), 0, N - 1)
+    r = g - (ends[d] - count[d])  # the chunk's index within its document
+    length = jnp.where(in_use, jnp.clip(lens[d] - r * C, 0, C), 0)
+    i = jnp.arange(C, dtype=cu.dtype)
+    seg = jnp.searchsorted(cu[1:], jnp.arange(T, dtype=cu.dtype), side="right")
+    dpos = jnp.arange(T, dtype=cu.dtype) - cu[seg]
+    return {"tok": jnp.clip(starts[d][:, None] + r[:, None] * C + i[None, :], 0, T - 1),
+            "tvalid": i[None, :] < length[:, None], "first": in_use & (r == 0),
+            "complete": length == C, "last": ends[-1] - 1,
+            "at": (ends[seg] - count[seg] + dpos // C) * C + dpos % C}
+
+
+def packed_parallel(k, v, scores, dpos, cu, C: int, K: int, M: int):
+    """The store over a packed row: every document selects from an empty store, in its own
+    chunks. k, v: [B, H, T, E]; scores: [B, T]; dpos: [T] positions within documents.
+    Returns (per-chunk-slot snapshots of the store visible to that chunk's queries, the chunk
+    layout, the last document's cand and store)."""
+    B, H, T, E = k.shape
+    lay = packed_chunks(cu, T, C)
+    nC = lay["tok"].shape[0]
+    tok, ok = lay["tok"].reshape(-1), lay["tvalid"].reshape(-1)
+    chunk = {  # chunks folded into the batch, to pick each chunk's best K at once
+        "k": jnp.moveaxis(jnp.take(k, tok, axis=2).reshape(B, H, nC, C, E), 2, 1),
+        "v": jnp.moveaxis(jnp.take(v, tok, axis=2).reshape(B, H, nC, C, E), 2, 1),
+        "score": jnp.where(ok, jnp.take(jax.lax.stop_gradient(scores), tok, axis=1), 0.0),
+        "pos": jnp.broadcast_to(jnp.where(ok, dpos[tok], -1).astype(POS_DTYPE), (B, nC * C)),
+    }
+    flat = {"k": chunk["k"].reshape(B * nC, H, C, E), "v": chunk["v"].reshape(B * nC, H, C, E),
+            "score": chunk["score"].reshape(B * nC, C), "pos": chunk["pos"].reshape(B * nC, C)}
+    picked = top(flat, K)
+    cands = {f: (a.reshape(B, nC, H, K, E) if f in ("k", "v") else a.reshape(B, nC, K))
+             for f, a in picked.items()}
+    blank_store = empty(B, H, M, E, k.dtype)
+
+    def body(kept, xs):
+        cand_r, first, done = xs
+        kept = select(first, blank_store, kept)  # a document starts from the empty store
+        merged = merge(kept, cand_r, M) if M > 0 else kept
+        return select(done, merged, kept), kept
+
+    xs = ({f: jnp.moveaxis(a, 1, 0) for f, a in cands.items()}, lay["first"], lay["complete"])
+    kept, snaps = jax.lax.scan(body, blank_store, xs)
+    last = {f: jnp.take(a, lay["last"], axis=1) for f, a in cands.items()}
+    new_cand = select(lay["complete"][lay["last"]], empty(B, H, K, E, k.dtype), last)
+    snap = {"k": jnp.moveaxis(snaps["k"], 0, 2), "v": jnp.moveaxis(snaps["v"], 0, 2),
+            "pos": jnp.moveaxis(snaps["pos"], 0, 1)}
+    return snap, lay, new_cand, kept
+
+
+def packed_visible_partial(q, snap, lay, dpos, W: int, scale: float):
+    """The store as a softmax source over a packed row: queries q [B, H, T, E] laid out on
+    the chunk slots, each chunk against its own snapshot (entries of its document with
+    position <= t - W, positions within the document)."""
+    B, H, T, E = q.shape
+    nC, C = lay["tok"].shape
+    tok = lay["tok"].reshape(-1)
+    qc = jnp.take(q, tok, axis=2).reshape(B, H, nC, C, E)
+    qpos = dpos[lay["tok"]]  # [nC, C]
+    spos = snap["pos"]  # [B, nC, M]
+    mask = (spos[:, :, None, :] >= 0) & (spos[:, :, None, :] <= qpos[None, :, :, None] - W)
+    scores = jnp.einsum("bhnce,bhnme->bhncm", qc, snap["k"]) * scale
+    m, l, o = partial(scores, mask[:, None], snap["v"])
+    at = lay["at"]
+    return (jnp.take(m.reshape(B, H, nC * C), at, axis=2),
+            jnp.take(l.reshape(B, H, nC * C), at, axis=2),
+            jnp.take(o.reshape(B, H, nC * C, E), at, axis=2))
+
+
 # --- the primitive's public functions, on the reference's entry sets --------------------------
 
 def _check_entries(name: str, e):

@@ -52,10 +52,11 @@ def auto_kernel(x) -> bool:
     return isinstance(x, jax.Array) and on_gpu(x)
 
 
-def resolve(x) -> str:
+def resolve(x, packed: bool = False) -> str:
     """``auto`` for a call on ``x`` as a concrete choice: "pallas" (the kernels, where a
-    primitive has one) or "jax". The realized modules take it outside jit."""
-    return "pallas" if auto_kernel(x) else "jax"
+    primitive has one) or "jax". The realized modules take it outside jit. A ``packed`` row
+    (cu_seqlens) runs plain JAX: the Pallas kernels take no document boundaries yet."""
+    return "pallas" if auto_kernel(x) and not packed else "jax"
 
 
 def require_pallas(where: str) -> None:

@@ -49,9 +49,10 @@ def _dense_ffn(spec, p, pre, g):
                   * linear(g, p[pre + "ffn.up_proj.weight"]), p[pre + "ffn.down_proj.weight"])
 
 
-def _run(spec, p, tokens, state, streaming: bool, implementation, positions=None):
+def _run(spec, p, tokens, state, streaming: bool, implementation, positions=None, cu=None):
     """tokens [B, T] (or [B] streaming) -> (logits, state, aux: sum of the layers' aux);
-    ``positions`` (flat indices [n] into B * T): the head at those rows only ([n, V])."""
+    ``positions`` (flat indices [n] into B * T): the head at those rows only ([n, V]);
+    ``cu``: a packed row's checked cu_seqlens (from the empty state)."""
     pos = state["pos"]
 
     def call(s, params, x, arrays):
@@ -59,6 +60,8 @@ def _run(spec, p, tokens, state, streaming: bool, implementation, positions=None
         st = {**arrays, "pos": pos}
         if streaming:
             return m.step(s, params, x, st)
+        if cu is not None:  # every layer restarts at each document
+            return m.forward(s, params, x, st, implementation=implementation, cu_seqlens=cu)
         return m.forward(s, params, x, st, implementation=implementation)
 
     h = jnp.take(p["embed.weight"], tokens, axis=0)
@@ -68,7 +71,7 @@ def _run(spec, p, tokens, state, streaming: bool, implementation, positions=None
         g = _norm(spec, h, p[pre + "norm1.weight"])
         if spec.short_conv:
             w, past = p[pre + "conv.weight"], state["conv"][i]
-            g, past = C.step(g, w, past) if streaming else C.forward(g, w, past)
+            g, past = C.step(g, w, past) if streaming else C.forward(g, w, past, cu)
             convs.append(past)
         y, st, a = call(layer, sub(p, pre + "mixer."), g, state["layers"][i])
         end = st["pos"]
@@ -97,10 +100,12 @@ def _run(spec, p, tokens, state, streaming: bool, implementation, positions=None
     return logits, new, aux
 
 
-def forward(spec, p, tokens, state, *, implementation="auto", positions=None):
+def forward(spec, p, tokens, state, *, implementation="auto", positions=None, cu_seqlens=None):
     """Parallel form: tokens [B, T] -> (logits [B, T, V], state, aux); with ``positions``
-    (flat indices [n] into the B * T positions) the logits there only, [n, V]."""
-    return _run(spec, p, tokens, state, False, implementation, positions)
+    (flat indices [n] into the B * T positions) the logits there only, [n, V].
+    ``cu_seqlens`` (checked int32 [N + 1], possibly traced; B = 1, the empty state): documents
+    packed in one row, each run as if alone; the state is the last document's."""
+    return _run(spec, p, tokens, state, False, implementation, positions, cu_seqlens)
 
 
 def step(spec, p, tokens_t, state):

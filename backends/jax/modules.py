@@ -2,6 +2,7 @@
 
     layer = realize(spec, params)                  # params: memcore.init's dict (same names)
     y, state = layer(x, state=None)                # parallel form, x [B, T, D]
+    y, state = layer(x, None, cu_seqlens=cu)       # a packed row (DESIGN 5a), batch 1
     y, state, aux = layer.forward_aux(x, state)    # also the innovation loss (bmojo), else None
     y_t, state = layer.step(x_t, state)            # streaming form, x_t [B, D]
     y_t, state, aux = layer.step_aux(x_t, state)
@@ -13,6 +14,10 @@ A model takes token ids and returns logits, and adds ``generate``. States are
 core, and passed to it as a static argument. A growing cache (transformer window=None, mosaic
 capacity=None) is sized by ``max_len``; in a state built by a call without one it is regrown
 outside jit when a later call needs more room.
+
+``cu_seqlens`` (int32 [N + 1]) is checked in full where it is concrete and by its dtype and
+shape under jit, then passed to the jitted core as an array: one compilation serves every
+packing of T tokens into N documents. A packed call runs plain JAX (``implementation.resolve``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from . import model
 from . import state as S
 from .layers import module
 from .numerics import acc_dtype, is_traced
+from .packed import check_cu_seqlens, last_start, max_chunk
 from .state import State
 
 
@@ -45,10 +51,12 @@ def _arrays(st: dict) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _layer_core(spec, params, x, arrays, pos, streaming, implementation):
+def _layer_core(spec, params, x, arrays, pos, streaming, implementation, cu=None):
     p, m, st = _cast(params, x.dtype), module(spec), {**arrays, "pos": pos}
     if streaming:
         y, st, aux = m.step(spec, p, x, st)
+    elif cu is not None:
+        y, st, aux = m.forward(spec, p, x, st, implementation=implementation, cu_seqlens=cu)
     else:
         y, st, aux = m.forward(spec, p, x, st, implementation=implementation)
     return y, _arrays(st), aux
@@ -56,14 +64,20 @@ def _layer_core(spec, params, x, arrays, pos, streaming, implementation):
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
 def _model_core(spec, params, tokens, arrays, pos, streaming, acc, implementation,
-                positions=None):
+                positions=None, cu=None):
     p, st = _cast(params, acc), {**arrays, "pos": pos}
     if streaming:
         logits, st, aux = model.step(spec, p, tokens, st)
     else:
         logits, st, aux = model.forward(spec, p, tokens, st, implementation=implementation,
-                                        positions=positions)
+                                        positions=positions, cu_seqlens=cu)
     return logits, _arrays(st), aux
+
+
+def _end(state, T: int, cu):
+    """The position after a call of T tokens: T more, or a packed row's last document's
+    length (from the empty state)."""
+    return state.pos + (T if cu is None else (T - last_start(cu)).astype(state.pos.dtype))
 
 
 def _check_room(spec, state, n: int, y):
@@ -133,10 +147,14 @@ def _prepare_state(spec, state, batch: int, n: int, dtype, streaming: bool):
     return state
 
 
-def _check_layout(spec, state, batch: int, T: int, dtype) -> None:
+def _check_layout(spec, state, batch: int, T: int, dtype, cu=None) -> None:
     """The parallel form's chunk layout within the allocation limit (its start position is
-    known outside jit only; under jit, a start at a chunk boundary is assumed)."""
+    known outside jit only; under jit, a start at a chunk boundary is assumed). A packed row
+    of N documents lays out up to N - 1 partial chunks more: counted as that many chunks'
+    tokens of the longest chunk."""
     pos = 0 if is_traced(state.pos) else int(state.pos)
+    if cu is not None:
+        T = T + (cu.shape[0] - 2) * max_chunk(spec)
     check_layout(spec, batch=batch, T=T, pos=pos, dtype_bytes=jnp.dtype(acc_dtype(dtype)).itemsize)
 
 
@@ -161,21 +179,25 @@ class JaxLayer(eqx.Module, strict=True):
         """The empty state for inputs of ``dtype`` (default: JAX's default float)."""
         return _init_state(self.spec, batch, dtype, device, max_len)
 
-    def forward_aux(self, x, state: State | None = None):
+    def forward_aux(self, x, state: State | None = None, *, cu_seqlens=None):
+        """x [B, T, D] -> (y, state, aux). ``cu_seqlens`` (int32 [N + 1], batch 1, state None;
+        the boundaries may be traced, N is static): documents packed in one row, each run as
+        if alone from the empty state; the state is the last document's."""
         x = _check_x(self.spec, x, False, "x")
         B, T, _ = x.shape
+        cu = check_cu_seqlens(cu_seqlens, T, B, state, "forward")
         state = _prepare_state(self.spec, state, B, T, x.dtype, False)
         if T == 0:  # empty in, empty out; the state as it was
             return jnp.zeros(x.shape, x.dtype), state, _aux_zero(self.spec, x.dtype)
-        _check_layout(self.spec, state, B, T, x.dtype)
+        _check_layout(self.spec, state, B, T, x.dtype, cu)
         xa = x.astype(acc_dtype(x.dtype))
         y, arrays, aux = _layer_core(self.spec, self.params, xa, state.arrays, state.pos, False,
-                                     impl.resolve(xa))
+                                     impl.resolve(xa, packed=cu is not None), cu)
         y = _check_room(self.spec, state, T, y).astype(x.dtype)
-        return y, State(state.pos + T, arrays, self.spec.spec_id, state.growable), aux
+        return y, State(_end(state, T, cu), arrays, self.spec.spec_id, state.growable), aux
 
-    def __call__(self, x, state: State | None = None):
-        y, state, _ = self.forward_aux(x, state)
+    def __call__(self, x, state: State | None = None, *, cu_seqlens=None):
+        y, state, _ = self.forward_aux(x, state, cu_seqlens=cu_seqlens)
         return y, state
 
     def step_aux(self, x_t, state: State | None = None):
@@ -214,12 +236,17 @@ class JaxModel(eqx.Module, strict=True):
         return _init_state(self.spec, batch, self.dtype if dtype is None else dtype, device,
                            max_len)
 
-    def forward_aux(self, tokens, state: State | None = None, *, positions=None):
+    def forward_aux(self, tokens, state: State | None = None, *, positions=None,
+                    cu_seqlens=None):
         """tokens [B, T] -> (logits [B, T, V], state, aux); ``positions`` (integer [n], flat
         indices into the B * T positions, row-major): the logits there only, [n, V] (a
-        fixed-length index array keeps traced shapes static under jit)."""
+        fixed-length index array keeps traced shapes static under jit). ``cu_seqlens``
+        (int32 [N + 1], batch 1, state None; boundaries may be traced): documents packed in
+        one row, each run as if alone from the empty state; the state is the last
+        document's, aux the layers' token means over the row."""
         tokens = _check_tokens(self.spec, tokens, False)
         B, T = tokens.shape
+        cu = check_cu_seqlens(cu_seqlens, T, B, state, "forward")
         if positions is not None:
             positions = _check_positions(positions, B * T)
         state = _prepare_state(self.spec, state, B, T, self.dtype, False)
@@ -227,15 +254,15 @@ class JaxModel(eqx.Module, strict=True):
             shape = (B, 0) if positions is None else (0,)
             logits = jnp.zeros(shape + (self.spec.vocab_size,), self.dtype)
             return logits, state, _aux_zero(self.spec, self.dtype)
-        _check_layout(self.spec, state, B, T, self.dtype)
-        logits, arrays, aux = _model_core(self.spec, self.params, tokens, state.arrays,
-                                          state.pos, False, self.dtype,
-                                          impl.resolve(self.params["embed.weight"]), positions)
+        _check_layout(self.spec, state, B, T, self.dtype, cu)
+        logits, arrays, aux = _model_core(
+            self.spec, self.params, tokens, state.arrays, state.pos, False, self.dtype,
+            impl.resolve(self.params["embed.weight"], packed=cu is not None), positions, cu)
         logits = _check_room(self.spec, state, T, logits)
-        return logits, State(state.pos + T, arrays, self.spec.spec_id, state.growable), aux
+        return logits, State(_end(state, T, cu), arrays, self.spec.spec_id, state.growable), aux
 
-    def __call__(self, tokens, state: State | None = None):
-        logits, state, _ = self.forward_aux(tokens, state)
+    def __call__(self, tokens, state: State | None = None, *, cu_seqlens=None):
+        logits, state, _ = self.forward_aux(tokens, state, cu_seqlens=cu_seqlens)
         return logits, state
 
     def step_aux(self, tokens_t, state: State | None = None):

@@ -20,6 +20,7 @@ from memcore.spec.validate import check_scan_args
 
 from . import implementation as impl
 from .numerics import acc_dtype, as_acc, silu, softplus
+from .packed import PACKED_UNSERVED, check_cu_seqlens, doc_positions
 from .selective_scan_vjp import fused_scan
 
 MIN_CHUNK = 16
@@ -32,13 +33,27 @@ def _compose(first, second):
     return a1 * a2, a2 * b1 + b2
 
 
-def linear_recurrence(log_a, b, h0):
-    """log_a, b: [..., T]; h0: [...] -> (h for every t [..., T], h_T [...])."""
+def _compose_reset(first, second):
+    """``_compose`` of segments: a later segment that restarts (r) forgets the earlier one,
+    selected (a zero decay times another document's NaN would be NaN)."""
+    a1, b1, r1 = first
+    a2, b2, r2 = second
+    return (jnp.where(r2, a2, a1 * a2), jnp.where(r2, b2, a2 * b1 + b2), r1 | r2)
+
+
+def linear_recurrence(log_a, b, h0, reset=None):
+    """log_a, b: [..., T]; h0: [...] -> (h for every t [..., T], h_T [...]). ``reset`` [T]
+    bool: the state restarts from zero there (h_t = b_t)."""
     if b.shape[-1] == 0:
         return jnp.zeros(h0.shape + (0,), h0.dtype), h0
     a = jnp.exp(log_a)
-    b = b.at[..., 0].add(a[..., 0] * h0)
-    _, h = jax.lax.associative_scan(_compose, (a, b), axis=b.ndim - 1)
+    if reset is None:
+        b = b.at[..., 0].add(a[..., 0] * h0)
+        _, h = jax.lax.associative_scan(_compose, (a, b), axis=b.ndim - 1)
+        return h, h[..., -1]
+    b = b.at[..., 0].set(jnp.where(reset[0], b[..., 0], b[..., 0] + a[..., 0] * h0))
+    r = jnp.broadcast_to(reset, b.shape)
+    _, h, _ = jax.lax.associative_scan(_compose_reset, (a, b, r), axis=b.ndim - 1)
     return h, h[..., -1]
 
 
@@ -109,14 +124,15 @@ def _chunked_selective(dt, x, A, B, C, h0, L=None):
     return _from_chunks(y, T), hT
 
 
-def scan_core(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk=None):
+def scan_core(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk=None, reset=None):
     """Validated arrays in the accumulation dtype -> (y [Bt, Dc, T], h_T); ``chunk`` is the
-    in-chunk length L (``chunk_len(T)`` if None). Gradients: the hand-written backward."""
+    in-chunk length L (``chunk_len(T)`` if None); ``reset`` [T] bool: the state restarts
+    from zero there (None: nowhere). Gradients: the hand-written backward."""
     T = u.shape[-1]
     if T == 0:
         return jnp.zeros(u.shape, u.dtype), h0
     L = chunk_len(T) if chunk is None else chunk
-    return fused_scan(u, delta, A, B, C, D, z, delta_bias, h0, bool(delta_softplus), L)
+    return fused_scan(u, delta, A, B, C, D, z, delta_bias, h0, reset, bool(delta_softplus), L)
 
 
 def autodiff_core(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk=None):
@@ -157,10 +173,16 @@ _step_jit = jax.jit(step_core, static_argnums=(9,))
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, *, implementation="auto"):
-    """mamba-ssm's ``selective_scan_fn`` plus an initial state (see the reference)."""
+                   initial_state=None, return_final_state=False, cu_seqlens=None, *,
+                   implementation="auto"):
+    """mamba-ssm's ``selective_scan_fn`` plus an initial state (see the reference).
+    ``cu_seqlens`` (int32 [N + 1], Bt = 1; boundaries may be traced): the state restarts from
+    zero at every document; h_T is the last document's."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
+    cu = check_cu_seqlens(cu_seqlens, u.shape[-1], u.shape[0], initial_state, "selective_scan")
     empty = "the sequence is empty (T = 0)" if u.shape[-1] == 0 else None
+    if cu is not None:
+        empty = PACKED_UNSERVED
     choice = impl.choose("selective_scan", implementation, u, unserved=empty)
     Bt, Dc, _ = u.shape
     acc = acc_dtype(u.dtype)
@@ -173,7 +195,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                        interpret=impl.interpret(u))
     else:
         args = as_acc(u.dtype, u, delta, A, B, C, D, z, delta_bias, h0)
-        y, hT = _scan_jit(*args[:8], bool(delta_softplus), args[8])
+        reset = None if cu is None else doc_positions(cu, u.shape[-1]) == 0
+        y, hT = _scan_jit(*args[:8], bool(delta_softplus), args[8], None, reset)
         y = y.astype(u.dtype)
     return (y, hT) if return_final_state else y
 

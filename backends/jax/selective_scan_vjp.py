@@ -15,8 +15,14 @@ contributes nothing: each product with a forward value selects with ``where`` in
 multiplying, so a non-finite input at t (whose state and outputs from t on are non-finite)
 leaves the gradients of every loss on the outputs before t as in the clean run.
 
+Packed rows (``reset`` [T] bool, a document's first token): the state entering a reset
+position is replaced by zero, and the adjoint leaving it backwards is zero, both selected with
+``where`` (a decay of zero times another document's NaN would be NaN); a chunk holding a reset
+forgets the state that entered it. ``reset=None`` runs the code without these selections.
+
 Core layout (time first): dt, w = dt u, gy [L, nc, Bt, G, Dg]; B, C [L, nc, Bt, G, N]; A
-[G, Dg, N]; states [nc, Bt, G, Dg, N] (G = 1 for ungrouped B and C).
+[G, Dg, N]; states [nc, Bt, G, Dg, N] (G = 1 for ungrouped B and C); resets [L, nc] and the
+chunks holding one, cut [nc].
 """
 
 from __future__ import annotations
@@ -65,44 +71,62 @@ def _advance(h, A, dt_l, w_l, b_l):
     return _decay(dt_l, A) * h + w_l[..., None] * b_l[..., None, :]
 
 
-def _scan_forward(dt, w, A, Bc, Cc, h0):
-    """-> y [L, nc, Bt, G, Dg], h_T, entering states H and whole-chunk decays [nc, ...]."""
+def _cut(flag, x):
+    """Zero where ``flag`` (one per chunk: [nc], or a scalar) holds, else x [nc?, Bt, ...]."""
+    flag = jnp.reshape(flag, jnp.shape(flag) + (1,) * (x.ndim - jnp.ndim(flag)))
+    return jnp.where(flag, jnp.zeros((), x.dtype), x)
+
+
+def _restart(h, r_l):
+    """The state entering position l: zero where a document starts there (r_l [nc])."""
+    return h if r_l is None else _cut(r_l, h)
+
+
+def _scan_forward(dt, w, A, Bc, Cc, h0, rc=None):
+    """-> y [L, nc, Bt, G, Dg], h_T, entering states H and whole-chunk decays [nc, ...].
+    ``rc`` [L, nc]: resets (None: none)."""
     nc = dt.shape[1]
     zero = jnp.zeros((nc,) + h0.shape, h0.dtype)
 
     def free(h, xs):
-        return _advance(h, A, *xs), None
+        *ab, r_l = xs
+        return _advance(_restart(h, r_l), A, *ab), None
 
-    ends, _ = jax.lax.scan(free, zero, (dt, w, Bc))
+    ends, _ = jax.lax.scan(free, zero, (dt, w, Bc, rc))
     tot = _decay(jnp.sum(dt, axis=0), A)
 
     def carry(h, xs):
-        tot_c, end_c = xs
-        return tot_c * h + end_c, h
+        tot_c, end_c, cut_c = xs
+        nxt = tot_c * h + end_c
+        return (nxt if cut_c is None else jnp.where(cut_c, end_c, nxt)), h
 
-    hT, H = jax.lax.scan(carry, h0, (tot, ends))
+    cut = None if rc is None else jnp.any(rc, axis=0)
+    hT, H = jax.lax.scan(carry, h0, (tot, ends, cut))
 
     def out(h, xs):
-        *ab, c_l = xs
-        h = _advance(h, A, *ab)
+        *ab, c_l, r_l = xs
+        h = _advance(_restart(h, r_l), A, *ab)
         return h, jnp.sum(c_l[..., None, :] * h, axis=-1)
 
-    _, y = jax.lax.scan(out, H, (dt, w, Bc, Cc))
+    _, y = jax.lax.scan(out, H, (dt, w, Bc, Cc, rc))
     return y, hT, H, tot
 
 
-def _group_backward(A, dt, w, Bc, Cc, gy, H, E):
+def _group_backward(A, dt, w, Bc, Cc, gy, H, E, rc=None):
     """One group of chunks: the states recomputed from H, the adjoint run back from E.
     -> (gdt, gw [L, n, Bt, G, Dg], gB, gC [L, n, Bt, G, N], gA [G, Dg, N])."""
 
     def states(h, xs):
-        return _advance(h, A, *xs), h
+        *ab, r_l = xs
+        h = _restart(h, r_l)
+        return _advance(h, A, *ab), h
 
-    _, prev = jax.lax.scan(states, H, (dt, w, Bc))  # prev[l]: the state before position l
+    # prev[l]: the state entering position l (zero at a reset)
+    _, prev = jax.lax.scan(states, H, (dt, w, Bc, rc))
 
     def back(carry, xs):
         e, gA = carry
-        dt_l, w_l, b_l, c_l, gy_l, p_l = xs
+        dt_l, w_l, b_l, c_l, gy_l, p_l, r_l = xs
         a = _decay(dt_l, A)
         h_l = a * p_l + w_l[..., None] * b_l[..., None, :]  # one step again, not stored
         gy_n = gy_l[..., None]
@@ -110,37 +134,39 @@ def _group_backward(A, dt, w, Bc, Cc, gy, H, E):
         gC = jnp.sum(_sel(gy_n, h_l), axis=-2)
         gw = jnp.sum(_sel(g, b_l[..., None, :]), axis=-1)
         gB = jnp.sum(_sel(g, w_l[..., None]), axis=-2)
-        e = _sel(g, a)
+        e = _restart(_sel(g, a), r_l)  # nothing flows back across a document's start
         dlog = _sel(e, p_l)  # d/d(log a_l) = a_l g_l h_{l-1}
         gA = gA + jnp.sum(_sel(dlog, dt_l[..., None]), axis=(0, 1))
         return (e, gA), (jnp.sum(dlog * A, axis=-1), gw, gB, gC)
 
     (_, gA), (gdt, gw, gB, gC) = jax.lax.scan(back, (E, jnp.zeros_like(A)),
-                                              (dt, w, Bc, Cc, gy, prev), reverse=True)
+                                              (dt, w, Bc, Cc, gy, prev, rc), reverse=True)
     return gdt, gw, gB, gC, gA
 
 
-def _scan_backward(A, dt, w, Bc, Cc, H, tot, gy, ghT):
+def _scan_backward(A, dt, w, Bc, Cc, H, tot, gy, ghT, rc=None):
     """Cotangents of (y, h_T) -> (gdt, gw, gA, gB, gC, gh0), in the core layout."""
     L, nc = dt.shape[:2]
 
     def free(e, xs):  # in-chunk, from a zero end: the adjoint leaving each chunk's start
-        dt_l, gy_l, c_l = xs
+        dt_l, gy_l, c_l, r_l = xs
         g = e + _sel(gy_l[..., None], c_l[..., None, :])
-        return _sel(g, _decay(dt_l, A)), None
+        return _restart(_sel(g, _decay(dt_l, A)), r_l), None
 
-    leave, _ = jax.lax.scan(free, jnp.zeros_like(H), (dt, gy, Cc), reverse=True)
+    leave, _ = jax.lax.scan(free, jnp.zeros_like(H), (dt, gy, Cc, rc), reverse=True)
 
     def over(E, xs):  # E: the adjoint arriving at chunk c's end from the chunks after it
-        leave_c, tot_c = xs
-        return leave_c + _sel(E, tot_c), E
+        leave_c, tot_c, cut_c = xs
+        through = _sel(E, tot_c)
+        return leave_c + (through if cut_c is None else _cut(cut_c, through)), E
 
-    gh0, E = jax.lax.scan(over, ghT, (leave, tot), reverse=True)
+    cut = None if rc is None else jnp.any(rc, axis=0)
+    gh0, E = jax.lax.scan(over, ghT, (leave, tot, cut), reverse=True)
 
     per_chunk = L * H[0].size
     n = max(1, min(nc, GROUP_ELEMENTS // max(1, per_chunk)))
     if n >= nc:
-        gdt, gw, gB, gC, gA = _group_backward(A, dt, w, Bc, Cc, gy, H, E)
+        gdt, gw, gB, gC, gA = _group_backward(A, dt, w, Bc, Cc, gy, H, E, rc)
         return gdt, gw, gA, gB, gC, gh0
     ng = -(-nc // n)
     pad = ng * n - nc
@@ -154,8 +180,10 @@ def _scan_backward(A, dt, w, Bc, Cc, H, tot, gy, ghT):
         x = jnp.moveaxis(x, 0, 1)
         return x.reshape((L, ng * n) + x.shape[3:])[:, :nc]
 
+    rs = None if rc is None else split(rc, 1)  # padding: no reset
     parts = jax.lax.map(lambda xs: _group_backward(A, *xs),
-                        (*(split(x, 1) for x in (dt, w, Bc, Cc, gy)), split(H, 0), split(E, 0)))
+                        (*(split(x, 1) for x in (dt, w, Bc, Cc, gy)), split(H, 0), split(E, 0),
+                         rs))
     gdt, gw, gB, gC = (merge(x) for x in parts[:4])
     return gdt, gw, jnp.sum(parts[4], axis=0), gB, gC, gh0
 
@@ -165,7 +193,12 @@ def _prologue(delta, delta_bias, delta_softplus: bool):
     return x, (softplus(x) if delta_softplus else x)
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, L):
+def _reset_chunks(reset, nc: int, L: int):
+    """reset [T] bool (or None) -> [L, nc], the tail padded with False."""
+    return None if reset is None else _to_chunks(reset, nc, L)
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, h0, reset, delta_softplus, L):
     Bt, Dc, T = u.shape
     Bg = _grouped(B)
     G, N = Bg.shape[1], A.shape[1]
@@ -179,31 +212,33 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, L):
     dtc, wc = core(dt), core(dt * u)
     Bc, Cc = _to_chunks(Bg, nc, L), _to_chunks(_grouped(C), nc, L)
     Ag = A.reshape(G, Dc // G, N)
-    yc, hT, H, tot = _scan_forward(dtc, wc, Ag, Bc, Cc, h0.reshape(Bt, G, Dc // G, N))
+    rc = _reset_chunks(reset, nc, L)
+    yc, hT, H, tot = _scan_forward(dtc, wc, Ag, Bc, Cc, h0.reshape(Bt, G, Dc // G, N), rc)
     y = _from_chunks(yc.reshape(yc.shape[:3] + (Dc,)), T)
     if D is not None:
         y = y + D[None, :, None] * u
     pre = y
     if z is not None:
         y = y * silu(z)
-    res = (u, x, dt, A, B, C, D, z, delta_bias, dtc, wc, Bc, Cc, H, tot, pre)
+    res = (u, x, dt, A, B, C, D, z, delta_bias, dtc, wc, Bc, Cc, H, tot, pre, rc)
     return (y, hT.reshape(Bt, Dc, N)), res
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(9, 10))
-def fused_scan(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, L):
+@partial(jax.custom_vjp, nondiff_argnums=(10, 11))
+def fused_scan(u, delta, A, B, C, D, z, delta_bias, h0, reset, delta_softplus, L):
     """The selective scan from validated arrays in the accumulation dtype -> (y [Bt, Dc, T],
     h_T [Bt, Dc, N]), T >= 1. u, delta, z: [Bt, Dc, T]; A: [Dc, N]; B, C: [Bt, (G,) N, T];
-    D, delta_bias: [Dc] (D, z, delta_bias may be None); h0: [Bt, Dc, N]; L: in-chunk length."""
-    return _forward(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, L)[0]
+    D, delta_bias: [Dc] (D, z, delta_bias may be None); h0: [Bt, Dc, N]; reset: [T] bool or
+    None (the state restarts from zero there); L: in-chunk length."""
+    return _forward(u, delta, A, B, C, D, z, delta_bias, h0, reset, delta_softplus, L)[0]
 
 
-def _fwd(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, L):
-    return _forward(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, L)
+def _fwd(u, delta, A, B, C, D, z, delta_bias, h0, reset, delta_softplus, L):
+    return _forward(u, delta, A, B, C, D, z, delta_bias, h0, reset, delta_softplus, L)
 
 
 def _bwd(delta_softplus, L, res, cts):
-    u, x, dt, A, B, C, D, z, delta_bias, dtc, wc, Bc, Cc, H, tot, pre = res
+    u, x, dt, A, B, C, D, z, delta_bias, dtc, wc, Bc, Cc, H, tot, pre, rc = res
     gy, ghT = cts
     Bt, Dc, T = u.shape
     G, N = Bc.shape[3], A.shape[1]
@@ -217,7 +252,7 @@ def _bwd(delta_softplus, L, res, cts):
     gyc = _to_chunks(gy, -(-T // L), L)
     gyc = gyc.reshape(gyc.shape[:3] + (G, Dc // G))
     gdtc, gwc, gA, gBc, gCc, gh0 = _scan_backward(A.reshape(G, Dc // G, N), dtc, wc, Bc, Cc, H,
-                                                  tot, gyc, ghT.reshape(H.shape[1:]))
+                                                  tot, gyc, ghT.reshape(H.shape[1:]), rc)
 
     def flat(g):  # [L, nc, Bt, G, Dg] -> [Bt, Dc, T]
         return _from_chunks(g.reshape(g.shape[:3] + (Dc,)), T)
@@ -231,7 +266,7 @@ def _bwd(delta_softplus, L, res, cts):
     if B.ndim == 3:
         gB, gC = gB[:, 0], gC[:, 0]
     return (gu, gdelta, gA.reshape(Dc, N), gB, gC, gD, gz, gbias,
-            gh0.reshape(Bt, Dc, N))
+            gh0.reshape(Bt, Dc, N), None)
 
 
 fused_scan.defvjp(_fwd, _bwd)

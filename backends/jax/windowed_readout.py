@@ -19,7 +19,8 @@ from memcore.spec.validate import check_windowed_readout_args
 from . import eidetic_store
 from . import implementation as impl
 from .banded import banded_partial, dense_partial
-from .numerics import acc_dtype, combine
+from .numerics import acc_dtype, combine, is_traced
+from .packed import PACKED_UNSERVED, check_cu_seqlens, last_start, segment_ids
 from .rings import ring_positions, ring_to_seq, ring_write, seq_to_ring
 
 
@@ -70,6 +71,35 @@ def _kernel_readout(q, pos, window, raw, fading, store):
     return jnp.swapaxes(o, 1, 2)
 
 
+def _packed_band(q, k, v, seg, back: int, width: int, scale: float):
+    """Keys k, v [B, H, T, E] of a packed row as a banded source: query t reads positions
+    t - back + 1 .. t - back + width of its own document (seg [T]: each position's)."""
+    B, H, T, E = k.shape
+    pad = jnp.zeros((B, H, back, E), k.dtype)
+    valid = jnp.broadcast_to(jnp.arange(back + T) >= back, (B, back + T))
+    eseg = jnp.concatenate([jnp.full((back,), -1, seg.dtype), seg])
+    return banded_partial(q, jnp.concatenate([pad, k], axis=2), jnp.concatenate([pad, v], axis=2),
+                          valid, width, scale, seg=(seg, eseg))
+
+
+def packed_readout(q, raw, fading, window, seg, extra=()):
+    """The windowed readout of a packed row: q and raw = (k, v), fading = (k, v) or None, all
+    [B, H, T, E] at positions within documents, seg [T] the document of each position; a
+    query reads keys of its own document only. ``extra``: partial softmaxes of other sources
+    over the same queries (the store's). Returns o [B, H, T, E]."""
+    T = q.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if window is None:  # causal within the document: a T x T mask
+        t = jnp.arange(T)
+        mask = (t[None, :] <= t[:, None]) & (seg[None, :] == seg[:, None])
+        parts = [dense_partial(q, *raw, mask[None, None], scale)]
+    else:
+        parts = [_packed_band(q, *raw, seg, window, window, scale)]
+    if fading is not None:
+        parts.append(_packed_band(q, *fading, seg, 2 * window, window, scale))
+    return combine(parts + list(extra))
+
+
 # --- the primitive on [B, T, H, E] arrays with the reference's state dicts ------------------
 
 def windowed_readout_state(q, window: int | None, fading: bool = False):
@@ -88,11 +118,18 @@ def _bhte(a, acc):
 
 
 def windowed_readout(q, k, v, window=None, fading_k=None, fading_v=None, initial_state=None,
-                     return_final_state=False, *, implementation="auto"):
+                     return_final_state=False, cu_seqlens=None, *, implementation="auto"):
     """One softmax (scale 1/sqrt(E)) over the raw window and, if given, the fading window;
-    all inputs [B, T, H, E], already rotated. Banded when ``window`` is set."""
+    all inputs [B, T, H, E], already rotated. Banded when ``window`` is set. ``cu_seqlens``
+    (int32 [N + 1], B = 1; boundaries may be traced): a query reads its own document only;
+    the state is the last document's (with window=None its cache length is that document's
+    length, so the boundaries must then be concrete)."""
     check_windowed_readout_args(q, k, v, fading_k, fading_v, window, initial_state,
                                 streaming=False)
+    cu = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0], initial_state, "windowed_readout")
+    if cu is not None:
+        impl.choose("windowed_readout", implementation, q, PACKED_UNSERVED)
+        return _packed_op(q, k, v, window, fading_k, fading_v, cu, return_final_state)
     # Full causal attention stays on JAX unless the kernel is asked for by name.
     unserved = "window=None (full attention) runs on JAX under auto" if (
         window is None and implementation == "auto") else None
@@ -137,6 +174,45 @@ def _windowed(q, k, v, fading_k, fading_v, state, pos, window):
         new.update(fk=seq_to_ring(fkx, pos - 2 * W, pos + T, 2 * W),
                    fv=seq_to_ring(fvx, pos - 2 * W, pos + T, 2 * W))
     return jnp.swapaxes(combine(parts), 1, 2).astype(q.dtype), new
+
+
+def _packed_op(q, k, v, window, fading_k, fading_v, cu, return_final_state):
+    """``windowed_readout`` on a packed row: o, and with ``return_final_state`` the last
+    document's state."""
+    T = q.shape[1]
+    if return_final_state and window is None and is_traced(cu):
+        raise ValueError("windowed_readout: with window=None the final state's cache holds the "
+                         "last document's tokens, a length the traced cu_seqlens does not fix; "
+                         "pass concrete cu_seqlens or return_final_state=False")
+    o, rings, n = _packed_jit(q, k, v, fading_k, fading_v, cu, window)
+    if not return_final_state:
+        return o
+    n = n if is_traced(n) else int(n)
+    state = {"pos": n, **rings}
+    if window is None:  # concrete boundaries: the cache cut to the last document
+        m = int(n)
+        state = {"pos": m, **{name: a[:, :, T - m:] for name, a in rings.items()}}
+    return o, state
+
+
+@functools.partial(jax.jit, static_argnums=(6,))
+def _packed_jit(q, k, v, fading_k, fading_v, cu, window):
+    acc = acc_dtype(q.dtype)
+    T = q.shape[1]
+    qq, kk, vv = (_bhte(a, acc) for a in (q, k, v))
+    fad = None if fading_k is None else (_bhte(fading_k, acc), _bhte(fading_v, acc))
+    o = packed_readout(qq, (kk, vv), fad, window, segment_ids(cu, T))
+    ls = last_start(cu)
+    n = T - ls
+    seqs = {"k": kk, "v": vv}
+    if fad is not None:
+        seqs.update(fk=fad[0], fv=fad[1])
+    if window is None:
+        rings = seqs  # cut to the last document by the caller
+    else:
+        rings = {name: seq_to_ring(a, -ls, n, 2 * window if name in ("fk", "fv") else window)
+                 for name, a in seqs.items()}
+    return jnp.swapaxes(o, 1, 2).astype(q.dtype), rings, n
 
 
 def _ring_tail(ring, pos: int, length: int):

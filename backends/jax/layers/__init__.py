@@ -2,13 +2,15 @@
 bmojo), ``mosaic``, ``persistent``. Each exposes
 
     init_state(spec, batch, dtype, max_len=0)              -> state dict ("pos" included)
-    forward(spec, params, x, state, *, implementation)    -> (y, state, aux)
+    forward(spec, params, x, state, *, implementation, cu_seqlens=None) -> (y, state, aux)
     step(spec, params, x_t, state)                        -> (y_t, state, aux)
 
 ``params`` is the layer's own parameter dict (unprefixed), ``x`` in the accumulation dtype,
 ``state["pos"]`` an int32 scalar (tokens seen), ``aux`` bmojo's innovation loss or None.
 ``implementation`` ("jax" or "pallas", resolved by the caller) reaches the primitives that have
-a kernel.
+a kernel. ``cu_seqlens`` (checked int32 [N + 1], possibly traced; batch 1, the empty state): a
+packed row, each document run as if alone; the state returned is the last document's
+(``packed.py`` holds the windowed and mosaic forms).
 """
 
 from __future__ import annotations

@@ -42,8 +42,13 @@ def _decay(p):
     return -10.0 * jnp.abs(p["leak"])
 
 
-def forward(spec, p, x, st, *, implementation="auto"):
-    """x: [B, T, D] at positions pos .. pos + T - 1 -> (y [B, T, D], state, None)."""
+def forward(spec, p, x, st, *, implementation="auto", cu_seqlens=None):
+    """x: [B, T, D] at positions pos .. pos + T - 1 -> (y [B, T, D], state, None).
+    ``cu_seqlens``: a packed row's checked boundaries (``packed.mosaic_forward``)."""
+    if cu_seqlens is not None:
+        from .packed import mosaic_forward
+
+        return mosaic_forward(spec, p, x, st, cu_seqlens)
     H, pos = spec.readout.n_heads, st["pos"]
     B, T, _ = x.shape
     kbar, kbar_T = leaky_average(heads(linear(x, p["k_proj.weight"]), H), _decay(p), st["kbar"],

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from ..leaky_average import leaky_average, leaky_average_step
 from ..numerics import POS_DTYPE, heads, l2_normalize, linear
+from ..packed import last_start
 from ..persistent_readout import persistent_readout
 from .mosaic import key_scale
 
@@ -24,12 +25,17 @@ def _read(p, kbar):
     return y * jnp.exp(10.0 * p["out_scale"])[:, None]
 
 
-def forward(spec, p, x, st, *, implementation="auto"):
+def forward(spec, p, x, st, *, implementation="auto", cu_seqlens=None):
+    """x: [B, T, D] -> (y, state, None). ``cu_seqlens``: a packed row's checked boundaries
+    (from the empty state): the leaky average restarts at every document."""
     B, T, _ = x.shape
+    cu = cu_seqlens
     kbar, kbar_T = leaky_average(heads(linear(x, p["k_proj.weight"]), spec.readout.n_heads),
-                                 -10.0 * jnp.abs(p["leak"]), st["kbar"], return_final_state=True)
+                                 -10.0 * jnp.abs(p["leak"]), st["kbar"] if cu is None else None,
+                                 return_final_state=True, cu_seqlens=cu)
     y = _read(p, kbar).reshape(B, T, spec.d_model)
-    return linear(y, p["o_proj.weight"]), {"kbar": kbar_T, "pos": st["pos"] + T}, None
+    n = T if cu is None else T - last_start(cu)
+    return linear(y, p["o_proj.weight"]), {"kbar": kbar_T, "pos": st["pos"] + n}, None
 
 
 def step(spec, p, x_t, st):

@@ -96,8 +96,13 @@ def _scores(x, s_prev, p):
     return store.innovation_scores(x, s_prev, p["pred_proj.weight"])
 
 
-def forward(spec, p, x, st, *, implementation="auto"):
-    """Parallel form. x: [B, T, D] at positions pos .. pos + T - 1 -> (y, state, aux)."""
+def forward(spec, p, x, st, *, implementation="auto", cu_seqlens=None):
+    """Parallel form. x: [B, T, D] at positions pos .. pos + T - 1 -> (y, state, aux).
+    ``cu_seqlens``: a packed row's checked boundaries (``packed.windowed_forward``)."""
+    if cu_seqlens is not None:
+        from .packed import windowed_forward
+
+        return windowed_forward(spec, p, x, st, cu_seqlens)
     T = x.shape[1]
     r = spec.readout
     W, sts, pos = r.window, r.store, st["pos"]
