@@ -55,8 +55,10 @@ def auto_kernel(x) -> bool:
 def resolve(x, packed: bool = False) -> str:
     """``auto`` for a call on ``x`` as a concrete choice: "pallas" (the kernels, where a
     primitive has one) or "jax". The realized modules take it outside jit. A ``packed`` row
-    (cu_seqlens) runs plain JAX: the Pallas kernels take no document boundaries yet."""
-    return "pallas" if auto_kernel(x) and not packed else "jax"
+    (cu_seqlens) chooses the same way: the kernels take document boundaries, and where one
+    cannot serve a packed call (the readout with a store) the layer runs that part on JAX.
+    ``packed`` stays for the callers that pass it."""
+    return "pallas" if auto_kernel(x) else "jax"
 
 
 def require_pallas(where: str) -> None:

@@ -17,7 +17,8 @@ outside jit when a later call needs more room.
 
 ``cu_seqlens`` (int32 [N + 1]) is checked in full where it is concrete and by its dtype and
 shape under jit, then passed to the jitted core as an array: one compilation serves every
-packing of T tokens into N documents. A packed call runs plain JAX (``implementation.resolve``).
+packing of T tokens into N documents. A packed call takes the Pallas kernels where ``auto``
+chooses them, except for the readout of the eidetic store, which runs plain JAX.
 """
 
 from __future__ import annotations

@@ -17,11 +17,13 @@ from memcore.spec.reference.packed import check_cu_seqlens as _check_values
 from .numerics import POS_DTYPE, is_traced
 
 __all__ = ["check_cu_seqlens", "segment_ids", "doc_positions", "last_start", "to_slots",
-           "max_chunk", "PACKED_UNSERVED"]
+           "max_chunk", "PACKED_STORE_UNSERVED"]
 
-# Why a packed call takes no Pallas kernel (``implementation.choose``'s ``unserved``): the
-# kernels take no document boundaries yet, so ``auto`` runs plain JAX.
-PACKED_UNSERVED = "the Pallas kernels take no cu_seqlens yet (a packed row runs on JAX)"
+# Why a packed readout with a store takes no Pallas kernel (``implementation.choose``'s
+# ``unserved``): the kernel masks the windows to each document but, like the Triton kernel,
+# takes no store snapshots laid out on a packed row's chunks; ``auto`` runs plain JAX.
+PACKED_STORE_UNSERVED = ("the Pallas readout takes no store source in a packed row "
+                         "(cu_seqlens); it runs on JAX")
 
 
 def check_cu_seqlens(cu_seqlens, T: int, batch: int, state=None, where: str = "forward"):

@@ -7,7 +7,8 @@ two-level forward left to JAX autodiff (chunk walks under ``jax.checkpoint``): t
 replaced, kept as the independent check of the hand-written one. ``linear_recurrence`` keeps
 ``jax.lax.associative_scan``: the leaky average's state has no N axis, and there the chunked
 form measured slower on CPU. Accumulation is float32 (float64 for float64 inputs).
-``implementation="pallas"`` runs ``memcore.kernels.pallas.selective_scan``.
+``implementation="pallas"`` runs ``memcore.kernels.pallas.selective_scan`` (a packed row's
+restarts passed as its ``reset`` flags).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from memcore.spec.validate import check_scan_args
 
 from . import implementation as impl
 from .numerics import acc_dtype, as_acc, silu, softplus
-from .packed import PACKED_UNSERVED, check_cu_seqlens, doc_positions
+from .packed import check_cu_seqlens, doc_positions
 from .selective_scan_vjp import fused_scan
 
 MIN_CHUNK = 16
@@ -181,21 +182,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, streaming=False)
     cu = check_cu_seqlens(cu_seqlens, u.shape[-1], u.shape[0], initial_state, "selective_scan")
     empty = "the sequence is empty (T = 0)" if u.shape[-1] == 0 else None
-    if cu is not None:
-        empty = PACKED_UNSERVED
     choice = impl.choose("selective_scan", implementation, u, unserved=empty)
     Bt, Dc, _ = u.shape
     acc = acc_dtype(u.dtype)
     h0 = jnp.zeros((Bt, Dc, A.shape[1]), acc) if initial_state is None else initial_state
+    # a packed row restarts at each document's first token
+    reset = None if cu is None else doc_positions(cu, u.shape[-1]) == 0
     if choice == "pallas":
         from memcore.kernels.pallas.selective_scan import selective_scan as kernel
 
         y, hT = kernel(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                        delta_softplus=delta_softplus, initial_state=h0, return_final_state=True,
-                       interpret=impl.interpret(u))
+                       reset=reset, interpret=impl.interpret(u))
     else:
         args = as_acc(u.dtype, u, delta, A, B, C, D, z, delta_bias, h0)
-        reset = None if cu is None else doc_positions(cu, u.shape[-1]) == 0
         y, hT = _scan_jit(*args[:8], bool(delta_softplus), args[8], None, reset)
         y = y.astype(u.dtype)
     return (y, hT) if return_final_state else y

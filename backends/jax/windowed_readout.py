@@ -4,7 +4,9 @@ window and, in the layers, the visible eidetic store (2.4).
 Each source is a softmax partial (``numerics.partial``); ``combine`` makes them one softmax.
 Banded sources (``banded.py``) hold an extended key array: the state's ring, read in position
 order, followed by this call's keys. ``implementation="pallas"`` runs
-all sources in one call of ``memcore.kernels.pallas.windowed_readout``.
+all sources in one call of ``memcore.kernels.pallas.windowed_readout``; a packed row's (raw and
+fading windows, masked to each query's document) passes its ``cu_seqlens`` to the kernel, and
+with a store source runs on JAX (``packed.PACKED_STORE_UNSERVED``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from . import eidetic_store
 from . import implementation as impl
 from .banded import banded_partial, dense_partial
 from .numerics import acc_dtype, combine, is_traced
-from .packed import PACKED_UNSERVED, check_cu_seqlens, last_start, segment_ids
+from .packed import PACKED_STORE_UNSERVED, check_cu_seqlens, last_start, segment_ids
 from .rings import ring_positions, ring_to_seq, ring_write, seq_to_ring
 
 
@@ -82,11 +84,24 @@ def _packed_band(q, k, v, seg, back: int, width: int, scale: float):
                           valid, width, scale, seg=(seg, eseg))
 
 
-def packed_readout(q, raw, fading, window, seg, extra=()):
+def packed_readout(q, raw, fading, window, seg, extra=(), *, cu=None, implementation="jax"):
     """The windowed readout of a packed row: q and raw = (k, v), fading = (k, v) or None, all
     [B, H, T, E] at positions within documents, seg [T] the document of each position; a
     query reads keys of its own document only. ``extra``: partial softmaxes of other sources
-    over the same queries (the store's). Returns o [B, H, T, E]."""
+    over the same queries (the store's). ``cu`` (the row's cu_seqlens): needed by the kernel,
+    which serves calls without ``extra``. Returns o [B, H, T, E] (the accumulation dtype on
+    JAX, q's on the kernel)."""
+    unserved = PACKED_STORE_UNSERVED if extra else None
+    if cu is None:
+        unserved = "packed_readout got no cu_seqlens (cu) for the kernel"
+    if impl.choose("windowed_readout", implementation, q, unserved) == "pallas":
+        from memcore.kernels.pallas.windowed_readout import windowed_readout as kernel
+
+        k, v, *f = (jnp.swapaxes(a, 1, 2) for a in (raw + (fading or ())))
+        fk, fv = f if f else (None, None)
+        o = kernel(jnp.swapaxes(q, 1, 2), k, v, window, fk, fv, cu_seqlens=cu,
+                   interpret=impl.interpret(q))
+        return jnp.swapaxes(o, 1, 2)
     T = q.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1])
     if window is None:  # causal within the document: a T x T mask
@@ -127,13 +142,14 @@ def windowed_readout(q, k, v, window=None, fading_k=None, fading_v=None, initial
     check_windowed_readout_args(q, k, v, fading_k, fading_v, window, initial_state,
                                 streaming=False)
     cu = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0], initial_state, "windowed_readout")
-    if cu is not None:
-        impl.choose("windowed_readout", implementation, q, PACKED_UNSERVED)
-        return _packed_op(q, k, v, window, fading_k, fading_v, cu, return_final_state)
     # Full causal attention stays on JAX unless the kernel is asked for by name.
     unserved = "window=None (full attention) runs on JAX under auto" if (
         window is None and implementation == "auto") else None
-    if impl.choose("windowed_readout", implementation, q, unserved) == "pallas":
+    choice = impl.choose("windowed_readout", implementation, q, unserved)
+    if cu is not None:
+        kernel = impl.interpret(q) if choice == "pallas" else None
+        return _packed_op(q, k, v, window, fading_k, fading_v, cu, return_final_state, kernel)
+    if choice == "pallas":
         o, new = _kernel_windowed(q, k, v, window, fading_k, fading_v, initial_state)
         return (o, new) if return_final_state else o
     fading = fading_k is not None
@@ -176,15 +192,15 @@ def _windowed(q, k, v, fading_k, fading_v, state, pos, window):
     return jnp.swapaxes(combine(parts), 1, 2).astype(q.dtype), new
 
 
-def _packed_op(q, k, v, window, fading_k, fading_v, cu, return_final_state):
+def _packed_op(q, k, v, window, fading_k, fading_v, cu, return_final_state, kernel=None):
     """``windowed_readout`` on a packed row: o, and with ``return_final_state`` the last
-    document's state."""
+    document's state. ``kernel``: None (plain JAX) or the Pallas kernel's ``interpret``."""
     T = q.shape[1]
     if return_final_state and window is None and is_traced(cu):
         raise ValueError("windowed_readout: with window=None the final state's cache holds the "
                          "last document's tokens, a length the traced cu_seqlens does not fix; "
                          "pass concrete cu_seqlens or return_final_state=False")
-    o, rings, n = _packed_jit(q, k, v, fading_k, fading_v, cu, window)
+    o, rings, n = _packed_jit(q, k, v, fading_k, fading_v, cu, window, kernel)
     if not return_final_state:
         return o
     n = n if is_traced(n) else int(n)
@@ -195,13 +211,19 @@ def _packed_op(q, k, v, window, fading_k, fading_v, cu, return_final_state):
     return o, state
 
 
-@functools.partial(jax.jit, static_argnums=(6,))
-def _packed_jit(q, k, v, fading_k, fading_v, cu, window):
+@functools.partial(jax.jit, static_argnums=(6, 7))
+def _packed_jit(q, k, v, fading_k, fading_v, cu, window, kernel):
     acc = acc_dtype(q.dtype)
     T = q.shape[1]
     qq, kk, vv = (_bhte(a, acc) for a in (q, k, v))
     fad = None if fading_k is None else (_bhte(fading_k, acc), _bhte(fading_v, acc))
-    o = packed_readout(qq, (kk, vv), fad, window, segment_ids(cu, T))
+    if kernel is None:
+        o = packed_readout(qq, (kk, vv), fad, window, segment_ids(cu, T))
+    else:  # the kernel on the inputs as given (its accumulation follows their dtype)
+        from memcore.kernels.pallas.windowed_readout import windowed_readout as pallas
+
+        o = jnp.swapaxes(pallas(q, k, v, window, fading_k, fading_v, cu_seqlens=cu,
+                                interpret=kernel), 1, 2)
     ls = last_start(cu)
     n = T - ls
     seqs = {"k": kk, "v": vv}

@@ -14,6 +14,11 @@ Backward: a reverse-time Pallas kernel (``selective_scan_bwd``) that starts each
 state the forward saved at its entry; gradients reach every input, including ``initial_state``,
 and flow back from the final state. ``selective_scan_ref`` is the same scan in plain JAX (a
 jitted, per-chunk rematerialised ``lax.scan``); tests hold both directions to the spec reference.
+
+Packed rows (``reset`` bool [T], the same for every batch row): where reset[t] holds the state
+restarts from zero before step t (h_t = dt_t u_t B_t), selected with ``where`` so that a
+non-finite state never reaches the next document; the backward lets nothing flow from step t
+into h_{t-1}. The flags travel as an int32 [Tp] input (padded steps: no reset).
 """
 
 from __future__ import annotations
@@ -48,11 +53,20 @@ def _silu(x):
     return x * jnp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def _scan_kernel(*refs, T, L, n_chunks, softplus, has_z, acc, save=False):
+def _restart(h, flag):
+    """The state entering a step: zero where its reset flag [1] is set (selected, so that a
+    non-finite state of the previous document does not pass)."""
+    return jnp.where(flag[:, None] != 0, jnp.zeros((), h.dtype), h)
+
+
+def _scan_kernel(*refs, T, L, n_chunks, softplus, has_z, acc, save=False, has_reset=False):
+    n_in = 8 + has_z + has_reset
+    ins = list(refs[:n_in])
+    reset_ref = ins.pop() if has_reset else None
     if has_z:
-        u_ref, dt_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref = refs[:9]
+        u_ref, dt_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref = ins
     else:
-        u_ref, dt_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref = refs[:8]
+        u_ref, dt_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, h0_ref = ins
         z_ref = None
     y_ref, ht_ref, hc_ref = refs[-3:] if save else refs[-2:] + (None,)
     A = a_ref[...].astype(acc)  # [BD, N]
@@ -73,6 +87,7 @@ def _scan_kernel(*refs, T, L, n_chunks, softplus, has_z, acc, save=False):
         Bc = b_ref[:, sl].astype(acc)  # [N, L]
         Cc = c_ref[:, sl].astype(acc)
         du = dt * u
+        rs = reset_ref[sl][None, :] if has_reset else None  # [1, L] int32
 
         def step(i, carry):
             h, ycols = carry
@@ -81,6 +96,8 @@ def _scan_kernel(*refs, T, L, n_chunks, softplus, has_z, acc, save=False):
             du_i = jnp.sum(jnp.where(col, du, 0.0), axis=1)
             b_i = jnp.sum(jnp.where(col, Bc, 0.0), axis=1)  # [N]
             c_i = jnp.sum(jnp.where(col, Cc, 0.0), axis=1)
+            if has_reset:
+                h = _restart(h, jnp.sum(jnp.where(col, rs, 0), axis=1))
             h = jnp.exp(dt_i[:, None] * A) * h + du_i[:, None] * b_i[None, :]
             y_i = jnp.sum(h * c_i[None, :], axis=1)  # [BD]
             return h, jnp.where(col, y_i[:, None], ycols)
@@ -110,8 +127,13 @@ def _sizes(u, A, B):
     return G, Dg, BD, -(-Dg // BD) * BD, _pow2(A.shape[1]), L, -(-T // L) * L
 
 
+def pad_reset(reset, Tp):
+    """reset [T] (int32) -> [Tp], padded steps without a reset."""
+    return jnp.pad(reset.astype(jnp.int32), (0, Tp - reset.shape[0]))
+
+
 def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, interpret, poison,
-             save=False):
+             save=False, reset=None):
     """Runs the kernel. Returns y [Bt, Dc, T] in u's dtype and h_T [Bt, Dc, N] (accumulation),
     and with ``save`` the padded states entering each chunk [Bt, G, chunks, Dgp, Np]."""
     Bt, Dc, T = u.shape
@@ -147,6 +169,10 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, inter
         pl.BlockSpec((sq, BD), lambda b, g, d: (g, d)),
         pl.BlockSpec((sq, sq, BD, Np), lambda b, g, d: (b, g, d, 0)),
     ]
+    has_reset = reset is not None
+    if has_reset:
+        args.append(pad_reset(reset, Tp))
+        in_specs.append(pl.BlockSpec((Tp,), lambda b, g, d: (0,)))
     out_shape = (jax.ShapeDtypeStruct((Bt, G, Dgp, Tp), u.dtype),
                  jax.ShapeDtypeStruct((Bt, G, Dgp, Np), acc))
     out_specs = (seq, pl.BlockSpec((sq, sq, BD, Np), lambda b, g, d: (b, g, d, 0)))
@@ -154,7 +180,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, inter
         out_shape += (jax.ShapeDtypeStruct((Bt, G, Tp // L, Dgp, Np), acc),)
         out_specs += (pl.BlockSpec((sq, sq, Tp // L, BD, Np), lambda b, g, d: (b, g, 0, d, 0)),)
     kernel = functools.partial(_scan_kernel, T=T, L=L, n_chunks=Tp // L, softplus=softplus,
-                               has_z=has_z, acc=acc, save=save)
+                               has_z=has_z, acc=acc, save=save, has_reset=has_reset)
     aliases = {}
     if poison:
         # NaN-filled output buffers: any element the kernel fails to write stays NaN.
@@ -179,24 +205,41 @@ def _skip_aliases(kernel, n_out, *refs):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _scan(u, delta, A, B, C, D, z, delta_bias, softplus, interpret, poison, initial_state):
+def _scan(u, delta, A, B, C, D, z, delta_bias, softplus, interpret, poison, initial_state,
+          reset):
     return _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, interpret,
-                    poison)
+                    poison, reset=reset)
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, interpret, poison, initial_state):
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, interpret, poison, initial_state,
+              reset):
     y, hT, hc = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus,
-                         interpret, poison, save=True)
-    return (y, hT), (u, delta, A, B, C, D, z, delta_bias, initial_state, hc)
+                         interpret, poison, save=True, reset=reset)
+    return (y, hT), (u, delta, A, B, C, D, z, delta_bias, initial_state, hc, reset)
 
 
 def _scan_bwd(softplus, interpret, poison, res, g):
     from .selective_scan_bwd import backward
 
-    return backward(*res, *g, softplus, interpret, poison)
+    *res, reset = res
+    # the reset flags are integers: no cotangent
+    return backward(*res, *g, softplus, interpret, poison, reset=reset) + (None,)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def _check_reset(reset, T):
+    """``reset`` as an array [T] of bool or integer flags; a wrong one raises naming it."""
+    if not hasattr(reset, "shape") or not hasattr(reset, "dtype"):
+        raise ValueError(f"selective_scan: reset must be a bool array [T={T}], got "
+                         f"{type(reset).__name__}")
+    if tuple(reset.shape) != (T,):
+        raise ValueError(f"selective_scan: reset must be a bool array [T={T}], got shape "
+                         f"{tuple(reset.shape)}")
+    if not (reset.dtype == jnp.bool_ or jnp.issubdtype(reset.dtype, jnp.integer)):
+        raise ValueError(f"selective_scan: reset must be a bool (or integer) array [T={T}], "
+                         f"got dtype {reset.dtype}")
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
@@ -224,31 +267,38 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, *, interpret=False,
+                   initial_state=None, return_final_state=False, *, reset=None, interpret=False,
                    poison=False):
     """mamba-ssm's ``selective_scan_fn`` plus an initial state, as a Pallas kernel.
 
     u, delta, z: [Bt, Dc, T]; A: [Dc, N]; B, C: [Bt, N, T] or [Bt, G, N, T]; D, delta_bias: [Dc];
     initial_state: [Bt, Dc, N]. Returns y [Bt, Dc, T] in u's dtype, and with
     ``return_final_state`` also h_T [Bt, Dc, N] in the accumulation dtype (float32, or float64
-    for float64 inputs). ``interpret`` runs the kernel in the Pallas interpreter (any device);
-    ``poison`` hands the kernel NaN-filled output buffers (tests).
+    for float64 inputs). ``reset`` (bool [T], packed rows; may be traced): the state restarts
+    from zero where it is True, as if the sequence began there (a packed row's document
+    starts; the same for every batch row), and no gradient crosses it.
+    ``interpret`` runs the kernel in the Pallas interpreter (any device); ``poison`` hands the
+    kernel NaN-filled output buffers (tests).
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if reset is not None:
+        _check_reset(reset, u.shape[2])
+        reset = jnp.asarray(reset).astype(jnp.int32)
     acc = _acc(u.dtype)
     h0 = (jnp.zeros((u.shape[0], u.shape[1], A.shape[1]), acc) if initial_state is None
           else initial_state)
     y, hT = _scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(interpret),
-                  bool(poison), h0)
+                  bool(poison), h0, reset)
     return (y, hT) if return_final_state else y
 
 
 @functools.partial(jax.jit, static_argnums=(8, 10))
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False,
-                       initial_state=None, return_final_state=False):
+                       initial_state=None, return_final_state=False, reset=None):
     """The same scan in plain JAX, accumulating like the kernel: a ``lax.scan`` over chunks of
     CHUNK steps, each a rematerialised ``lax.scan`` over its steps, so a VJP keeps only the
-    states at chunk boundaries. Grouped B and C stay [Bt, G, N] per step, never per channel."""
+    states at chunk boundaries. Grouped B and C stay [Bt, G, N] per step, never per channel.
+    ``reset`` (bool [T]): the state restarts from zero there (selected, as in the kernel)."""
     Bt, Dc, T = u.shape
     N = A.shape[1]
     G = 1 if B.ndim == 3 else B.shape[1]
@@ -278,7 +328,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, softp
     Af = A.astype(acc).reshape(G, Dg, N)
 
     def step(h, xs):
-        dt_t, du_t, b_t, c_t = xs  # [Bt, G, Dg], [Bt, G, Dg], [Bt, G, 1, N] x 2
+        dt_t, du_t, b_t, c_t, r_t = xs  # [Bt, G, Dg], [Bt, G, Dg], [Bt, G, 1, N] x 2, []
+        if r_t is not None:
+            h = jnp.where(r_t, jnp.zeros((), h.dtype), h)
         h = jnp.exp(dt_t[..., None] * Af) * h + du_t[..., None] * b_t
         return h, jnp.sum(h * c_t, axis=-1)
 
@@ -286,7 +338,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, softp
     def chunk(h, xs):
         return lax.scan(step, h, xs)
 
-    xs = (steps(dt, (Bt, G, Dg)), steps(dt * uu, (Bt, G, Dg)), grouped(B), grouped(C))
+    rs = None if reset is None else steps(reset.astype(bool), ())  # padding: no reset
+    xs = (steps(dt, (Bt, G, Dg)), steps(dt * uu, (Bt, G, Dg)), grouped(B), grouped(C), rs)
     hT, ys = lax.scan(chunk, h0, xs)  # ys [n, L, Bt, G, Dg]
     y = jnp.moveaxis(ys.reshape(n * L, Bt, Dc), 0, -1)[..., :T]
     if D is not None:

@@ -10,7 +10,10 @@ a = exp(dt A), gyo = gy * silu(z):
     ddt = sum_n dh (h_{t-1} a A + u B_t);  du = gyo D + sum_n dh B_t dt;  dh <- dh a
 
 B, C, A, D and delta_bias gradients are per-program partial sums, added up outside. Padded time
-steps have dt = 0 and gy = 0, so they contribute nothing.
+steps have dt = 0 and gy = 0, so they contribute nothing. With ``reset`` (packed rows) the state
+before a reset step is zero in the recomputation (h_{t-1} selected away, so dA and ddt get no
+term of it), and the adjoint leaving that step backwards is zero: nothing reaches the previous
+document, selected with ``where`` so that a non-finite adjoint stays where it is.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from .selective_scan import _acc, _pad, _silu, _sizes, _softplus
+from .selective_scan import _acc, _pad, _restart, _silu, _sizes, _softplus, pad_reset
 
 
 def _sigmoid(x):
@@ -31,12 +34,14 @@ def _sigmoid(x):
     return jnp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def _bwd_kernel(*refs, T, L, n_chunks, softplus, has_z, acc):
-    ins = list(refs[:11 if has_z else 10])
+def _bwd_kernel(*refs, T, L, n_chunks, softplus, has_z, acc, has_reset=False):
+    n_in = 10 + has_z + has_reset
+    ins = list(refs[:n_in])
+    reset_ref = ins.pop() if has_reset else None
     u_ref, dl_ref = ins[:2]
     z_ref = ins[2] if has_z else None
     b_ref, c_ref, a_ref, d_ref, bias_ref, hc_ref, gy_ref, gh_ref = ins[-8:]
-    outs = list(refs[len(ins):])
+    outs = list(refs[n_in:])
     du_ref, ddl_ref = outs[:2]
     dz_ref = outs[2] if has_z else None
     db_ref, dc_ref, da_ref, dd_ref, dbias_ref, dh0_ref = outs[-6:]
@@ -47,6 +52,9 @@ def _bwd_kernel(*refs, T, L, n_chunks, softplus, has_z, acc):
 
     def col(x, i):  # column i of [R, L] -> [R]
         return jnp.sum(jnp.where(lane == i, x, 0.0), axis=1)
+
+    def flag(rs, i):  # the reset flag of step i, int32 [1]
+        return jnp.sum(jnp.where(lane == i, rs, 0), axis=1)
 
     def chunk(cc, carry):
         dh, dA, dD, dbias = carry
@@ -66,8 +74,11 @@ def _bwd_kernel(*refs, T, L, n_chunks, softplus, has_z, acc):
         else:
             sz = jnp.ones_like(u)
         h_in = hc_ref[c].astype(acc)  # [BD, N] entering the chunk
+        rs = reset_ref[sl][None, :] if has_reset else None  # [1, L] int32
 
         def fwd_step(i, h):
+            if has_reset:
+                h = _restart(h, flag(rs, i))
             return (jnp.exp(col(dt, i)[:, None] * A) * h
                     + (col(dt, i) * col(u, i))[:, None] * col(Bc, i)[None, :])
 
@@ -76,6 +87,9 @@ def _bwd_kernel(*refs, T, L, n_chunks, softplus, has_z, acc):
             du_c, ddt_c, dz_c, db_c, dc_c = cols
             i = L - 1 - ll
             h_prev = lax.fori_loop(0, i, fwd_step, h_in)
+            if has_reset:  # the state step i starts from
+                r_i = flag(rs, i)
+                h_prev = _restart(h_prev, r_i)
             dt_i, u_i, b_i, c_i = col(dt, i), col(u, i), col(Bc, i), col(Cc, i)
             a_i = jnp.exp(dt_i[:, None] * A)
             h_i = a_i * h_prev + (dt_i * u_i)[:, None] * b_i[None, :]
@@ -98,6 +112,8 @@ def _bwd_kernel(*refs, T, L, n_chunks, softplus, has_z, acc):
             du_i = gyo * Dv + dhb * dt_i
             db_i = jnp.sum(dh * (dt_i * u_i)[:, None], axis=0)  # [N]
             dh = dh * a_i
+            if has_reset:  # nothing flows into the previous document
+                dh = _restart(dh, r_i)
             at = lane == i
             cols = (jnp.where(at, du_i[:, None], du_c), jnp.where(at, ddt_i[:, None], ddt_c),
                     jnp.where(at, dz_i[:, None], dz_c), jnp.where(at, db_i[:, None], db_c),
@@ -126,9 +142,11 @@ def _bwd_kernel(*refs, T, L, n_chunks, softplus, has_z, acc):
     dbias_ref[...] = dbias.astype(dbias_ref.dtype)
 
 
-def backward(u, delta, A, B, C, D, z, delta_bias, h0, hc, gy, gh, softplus, interpret, poison):
+def backward(u, delta, A, B, C, D, z, delta_bias, h0, hc, gy, gh, softplus, interpret, poison,
+             reset=None):
     """Cotangents of (u, delta, A, B, C, D, z, delta_bias, initial_state) given those of
-    (y, h_T); ``hc`` holds the states entering each chunk, saved by the forward kernel."""
+    (y, h_T); ``hc`` holds the states entering each chunk, saved by the forward kernel;
+    ``reset``: the forward's restart flags (int32 [T]) or None."""
     Bt, Dc, T = u.shape
     N = A.shape[1]
     acc = _acc(u.dtype)
@@ -160,6 +178,10 @@ def backward(u, delta, A, B, C, D, z, delta_bias, h0, hc, gy, gh, softplus, inte
         pl.BlockSpec((sq, BD), lambda b, g, d: (g, d)),
         pl.BlockSpec((sq, sq, Tp // L, BD, Np), lambda b, g, d: (b, g, 0, d, 0)),
         seq, tile]
+    has_reset = reset is not None
+    if has_reset:
+        args.append(pad_reset(reset, Tp))
+        in_specs.append(pl.BlockSpec((Tp,), lambda b, g, d: (0,)))
     part = pl.BlockSpec((sq, sq, sq, Np, Tp), lambda b, g, d: (b, g, d, 0, 0))
     f = jax.ShapeDtypeStruct
     out_shape = [f((Bt, G, Dgp, Tp), acc)] * (3 if has_z else 2) + [
@@ -167,7 +189,7 @@ def backward(u, delta, A, B, C, D, z, delta_bias, h0, hc, gy, gh, softplus, inte
         f((Bt, G, Dgp), acc), f((Bt, G, Dgp), acc), f((Bt, G, Dgp, Np), acc)]
     out_specs = [seq] * (3 if has_z else 2) + [part, part, tile, vec, vec, tile]
     kernel = functools.partial(_bwd_kernel, T=T, L=L, n_chunks=Tp // L, softplus=softplus,
-                               has_z=has_z, acc=acc)
+                               has_z=has_z, acc=acc, has_reset=has_reset)
     aliases = {}
     if poison:
         # NaN-filled output buffers: any element the kernel fails to write stays NaN
@@ -203,12 +225,13 @@ def backward(u, delta, A, B, C, D, z, delta_bias, h0, hc, gy, gh, softplus, inte
     return du, ddl, dA, unstate(dB, B), unstate(dC, C), dD, dz, dbias, dh0
 
 
-def backward_ref(u, delta, A, B, C, D, z, delta_bias, h0, gy, gh, softplus):
+def backward_ref(u, delta, A, B, C, D, z, delta_bias, h0, gy, gh, softplus, reset=None):
     """The same cotangents from the VJP of the plain-JAX ``selective_scan_ref``."""
     from .selective_scan import selective_scan_ref
 
     def f(u, delta, A, B, C, D, z, delta_bias, h0):
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, h0, True)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, h0, True,
+                                  reset)
 
     _, vjp = jax.vjp(f, u, delta, A, B, C, D, z, delta_bias, h0)
     return vjp((gy, gh.astype(_acc(u.dtype))))

@@ -22,6 +22,12 @@ Layouts: q [B, Tq, H, E]; k, v, fading_k, fading_v [B, Tk, H, E] with Tk >= Tq, 
 position pos - (Tk - Tq) + j, so a cache of earlier keys can precede the queries' own;
 store_k, store_v [B, H, S, M, E] with store_pos [B, S, M] (negative: empty slot), snapshot s
 serving the queries of chunk pos // chunk + s (the layout of the Triton kernel).
+
+Packed rows (``cu_seqlens``, as the Triton kernel takes them: batch 1, the row's own keys from
+position 0, no store): each query's document start, int32 [Tq], is a kernel input, and keys
+before it are masked in every source (and key tiles wholly before the query tile's first
+document skipped). Distances within a document equal those in the row, so the windows are
+those of the documents run alone. The boundaries may be traced.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
+
+from .windowed_readout_args import check, check_cu_seqlens
 
 BLOCK = 16  # queries per program and keys per tile
 
@@ -56,17 +64,44 @@ def compiler_params(block: int, Ep: int):
     return pl_triton.CompilerParams(num_warps=4, num_stages=stages)
 
 
-def _attn_kernel(*refs, W, off, Tk, scale, fading, store, C, S, block, acc, precision):
+def doc_starts(cu_seqlens, T: int):
+    """Each position's document start, int32 [T], from cu_seqlens [N + 1] (may be traced)."""
+    cu = cu_seqlens.astype(jnp.int32)
+    seg = jnp.searchsorted(cu[1:], jnp.arange(T, dtype=jnp.int32), side="right")
+    return cu[jnp.minimum(seg, cu.shape[0] - 2)]
+
+
+def pad_docs(docs, Tqp: int):
+    """Document starts [Tq] -> [Tqp]; padded query rows start at Tq (they see nothing)."""
+    Tq = docs.shape[0]
+    return jnp.pad(docs.astype(jnp.int32), (0, Tqp - Tq), constant_values=Tq)
+
+
+def row_starts(kstart, docs):
+    """(first visible key index of each query row [BQ, 1], least over the tile): ``key_start``,
+    or in a packed row also the rows' document starts ``docs`` [BQ] (None: unpacked)."""
+    if docs is None:
+        return kstart, kstart
+    st = jnp.maximum(docs[:, None], kstart)  # [BQ, 1]
+    return st, jnp.min(st)
+
+
+def _attn_kernel(*refs, W, off, Tk, scale, fading, store, C, S, block, acc, precision,
+                 packed=False):
     refs = list(refs)
-    meta_ref, q_ref, k_ref, v_ref = refs[:4]
-    fk_ref, fv_ref = refs[4:6] if fading else (None, None)
+    meta_ref = refs.pop(0)
+    docs_ref = refs.pop(0) if packed else None
+    q_ref, k_ref, v_ref = refs[:3]
+    fk_ref, fv_ref = refs[3:5] if fading else (None, None)
     sk_ref, sv_ref, sp_ref = refs[-5:-2] if store else (None, None, None)
     o_ref, lse_ref = refs[-2:]
-    pos, kstart = meta_ref[0], meta_ref[1]  # run-time scalars: one compilation serves any pos
+    pos = meta_ref[0]  # run-time scalars: one compilation serves any pos
     i0 = pl.program_id(2) * block
     q = q_ref[...].astype(acc)  # [BQ, E]
     i = i0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)  # query rows [BQ, 1]
     jj = lax.broadcasted_iota(jnp.int32, (1, block), 1)  # key columns [1, BK]
+    # first visible key index per row, and for the tile
+    kst, kstart = row_starts(meta_ref[1], None if docs_ref is None else docs_ref[...])
 
     def update(carry, s, vis, vt):
         """One online-softmax step over the scores s [BQ, BK] where vis holds."""
@@ -101,7 +136,7 @@ def _attn_kernel(*refs, W, off, Tk, scale, fading, store, C, S, block, acc, prec
             j = t * block + jj
             kt = kr[pl.ds(t * block, block), :].astype(acc)
             vt = vr[pl.ds(t * block, block), :].astype(acc)
-            vis = (j <= i + off - lo_off) & (j < Tk) & (j >= kstart)
+            vis = (j <= i + off - lo_off) & (j < Tk) & (j >= kst)
             if hi_off is not None:
                 vis = vis & (j > i + off - hi_off)
             return update(carry, scores(kt), vis, vt)
@@ -144,7 +179,8 @@ def _pad_bhte(x, T, E):
     return jnp.pad(x, [(0, 0), (0, 0), (0, T - x.shape[2]), (0, E - x.shape[3])])
 
 
-def _forward(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, poison, block):
+def _forward(q, k, v, fk, fv, sk, sv, spos, meta, docs, window, chunk, interpret, poison,
+             block):
     B, Tq, H, E = q.shape
     Tk = k.shape[1]
     fading, store = fk is not None, sk is not None
@@ -158,6 +194,10 @@ def _forward(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, pois
     args = [meta, _pad_bhte(q, Tqp, Ep)] + [_pad_bhte(a, Tkp, Ep)
                                             for a in ((k, v, fk, fv) if fading else (k, v))]
     in_specs = [META_SPEC, qspec] + [kspec] * (len(args) - 2)
+    packed = docs is not None
+    if packed:  # each query tile's document starts, right after meta
+        args.insert(1, pad_docs(docs, Tqp))
+        in_specs.insert(1, pl.BlockSpec((block,), lambda b, h, t: (t,)))
     S = 0
     if store:
         S, M = spos.shape[1], spos.shape[2]
@@ -174,7 +214,7 @@ def _forward(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, pois
     kernel = functools.partial(
         _attn_kernel, W=window, off=Tk - Tq, Tk=Tk, scale=1.0 / math.sqrt(E), fading=fading,
         store=store, C=chunk, S=S, block=block, acc=acc,
-        precision=lax.Precision.HIGHEST if acc == jnp.float32 else None)
+        precision=lax.Precision.HIGHEST if acc == jnp.float32 else None, packed=packed)
     aliases = {}
     if poison:
         # a NaN-filled output buffer: any element the kernel fails to write stays NaN
@@ -197,103 +237,46 @@ def _skip_alias(kernel, *refs):
 
 # meta: int32 [2] = (pos, key_start), read by the kernels at run time
 META_SPEC = pl.BlockSpec((2,), lambda *_: (0,))
-_STATIC = (9, 10, 11, 12, 13)  # window, chunk, interpret, poison, block
+_STATIC = (10, 11, 12, 13, 14)  # window, chunk, interpret, poison, block
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=_STATIC)
-def _attention(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, poison, block):
-    return _forward(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, poison,
-                    block)[0]
+def _attention(q, k, v, fk, fv, sk, sv, spos, meta, docs, window, chunk, interpret, poison,
+               block):
+    return _forward(q, k, v, fk, fv, sk, sv, spos, meta, docs, window, chunk, interpret,
+                    poison, block)[0]
 
 
-def _attention_fwd(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, poison, block):
-    o, lse = _forward(q, k, v, fk, fv, sk, sv, spos, meta, window, chunk, interpret, poison,
-                      block)
-    return o, (q, k, v, fk, fv, sk, sv, spos, meta, o, lse)
+def _attention_fwd(q, k, v, fk, fv, sk, sv, spos, meta, docs, window, chunk, interpret, poison,
+                   block):
+    o, lse = _forward(q, k, v, fk, fv, sk, sv, spos, meta, docs, window, chunk, interpret,
+                      poison, block)
+    return o, (q, k, v, fk, fv, sk, sv, spos, meta, docs, o, lse)
 
 
 def _attention_bwd(window, chunk, interpret, poison, block, res, g):
-    q, k, v, fk, fv, sk, sv, spos, meta, o, lse = res
+    q, k, v, fk, fv, sk, sv, spos, meta, docs, o, lse = res
+    # store positions, meta and document starts are integers: no cotangent
     if sk is None:
         from .windowed_readout_bwd import backward
 
         return backward(q, k, v, fk, fv, o, lse, g, meta, window, interpret, poison,
-                        block) + (None, None, None, None)
+                        block, docs) + (None, None, None, None, None)
 
     def f(q, k, v, fk, fv, sk, sv):
         return windowed_readout_ref(q, k, v, window, fk, fv, sk, sv, spos, chunk, meta[0],
                                    block=block, key_start=meta[1])
 
     _, vjp = jax.vjp(f, q, k, v, fk, fv, sk, sv)
-    return vjp(g) + (None, None)  # store positions and meta are integers: no cotangent
+    return vjp(g) + (None, None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _check_scalar(name, value):
-    """An int >= 0, or a 0-d integer array (a traced position inside jit)."""
-    if isinstance(value, bool):
-        raise TypeError(f"windowed_readout: {name} must be an int >= 0, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"windowed_readout: {name} must be an int >= 0, got {value}")
-        return
-    if not (hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)
-            and jnp.ndim(value) == 0):
-        raise TypeError(f"windowed_readout: {name} must be an int >= 0 or a 0-d integer "
-                        f"array, got {value!r}")
-
-
-def _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos,
-           key_start=0):
-    if q.ndim != 4:
-        raise ValueError(f"windowed_readout: q must be [B, Tq, H, E], got shape {tuple(q.shape)}")
-    B, Tq, H, E = q.shape
-    if k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (B, H, E) or k.shape[1] < Tq:
-        raise ValueError(f"windowed_readout: k must be [B={B}, Tk >= {Tq}, H={H}, E={E}], got "
-                         f"{tuple(k.shape)}")
-    for name, a in (("v", v), ("fading_k", fading_k), ("fading_v", fading_v)):
-        if a is not None and tuple(a.shape) != tuple(k.shape):
-            raise ValueError(f"windowed_readout: {name} must have k's shape {tuple(k.shape)}, "
-                             f"got {tuple(a.shape)}")
-    if (fading_k is None) != (fading_v is None):
-        raise ValueError("windowed_readout: give both fading_k and fading_v, or neither")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"windowed_readout: window must be a positive int or None, got {window!r}")
-    if (fading_k is not None or store_k is not None) and window is None:
-        raise ValueError("windowed_readout: window must be an int when fading keys or a store "
-                         "are given, got None")
-    if Tq == 0:
-        raise ValueError(f"windowed_readout: q must hold at least one query, got {tuple(q.shape)}")
-    _check_scalar("pos", pos)
-    _check_scalar("key_start", key_start)
-    given = [a is not None for a in (store_k, store_v, store_pos)]
-    if any(given) and not all(given):
-        raise ValueError("windowed_readout: give store_k, store_v and store_pos together, "
-                         "or none of them")
-    if store_k is None:
-        return
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"windowed_readout: chunk must be a positive int with a store, "
-                         f"got {chunk!r}")
-    if isinstance(pos, int):
-        S = (pos + Tq - 1) // chunk - pos // chunk + 1  # chunks the queries fall in
-    else:  # a run-time position: as many as any pos can need
-        S = -(-(Tq + chunk - 1) // chunk)
-    if store_pos.ndim != 3 or store_pos.shape[0] != B or store_pos.shape[1] < S:
-        raise ValueError(f"windowed_readout: store_pos must be [B={B}, snapshots >= {S}, M], "
-                         f"got {tuple(store_pos.shape)}")
-    want = (B, H, store_pos.shape[1], store_pos.shape[2], E)
-    for name, a in (("store_k", store_k), ("store_v", store_v)):
-        if tuple(a.shape) != want:
-            raise ValueError(f"windowed_readout: {name} must be [B, H, S, M, E] = {want}, got "
-                             f"{tuple(a.shape)}")
-
-
 def windowed_readout(q, k, v, window, fading_k=None, fading_v=None, store_k=None, store_v=None,
-                    store_pos=None, chunk=None, pos=0, *, key_start=0, interpret=False,
-                    poison=False, block=BLOCK):
+                    store_pos=None, chunk=None, pos=0, *, key_start=0, cu_seqlens=None,
+                    interpret=False, poison=False, block=BLOCK):
     """One softmax over the raw window, the fading window and the visible store entries.
 
     q [B, Tq, H, E] at positions pos .. pos + Tq - 1; k, v, fading_k, fading_v [B, Tk, H, E];
@@ -301,28 +284,35 @@ def windowed_readout(q, k, v, window, fading_k=None, fading_v=None, store_k=None
     serving the queries of chunk pos // chunk + s; an entry at position p is visible from t
     when p <= t - W. ``pos`` and ``key_start`` may be 0-d integer arrays (traced inside jit);
     keys before index ``key_start`` (an unfilled cache) are never visible, in any source.
-    Returns o [B, Tq, H, E] in q's dtype. ``interpret`` runs the Pallas
+    ``cu_seqlens`` (int32 [N + 1], may be traced; a packed row of batch 1 at positions within
+    documents, no cache and no store, as the Triton kernel's): a query sees only keys of its
+    own document. Returns o [B, Tq, H, E] in q's dtype. ``interpret`` runs the Pallas
     interpreter (any device); ``poison`` hands the kernel a NaN-filled output buffer (tests);
     ``block`` is the tile size, a power of two (at least 16 when compiled for a GPU).
     """
-    _check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos,
+    check(q, k, v, window, fading_k, fading_v, store_k, store_v, store_pos, chunk, pos,
            key_start)
     if block < 1 or block & (block - 1):
         raise ValueError(f"windowed_readout: block must be a power of two, got {block}")
+    docs = None
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q, k, store_k, pos, key_start)
+        docs = doc_starts(jnp.asarray(cu_seqlens), q.shape[1])
     if store_k is None:
         chunk = None
     meta = jnp.stack([jnp.asarray(pos, jnp.int32), jnp.asarray(key_start, jnp.int32)])
-    return _attention(q, k, v, fading_k, fading_v, store_k, store_v, store_pos, meta, window,
-                      chunk, bool(interpret), bool(poison), int(block))
+    return _attention(q, k, v, fading_k, fading_v, store_k, store_v, store_pos, meta, docs,
+                      window, chunk, bool(interpret), bool(poison), int(block))
 
 
 @functools.partial(jax.jit, static_argnums=(3, 9), static_argnames=("block",))
 def windowed_readout_ref(q, k, v, window, fading_k=None, fading_v=None, store_k=None,
                         store_v=None, store_pos=None, chunk=None, pos=0, *, block=BLOCK,
-                        key_start=0):
+                        key_start=0, cu_seqlens=None):
     """The same function in plain JAX, banded: each tile of ``block`` queries gathers the
     BLOCK + span keys it can see (and each query its snapshot's store entries) and runs one
-    masked softmax over them. ``pos`` and ``key_start`` are traced (one compilation)."""
+    masked softmax over them. ``pos``, ``key_start`` and ``cu_seqlens`` (as the kernel's: a
+    query sees keys of its own document only) are traced (one compilation)."""
     B, Tq, H, E = q.shape
     Tk = k.shape[1]
     off = Tk - Tq
@@ -341,6 +331,9 @@ def windowed_readout_ref(q, k, v, window, fading_k=None, fading_v=None, store_k=
     qt = qp.reshape(B, n, block, H, E)
     rel = (qi[:, :, None] + off) - kidx[:, None, :]  # [n, block, band]: distance back in time
     live = kok[:, None, :] & qok[:, :, None]
+    if cu_seqlens is not None:  # keys before the query's document start are not its own
+        st = doc_starts(cu_seqlens, Tq)[jnp.minimum(qi, Tq - 1)]  # [n, block]
+        live = live & (kidx[:, None, :] >= st[:, :, None])
     W = Tk if window is None else window
     sources = [(k, v, (rel >= 0) & (rel < W) & live)]
     if fading_k is not None:

@@ -5,7 +5,8 @@ delta_i = sum_e do_ie o_ie. One kernel gives dq, walking the same key tiles as t
 kernel per source gives that source's dk and dv, walking only the query tiles that can see its
 key tile (raw: queries i with j - off <= i < j - off + W; fading: the same shifted by W).
 Accumulation is float32 (float64 for float64 inputs). With a store the forward's backward uses
-the plain-JAX recomputation instead (see ``windowed_readout``).
+the plain-JAX recomputation instead (see ``windowed_readout``). In a packed row both kernels
+take the queries' document starts and mask keys before them, as the forward does.
 """
 
 from __future__ import annotations
@@ -18,18 +19,29 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .windowed_readout import META_SPEC, _acc, _pad_bhte, _pow2, compiler_params
+from .windowed_readout import (
+    META_SPEC,
+    _acc,
+    _pad_bhte,
+    _pow2,
+    compiler_params,
+    pad_docs,
+    row_starts,
+)
 
 
 def _dot(a, b, acc, precision):
     return jnp.dot(a, b, precision=precision, preferred_element_type=acc)
 
 
-def _dq_kernel(*refs, W, off, Tq, Tk, scale, fading, block, acc, precision):
-    meta_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref = refs[:7]
-    fk_ref, fv_ref = refs[7:9] if fading else (None, None)
+def _dq_kernel(*refs, W, off, Tq, Tk, scale, fading, block, acc, precision, packed=False):
+    refs = list(refs)
+    meta_ref = refs.pop(0)
+    docs_ref = refs.pop(0) if packed else None
+    q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref = refs[:6]
+    fk_ref, fv_ref = refs[6:8] if fading else (None, None)
     dq_ref = refs[-1]
-    kstart = meta_ref[1]
+    kst, kstart = row_starts(meta_ref[1], None if docs_ref is None else docs_ref[...])
     i0 = pl.program_id(2) * block
     q = q_ref[...].astype(acc)
     do = do_ref[...].astype(acc)
@@ -47,7 +59,7 @@ def _dq_kernel(*refs, W, off, Tq, Tk, scale, fading, block, acc, precision):
             j = t * block + jj
             kt = kr[pl.ds(t * block, block), :].astype(acc)
             vt = vr[pl.ds(t * block, block), :].astype(acc)
-            vis = (j <= i + off - lo_off) & (j < Tk) & (i < Tq) & (j >= kstart)
+            vis = (j <= i + off - lo_off) & (j < Tk) & (i < Tq) & (j >= kst)
             if hi_off is not None:
                 vis = vis & (j > i + off - hi_off)
             s = _dot(q, kt.T, acc, precision) * scale
@@ -63,10 +75,15 @@ def _dq_kernel(*refs, W, off, Tq, Tk, scale, fading, block, acc, precision):
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(meta_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dk_ref, dv_ref, *,
-                 lo_off, hi_off, off, Tq, Tk, scale, block, acc, precision):
+def _dkdv_kernel(*refs, lo_off, hi_off, off, Tq, Tk, scale, block, acc, precision,
+                 packed=False):
     """Keys j of this tile are seen by queries i with lo_off <= i + off - j < hi_off, unless
-    they sit before the first key that exists (``key_start``)."""
+    they sit before the first key that exists (``key_start``) or, in a packed row, before
+    the query's document start."""
+    refs = list(refs)
+    meta_ref = refs.pop(0)
+    docs_ref = refs.pop(0) if packed else None
+    q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dk_ref, dv_ref = refs
     kstart = meta_ref[1]
     j0 = pl.program_id(2) * block
     k = k_ref[...].astype(acc)  # [BK, E]
@@ -86,7 +103,8 @@ def _dkdv_kernel(meta_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dk_ref,
         do = do_ref[sl, :].astype(acc)
         lse = lse_ref[sl][:, None]
         dl = dl_ref[sl][:, None]
-        vis = (j <= i + off - lo_off) & (j < Tk) & (i < Tq) & (j >= kstart)
+        kst, _ = row_starts(kstart, None if docs_ref is None else docs_ref[sl])
+        vis = (j <= i + off - lo_off) & (j < Tk) & (i < Tq) & (j >= kst)
         if hi_off is not None:
             vis = vis & (j > i + off - hi_off)
         s = _dot(q, k.T, acc, precision) * scale  # [BQ, BK]
@@ -121,10 +139,11 @@ def _call(kernel, args, in_specs, out_shape, out_specs, grid, interpret, poison,
     )(*args)
 
 
-def backward(q, k, v, fk, fv, o, lse, do, meta, window, interpret, poison, block):
+def backward(q, k, v, fk, fv, o, lse, do, meta, window, interpret, poison, block, docs=None):
     """Gradients (dq, dk, dv, dfk, dfv) of the attention output o given its cotangent do;
-    lse [B, H, Tq padded] comes from the forward kernel, meta (pos, key_start) int32 [2] is
-    the forward's. dfk, dfv are None without fading."""
+    lse [B, H, Tq padded] comes from the forward kernel, meta (pos, key_start) int32 [2] and
+    docs (the queries' document starts int32 [Tq], or None) are the forward's. dfk, dfv are
+    None without fading."""
     B, Tq, H, E = q.shape
     Tk = k.shape[1]
     fading = fk is not None
@@ -145,20 +164,30 @@ def backward(q, k, v, fk, fv, o, lse, do, meta, window, interpret, poison, block
     whole_k = pl.BlockSpec((sq, sq, Tkp, Ep), lambda b, h, t: (b, h, 0, 0))
     whole_q = pl.BlockSpec((sq, sq, Tqp, Ep), lambda b, h, t: (b, h, 0, 0))
     whole_r = pl.BlockSpec((sq, sq, Tqp), lambda b, h, t: (b, h, 0))
+    packed = docs is not None
     common = dict(off=off, Tq=Tq, Tk=Tk, scale=scale, block=block, acc=acc,
-                  precision=precision)
+                  precision=precision, packed=packed)
+    # meta, then (packed) the document starts: of the query tile for dq, all for dk and dv
+    dq_in, kv_in = [meta], [meta]
+    dq_specs, kv_specs = [META_SPEC], [META_SPEC]
+    if packed:
+        pd = pad_docs(docs, Tqp)
+        dq_in.append(pd)
+        kv_in.append(pd)
+        dq_specs.append(pl.BlockSpec((block,), lambda b, h, t: (t,)))
+        kv_specs.append(pl.BlockSpec((Tqp,), lambda b, h, t: (0,)))
 
     dq = _call(functools.partial(_dq_kernel, W=window, fading=fading, **common),
-               [meta, qq, dd, lse, delta] + keys,
-               [META_SPEC, tile_spec, tile_spec, row_spec, row_spec] + [whole_k] * len(keys),
+               dq_in + [qq, dd, lse, delta] + keys,
+               dq_specs + [tile_spec, tile_spec, row_spec, row_spec] + [whole_k] * len(keys),
                jax.ShapeDtypeStruct(qq.shape, q.dtype), tile_spec,
                (B, H, Tqp // block), interpret, poison, compiler_params(block, Ep))
 
     def kv_grads(kk, vv, lo_off, hi_off):
         shape = jax.ShapeDtypeStruct(kk.shape, q.dtype)
         dk, dv = _call(functools.partial(_dkdv_kernel, lo_off=lo_off, hi_off=hi_off, **common),
-                       [meta, qq, dd, lse, delta, kk, vv],
-                       [META_SPEC, whole_q, whole_q, whole_r, whole_r, tile_spec, tile_spec],
+                       kv_in + [qq, dd, lse, delta, kk, vv],
+                       kv_specs + [whole_q, whole_q, whole_r, whole_r, tile_spec, tile_spec],
                        (shape, shape), (tile_spec, tile_spec), (B, H, Tkp // block),
                        interpret, poison, compiler_params(block, Ep))
         return tuple(jnp.swapaxes(a[:, :, :Tk, :E], 1, 2) for a in (dk, dv))
@@ -170,12 +199,13 @@ def backward(q, k, v, fk, fv, o, lse, do, meta, window, interpret, poison, block
     return jnp.swapaxes(dq[:, :, :Tq, :E], 1, 2), dk, dv, dfk, dfv
 
 
-def backward_ref(q, k, v, fk, fv, do, window, block, key_start=0):
+def backward_ref(q, k, v, fk, fv, do, window, block, key_start=0, cu_seqlens=None):
     """The same gradients as the VJP of the plain-JAX ``windowed_readout_ref``."""
     from .windowed_readout import windowed_readout_ref
 
     args = (q, k, v) if fk is None else (q, k, v, fk, fv)
     _, vjp = jax.vjp(lambda *a: windowed_readout_ref(*a[:3], window, *a[3:], block=block,
-                                                    key_start=key_start), *args)
+                                                    key_start=key_start,
+                                                    cu_seqlens=cu_seqlens), *args)
     grads = vjp(do)
     return grads if fk is not None else grads + (None, None)

@@ -55,8 +55,7 @@ def forward(spec, p, x, state, *, implementation="auto", cu_seqlens=None):
     y, h = selective_scan(xc, delta, -jnp.exp(p["A_log"]), jnp.swapaxes(Bm, 1, 2),
                           jnp.swapaxes(Cm, 1, 2), p["D"], z, p["dt_proj.bias"], True,
                           initial_state=state["ssm"] if cu is None else None,
-                          return_final_state=True, cu_seqlens=cu,
-                          implementation=implementation if cu is None else "jax")
+                          return_final_state=True, cu_seqlens=cu, implementation=implementation)
     out = linear(jnp.swapaxes(y, 1, 2), p["out_proj.weight"])
     new_conv = xcat[:, :, xcat.shape[-1] - (K - 1):] if K > 1 else state["conv"]
     n = T

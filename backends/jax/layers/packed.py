@@ -7,7 +7,9 @@ source of a softmax is masked to the query's document (segment ids, selected wit
 a non-finite value stays in its document); the recurrent parts restart through their
 primitives' ``cu_seqlens``. The state returned is the last document's, gathered from its
 tokens (its start is traced). The store's chunk scan restarts at every document
-(``eidetic_store.packed_parallel``).
+(``eidetic_store.packed_parallel``). ``implementation`` reaches the fading block's scan and the
+windowed readout; a readout with a store source runs on JAX (the kernel takes no store in a
+packed row).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..windowed_readout import packed_readout
 from . import mamba, sub
 
 
-def windowed_forward(spec, p, x, st, cu):
+def windowed_forward(spec, p, x, st, cu, implementation="auto"):
     """Packed form of ``windowed.forward``: x [1, T, D] -> (y, last document's state, aux)."""
     from .windowed import _fading_weights, _mamba_state, _out, _qkv, _scores, _shared
 
@@ -47,7 +49,7 @@ def windowed_forward(spec, p, x, st, cu):
     s = fading = None
     if r.fading:
         s, mst, _ = mamba.forward(spec.fading_block, sub(p, "fading."), x, _mamba_state(st),
-                                  cu_seqlens=cu)
+                                  cu_seqlens=cu, implementation=implementation)
         new.update(conv=mst["conv"], ssm=mst["ssm"])
         _, fk, fv = _qkv(spec, None, *_fading_weights(spec, p), s, dpos)
         fading = (fk, fv)
@@ -67,7 +69,9 @@ def windowed_forward(spec, p, x, st, cu):
         new["s_last"] = s[:, T - 1] if s is not None else st["s_last"]
         new.update({"cand_" + f: a for f, a in cand.items()})
         new.update({"store_" + f: a for f, a in kept.items()})
-    o = packed_readout(q, (_shared(spec, k), _shared(spec, v)), fading, W, seg, extra)
+    # a store source is a softmax partial of its own, which the kernel cannot join: JAX then
+    o = packed_readout(q, (_shared(spec, k), _shared(spec, v)), fading, W, seg, extra, cu=cu,
+                       implementation="jax" if extra else implementation)
     return _out(p, o), new, aux
 
 

@@ -102,7 +102,7 @@ def forward(spec, p, x, st, *, implementation="auto", cu_seqlens=None):
     if cu_seqlens is not None:
         from .packed import windowed_forward
 
-        return windowed_forward(spec, p, x, st, cu_seqlens)
+        return windowed_forward(spec, p, x, st, cu_seqlens, implementation)
     T = x.shape[1]
     r = spec.readout
     W, sts, pos = r.window, r.store, st["pos"]
