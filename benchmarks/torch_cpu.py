@@ -8,6 +8,8 @@
 4. the matmul floor: each layer's forward+backward matrix-product FLOPs (counted by
    ``torch.utils.flop_counter``) over this machine's sgemm rate at the same thread count;
    goal: bmojo at T=8192 within 1.4x of its floor at 1 and at 2 threads.
+5. the profile behind the floor ratio: one forward+backward of a layer under torch.profiler,
+   its operators by self CPU time, with the matrix products' share.
 
 Shapes: D=256, H=4, W=128, chunk 128, select 8, capacity 64 (DESIGN's notation).
 """
@@ -129,6 +131,30 @@ def floor_table(T: int, batch: int, repeat: int, names):
     return rate, table(header, rows)
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+              "aten::convolution_backward", "aten::_convolution", "aten::mkldnn_convolution")
+
+
+def profile_table(name: str, T: int, batch: int, top: int = 12):
+    """One forward+backward of ``name`` under torch.profiler (after a warm-up run): its ``top``
+    operators by self CPU time and the share of every operator that is a matrix product."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = fwd_bwd_runner(layer(specs()[name]), T, batch)
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    mat = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    rows = [[e.key, e.count, e.self_cpu_time_total / 1e3, 100.0 * e.self_cpu_time_total / total]
+            for e in events[:top]]
+    text = table(["operator", "calls", "self ms", "% of self time"], rows)
+    return mat / total, total / 1e6, text
+
+
 def state_bytes(state) -> int:
     total = 0
     if isinstance(state, dict):
@@ -232,8 +258,11 @@ def main(argv=None):
                    help="layers timed against attention (unbounded mosaic is O(T^2))")
     p.add_argument("--floor-length", type=int, default=8192,
                    help="T of the matmul-floor table")
+    p.add_argument("--profile", nargs="*", default=["bmojo"],
+                   choices=["bmojo", "bmojo_f", "mamba", "mosaic", "transformer(None)"],
+                   help="layers profiled at the floor's T (section 5)")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=["training", "streaming", "mosaic", "floor"])
+                   choices=["training", "streaming", "mosaic", "floor", "profile"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,6 +291,13 @@ def main(argv=None):
               f"bmojo within 1.4x of its floor")
         print(text)
         print()
+    if "profile" not in args.skip:
+        for name in args.profile:
+            share, secs, text = profile_table(name, args.floor_length, args.batch)
+            print(f"profile of {name} forward+backward at T={args.floor_length}: "
+                  f"{secs:.2f} s of operator self time, {100 * share:.0f}% in matrix products")
+            print(text)
+            print()
     if "mosaic" not in args.skip:
         print("mosaic key extractor: scan vs dense O(T^2) leaky average, forward+backward:")
         print(mosaic_table(2048, args.batch, args.repeat))
