@@ -172,3 +172,20 @@ def test_finished_runs_are_kept_and_reused(tmp_path, monkeypatch, capsys):
     # a kept run of another configuration is refused by name, not reused
     assert cli.main(["mqar", *_tiny(d_model="8"), *rest]) == 2
     assert "config.d_model differs" in capsys.readouterr().err
+
+
+def test_readme_main_job_table_is_the_kept_results():
+    """The README's main-job table is the quick job's printout: each row's numbers equal the
+    run's copy of results.json kept beside the plot (docs/figures/mqar_quick_results.json)."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    res = json.loads((root / "docs/figures/mqar_quick_results.json").read_text())
+    assert res["mode"] == "quick"
+    readme = (root / "README.md").read_text()
+    block = readme.split("What it printed", 1)[1].split("```", 2)[1]
+    rows = {line.split()[0]: line.split() for line in block.splitlines()[3:] if line.strip()}
+    assert list(rows) == list(res["models"])
+    for name, r in res["models"].items():
+        acc, std, val, lr, mem = rows[name][1:6]
+        assert float(acc) == round(r["accuracy"], 4), name
+        assert float(val) == round(r["val_accuracy"], 4), name
+        assert float(lr) == r["lr"] and int(mem.replace(",", "")) == r["memory_bytes"], name
