@@ -121,6 +121,44 @@ def _torch_step(spec, params, t: int, steps: int) -> float:
     return step_latency(memcore.realize(spec, backend="torch", params=params), t, steps)[0]
 
 
+def parts_table(T: int, repeat: int) -> str:
+    """Where the mamba layer's JAX/torch ratio comes from: forward+backward of its parts alone,
+    timed interleaved: the selective scan primitive at the layer's shape (channels 2D, d_state
+    16, softplus, D and z) and its input projection ([T, D] @ [D, 4D])."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from memcore.backends.jax.selective_scan import selective_scan as jax_scan
+    from memcore.backends.torch.selective_scan import selective_scan as torch_scan
+
+    rng = np.random.default_rng(0)
+    Dc, N = 2 * D, 16
+    shapes = [(1, Dc, T), (1, Dc, T), (Dc, N), (1, N, T), (1, N, T), (Dc,), (1, Dc, T), (Dc,)]
+    scan_in = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    scan_in[2] = -np.abs(scan_in[2]) - 0.5  # A < 0
+    proj_in = [rng.standard_normal((T, D)).astype(np.float32),
+               rng.standard_normal((D, 4 * D)).astype(np.float32)]
+
+    def torch_runner(f, arrays):
+        ts = [torch.tensor(a, requires_grad=True) for a in arrays]
+        return lambda: torch.autograd.grad(f(*ts).pow(2).mean(), ts)
+
+    def jax_runner(f, arrays):
+        js = [jnp.asarray(a) for a in arrays]
+        g = jax.jit(jax.grad(lambda *a: jnp.mean(f(*a) ** 2), argnums=tuple(range(len(js)))))
+        return lambda: jax.block_until_ready(g(*js))
+
+    parts = {"selective_scan": (lambda *a: torch_scan(*a, delta_softplus=True),
+                                lambda *a: jax_scan(*a, delta_softplus=True), scan_in),
+             "in_proj matmul": (lambda x, w: x @ w, lambda x, w: x @ w, proj_in)}
+    rows = []
+    for name, (tf, jf, arrays) in parts.items():
+        got = interleaved({"torch": torch_runner(tf, arrays), "jax": jax_runner(jf, arrays)},
+                          repeat)
+        rows.append([name, T, got["torch"] * 1e3, got["jax"] * 1e3, got["jax"] / got["torch"]])
+    return table(["part", "T", "torch ms", "jax ms", "jax / torch"], rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks jax_cpu", description=__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
@@ -130,6 +168,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30, help="0: no streaming table")
     p.add_argument("--layers", nargs="+", default=["bmojo", "bmojo_f", "mamba", "mosaic",
                                                     "transformer(None)"])
+    p.add_argument("--parts", type=int, default=4096, help="T of the mamba parts table (0: none)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for both frameworks (default: each framework's own)")
     args = p.parse_args(argv)
@@ -164,6 +203,9 @@ def main(argv=None):
     if rows:
         print(f"\nstreaming step latency after {args.stream} tokens (batch 1), median ms:")
         print(table(["layer", "torch ms", "jax ms", "jax / torch"], rows))
+    if args.parts > 0:
+        print("\nthe mamba layer's parts alone, forward+backward, median ms:")
+        print(parts_table(args.parts, args.repeat))
 
 
 if __name__ == "__main__":
