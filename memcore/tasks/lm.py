@@ -323,8 +323,9 @@ def run(text: str, models=DEFAULT_MODELS, cfg: LMConfig = PROTOCOL, lrs=LRS, see
     and the plot under ``out_dir``."""
     check_backend(backend)
     if cfg.packed and backend != "torch":
-        raise ValueError(f"--packed needs --backend torch: the {backend} model does not take "
-                         f"cu_seqlens yet")
+        raise ValueError(f"--packed needs --backend torch: the {backend} trainer has no packed "
+                         f"loss yet (the JAX models take cu_seqlens, but rows holding different "
+                         f"numbers of documents would each compile anew)")
     if cfg.packed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--packed trains on rows of batch 1: torchrun data parallel "
                          "(WORLD_SIZE > 1) would split no batch")
