@@ -67,3 +67,17 @@ def check_packed(run, x, cu, tree: str, name: str, rtol: float, axis: int = 1) -
         mean = total / lengths.sum()
         assert abs(float(to_numpy(aux)) - mean) <= rtol * max(1.0, abs(mean)), (
             f"{name}: aux {float(to_numpy(aux))} != token-weighted mean {mean}")
+
+
+# cu_seqlens every tree refuses for a row of T=6 tokens, with words the error must hold
+BAD_CU_SEQLENS = {
+    "int64": (np.array([0, 2, 6], np.int64), "int32"),
+    "float": (np.array([0.0, 2.0, 6.0], np.float32), "int32"),
+    "2-D": (np.array([[0, 2, 6]], np.int32), "1-D"),
+    "one entry": (np.array([0], np.int32), "1-D"),
+    "start": (np.array([1, 2, 6], np.int32), "start at 0"),
+    "end": (np.array([0, 2, 5], np.int32), "end at"),
+    "decreasing": (np.array([0, 4, 2, 6], np.int32), "strictly increasing"),
+    "empty document": (np.array([0, 2, 2, 6], np.int32), "strictly increasing"),
+    "list": ([0, 2, 6], "int32 array"),
+}

@@ -10,20 +10,11 @@ import torch
 from refcheck import params64
 
 import memcore
+from tests.packed.packed_cases import BAD_CU_SEQLENS
 
 SPEC = memcore.spec.bmojo(4, 2, window=2, chunk=3, select=1, capacity=2, d_state=2)
 T = 6
-BAD = {
-    "int64": (np.array([0, 2, 6], np.int64), "int32"),
-    "float": (np.array([0.0, 2.0, 6.0], np.float32), "int32"),
-    "2-D": (np.array([[0, 2, 6]], np.int32), "1-D"),
-    "one entry": (np.array([0], np.int32), "1-D"),
-    "start": (np.array([1, 2, 6], np.int32), "start at 0"),
-    "end": (np.array([0, 2, 5], np.int32), "end at"),
-    "decreasing": (np.array([0, 4, 2, 6], np.int32), "strictly increasing"),
-    "empty document": (np.array([0, 2, 2, 6], np.int32), "strictly increasing"),
-    "list": ([0, 2, 6], "int32 array"),
-}
+BAD = BAD_CU_SEQLENS
 
 
 def layers():

@@ -30,7 +30,15 @@ from memcore.spec.reference.windowed_readout import windowed_readout as ref_read
 from refcheck import assert_close, assert_states_equal, each_realization, inputs, is_model, params64
 
 import memcore
-from tests.packed.packed_cases import AWKWARD, check_packed, cu_seqlens, doc_lengths, record, split
+from tests.packed.packed_cases import (
+    AWKWARD,
+    BAD_CU_SEQLENS,
+    check_packed,
+    cu_seqlens,
+    doc_lengths,
+    record,
+    split,
+)
 
 RTOL = 1e-9  # DESIGN 6: a backend against the reference, float64
 EXAMPLES = settings(max_examples=2, deadline=None)  # and the @example rows: compiles dominate
@@ -314,17 +322,7 @@ def test_packed_model_under_jit_with_traced_boundaries():
 # --- errors -----------------------------------------------------------------------------------
 
 ESPEC = memcore.spec.bmojo(4, 2, window=2, chunk=3, select=1, capacity=2, d_state=2)
-BAD = {
-    "int64": (np.array([0, 2, 6], np.int64), "int32"),
-    "float": (np.array([0.0, 2.0, 6.0], np.float32), "int32"),
-    "2-D": (np.array([[0, 2, 6]], np.int32), "1-D"),
-    "one entry": (np.array([0], np.int32), "1-D"),
-    "start": (np.array([1, 2, 6], np.int32), "start at 0"),
-    "end": (np.array([0, 2, 5], np.int32), "end at"),
-    "decreasing": (np.array([0, 4, 2, 6], np.int32), "strictly increasing"),
-    "empty document": (np.array([0, 2, 2, 6], np.int32), "strictly increasing"),
-    "list": ([0, 2, 6], "int32 array"),
-}
+BAD = BAD_CU_SEQLENS
 
 
 @pytest.mark.parametrize("case", list(BAD))
