@@ -13,7 +13,7 @@ from memcore.spec.validate import check_associative_readout_args
 from .banded import band_sdpa
 from .implementation import choose
 from .numerics import acc_dtype, combine, partial, sdpa
-from .packed import check_cu_seqlens, same_document
+from .packed import check_cu_seqlens, cu_tensor, same_document
 
 
 def _check(k, v, capacity):
@@ -26,18 +26,15 @@ def _check(k, v, capacity):
 
 def associative_readout(k, v, capacity=None, cu_seqlens=None, *, implementation="auto"):
     """k, v: [B, T, H, E] -> y [B, T, H, E] in k's dtype. ``cu_seqlens`` (int32 [N + 1],
-    B = 1): a query reads pairs of its own document only (on the torch path: the kernel takes
-    no boundaries)."""
+    B = 1): a query reads pairs of its own document only."""
     _check(k, v, capacity)
     bounds = check_cu_seqlens(cu_seqlens, k.shape[1], k.shape[0], None, "associative_readout")
-    unserved = None if bounds is None else "a packed row (cu_seqlens)"
-    if bounds is not None and choose("associative_readout", implementation, k,
-                                     unserved) == "torch":
-        return _packed(k, v, capacity, bounds)
     if choose("associative_readout", implementation, k) == "triton":
         from memcore.kernels.triton.associative_readout import associative_readout as kernel
 
-        return kernel(k, v, capacity)
+        return kernel(k, v, capacity, cu_seqlens=cu_tensor(bounds))
+    if bounds is not None:
+        return _packed(k, v, capacity, bounds)
     acc = acc_dtype(k.dtype)
     kk, vv = k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2)
     B, H, T, E = kk.shape

@@ -17,19 +17,18 @@ def leaky_average(k, log_decay, initial_state=None, return_final_state=False, cu
                   *, implementation="auto"):
     """k: [B, T, H, E]; log_decay: [H]; initial_state: [B, H, E]. Returns kbar in k's dtype
     (and the final state in the accumulation dtype). ``cu_seqlens`` (int32 [N + 1], B = 1):
-    the average restarts at every document (on the torch path: the kernel takes no
-    boundaries), and the final state is the last document's."""
+    the average restarts at every document (the kernel takes the documents' starts as
+    ``reset``), and the final state is the last document's."""
     check_leaky_args(k, log_decay, initial_state, streaming=False)
     bounds = check_cu_seqlens(cu_seqlens, k.shape[1], k.shape[0], initial_state,
                               "leaky_average")
     unserved = "an empty sequence (T = 0)" if k.shape[1] == 0 else None
-    if bounds is not None:
-        unserved = "a packed row (cu_seqlens)"
+    reset = None if bounds is None else doc_starts(bounds, k.device)
     if choose("leaky_average", implementation, k, unserved) == "triton":
         from memcore.kernels.triton.leaky_average import leaky_average as kernel
 
         return kernel(k, log_decay, initial_state=initial_state,
-                      return_final_state=return_final_state)
+                      return_final_state=return_final_state, reset=reset)
     acc = acc_dtype(k.dtype)
     Bt, T, H, E = k.shape
     b = k.to(acc).permute(0, 2, 3, 1)  # [B, H, E, T]
@@ -37,8 +36,7 @@ def leaky_average(k, log_decay, initial_state=None, return_final_state=False, cu
     log_a = log_decay.to(acc)[None, :, None, None].expand(1, H, 1, T)
     h0 = (torch.zeros(Bt, H, E, dtype=acc, device=k.device) if initial_state is None
           else initial_state.to(acc))
-    hs, hT = linear_recurrence(log_a, b, h0,
-                               reset=None if bounds is None else doc_starts(bounds, k.device))
+    hs, hT = linear_recurrence(log_a, b, h0, reset=reset)
     y = hs.permute(0, 3, 1, 2).to(k.dtype)
     return (y, hT) if return_final_state else y
 

@@ -44,7 +44,7 @@ def _t(*shape, dtype=torch.float32, grad=True):
 
 # --- the cases: each runs a launcher forward and backward ------------------------------------
 
-def _scan(dtype, Bt, Dc, T, N, groups=None, full=True):
+def _scan(dtype, Bt, Dc, T, N, groups=None, full=True, packed=False):
     from memcore.kernels.triton import selective_scan as mod
 
     bc = (Bt, N, T) if groups is None else (Bt, groups, N, T)
@@ -54,16 +54,20 @@ def _scan(dtype, Bt, Dc, T, N, groups=None, full=True):
                    initial_state=_t(Bt, Dc, N))
     y, hT = mod.selective_scan(_t(Bt, Dc, T, dtype=dtype), _t(Bt, Dc, T, dtype=dtype),
                                _t(Dc, N), _t(*bc, dtype=dtype), _t(*bc, dtype=dtype),
-                               delta_softplus=full, return_final_state=True, **opt)
+                               delta_softplus=full, return_final_state=True,
+                               reset=_t(T, dtype=torch.bool, grad=False) if packed else None,
+                               **opt)
     (y.float().sum() + (hT.sum() if full else 0)).backward()
     return [mod]
 
 
-def _leaky(dtype, Bt, T, H, E):
+def _leaky(dtype, Bt, T, H, E, packed=False):
     from memcore.kernels.triton import leaky_average as mod
 
+    reset = _t(T, dtype=torch.bool, grad=False) if packed else None
     y, hT = mod.leaky_average(_t(Bt, T, H, E, dtype=dtype), _t(H),
-                              initial_state=_t(Bt, H, E), return_final_state=True)
+                              initial_state=None if packed else _t(Bt, H, E),
+                              return_final_state=True, reset=reset)
     (y.float().sum() + hT.sum()).backward()
     return [mod]
 
@@ -83,6 +87,29 @@ def _attention(dtype, Bt, T, H, E, W, fading=True, store=None, cache=0):
         st = (_t(Bt, H, S, M, E, dtype=dtype), _t(Bt, H, S, M, E, dtype=dtype),
               _t(Bt, S, M, dtype=torch.int64, grad=False), C)
     mod.windowed_readout(q, *kv[:2], W, *kv[2:], *st, pos=cache).float().sum().backward()
+    return [mod]
+
+
+def _docs(T):
+    """A packed row's per-position document bounds, as the launchers build them from
+    cu_seqlens (which a meta tensor cannot hold)."""
+    return _t(2, T, dtype=torch.int64, grad=False)
+
+
+def _packed_attention(dtype, T, H, E, W, fading=True):
+    from memcore.kernels.triton import windowed_readout as mod
+
+    kv = [_t(1, T, H, E, dtype=dtype) for _ in range(4 if fading else 2)] + [None, None]
+    mod._WindowedReadout.apply(_t(1, T, H, E, dtype=dtype), *kv[:4], None, None, None, W, 0,
+                               None, _docs(T)).float().sum().backward()
+    return [mod]
+
+
+def _packed_readout(dtype, T, H, E, capacity):
+    from memcore.kernels.triton import associative_readout as mod
+
+    mod._AssociativeReadout.apply(_t(1, T, H, E, dtype=dtype), _t(1, T, H, E, dtype=dtype),
+                                  capacity, _docs(T)).float().sum().backward()
     return [mod]
 
 
@@ -135,6 +162,13 @@ CASES = {
     "readout_f32_e128": ((80, 89), lambda: _readout(f32, 2, 8192, 16, 128, None)),
     "readout_f32_e16": ((90,), lambda: _readout(f32, 2, 8192, 16, 16, None)),
     "innovation_f32": ((90,), lambda: _innovation(f32, 4, 8192, 128, 8, 64)),
+    # packed rows (cu_seqlens): the restarts and the document masks
+    "packed_scan_bf16": ((90,), lambda: _scan(bf16, 1, 2048, 8192, 16, packed=True)),
+    "packed_leaky_bf16_e64": ((90,), lambda: _leaky(bf16, 1, 8192, 8, 64, packed=True)),
+    "packed_attention_bf16_e128": ((90, 80), lambda: _packed_attention(bf16, 8192, 16, 128,
+                                                                       512)),
+    "packed_readout_bf16_e128": ((90, 80), lambda: _packed_readout(bf16, 8192, 16, 128, 1024)),
+    "packed_readout_f32_e16": ((90,), lambda: _packed_readout(f32, 8192, 16, 16, None)),
     # more chunks than a grid's second axis holds (65535)
     "innovation_f64_many_chunks": ((90,), lambda: _innovation(f64, 2, BIG_T, 8, 2, 4)),
 }
@@ -315,6 +349,12 @@ def test_every_source_and_mode_is_compiled(reports):
     assert caps == {"True", "False"}, caps
     dtypes = {c["ACC"] for k, c in seen if k == "_scan_fwd_kernel"}
     assert dtypes == {"fp32"}, dtypes  # float32 accumulation for every input dtype
+    # packed rows: the restarts and the document masks are constexpr branches too
+    for kernel, flag in (("_scan_fwd_kernel", "HAS_RESET"), ("_leaky_fwd_kernel", "HAS_RESET"),
+                         ("_leaky_bwd_kernel", "HAS_RESET"), ("_attn_fwd_kernel", "HAS_DOCS"),
+                         ("_readout_fwd_kernel", "HAS_DOCS")):
+        got = {c.get(flag) for k, c in seen if k == kernel}
+        assert got == {"True", "False"}, f"{kernel} {flag} compiled: {got}"
 
 
 def test_compiler_refusal_is_caught(reports):

@@ -81,3 +81,13 @@ BAD_CU_SEQLENS = {
     "empty document": (np.array([0, 2, 2, 6], np.int32), "strictly increasing"),
     "list": ([0, 2, 6], "int32 array"),
 }
+
+
+def reset_of(cu, T: int):
+    """A kernel's ``reset`` for boundaries ``cu``: bool [T], True at each document's first
+    token (a torch tensor)."""
+    import torch
+
+    r = torch.zeros(T, dtype=torch.bool)
+    r[torch.as_tensor(cu[:-1], dtype=torch.long)] = True
+    return r

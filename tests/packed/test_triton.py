@@ -26,16 +26,15 @@ from memcore.spec.reference.windowed_readout import windowed_readout as ref_read
 from refcheck import assert_close, inputs, params64  # noqa: E402
 
 import memcore  # noqa: E402
-from tests.packed.packed_cases import check_packed, cu_seqlens, doc_lengths  # noqa: E402
+from tests.packed.packed_cases import (  # noqa: E402
+    check_packed,
+    cu_seqlens,
+    doc_lengths,
+    reset_of,
+)
 
 RTOL = 1e-9  # DESIGN 6: kernels in float64 (the gradients: kcheck's relative RMSE)
 EXAMPLES = settings(max_examples=3, deadline=None)
-
-
-def reset_of(cu, T):
-    r = torch.zeros(T, dtype=torch.bool)
-    r[torch.as_tensor(cu[:-1], dtype=torch.long)] = True
-    return r
 
 
 def scan_args(T, Dc, N, seed):

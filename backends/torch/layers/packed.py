@@ -14,10 +14,12 @@ import torch
 from memcore.spec.constants import ROPE_BASE
 
 from .. import eidetic_store
+from ..associative_readout import associative_readout
 from ..banded import band_partial
 from ..eidetic_store import store_partial
+from ..implementation import choose
 from ..numerics import combine, default_scale, l2_normalize, linear
-from ..packed import doc_positions, longest, segment_ids
+from ..packed import cu_tensor, doc_positions, longest, segment_ids
 from ..params import sub
 from ..rings import seq_to_ring
 from ..rotary import rope, rope_tables
@@ -128,7 +130,13 @@ def mosaic_forward(spec, p, x, state, bounds):
     # Query t reads pairs t - M' .. t - 1 of its document: a band (banded softmax, no T x T
     # matrix), M' the capacity or, without one, the longest document.
     reach = longest(bounds) if M is None else min(M, longest(bounds))
-    if T > 1:
+    if T > 1 and choose("associative_readout", "auto", x) == "triton":
+        # The kernel reads one sequence: pair j's key is k_j, its value the j-th of vp (the
+        # last key's value is never read, each query reading earlier pairs only).
+        vseq = torch.cat([vp, vp.new_zeros(B, vp.shape[1], 1, vp.shape[3])], 2)
+        y = associative_readout(k, vseq.transpose(1, 2), M, cu_tensor(bounds),
+                                implementation="triton").transpose(1, 2)
+    elif T > 1:
         pad = kp.new_zeros(B, kp.shape[1], reach, kp.shape[3])
         src = (torch.cat([pad, kp], 2), torch.cat([pad, vp], 2), -reach, 1, reach + 1)
         y = combine([band_partial(q, 0, [src], 1.0, seg=segment_ids(bounds, x.device))])
