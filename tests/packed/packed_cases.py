@@ -91,3 +91,36 @@ def reset_of(cu, T: int):
     r = torch.zeros(T, dtype=torch.bool)
     r[torch.as_tensor(cu[:-1], dtype=torch.long)] = True
     return r
+
+
+def spy_calls(monkeypatch, module, name: str, keyword: str) -> list:
+    """Wraps ``module.name`` for the test: the list returned records, per call, whether
+    ``keyword`` was passed (say, a kernel's boundaries)."""
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*a, **kw):
+        calls.append(kw.get(keyword) is not None)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def check_packed_torch_layer(spec, tree: str, name: str, rtol: float) -> None:
+    """The torch layer of ``spec`` on one packed row of four documents equals its separate
+    forwards (``check_packed``), as ``MEMCORE_KERNELS`` has it run."""
+    import torch
+    from refcheck import inputs, params64
+
+    import memcore
+
+    layer = memcore.realize(spec, backend="torch", params=params64(spec))
+    cu = cu_seqlens([4, 1, 6, 3])
+    x = torch.from_numpy(inputs(spec, 1, int(cu[-1]), seed=2))
+
+    def run(a, cu_):
+        return layer.forward_aux(a, None, cu_seqlens=None if cu_ is None else
+                                 torch.from_numpy(cu_))
+
+    check_packed(run, x, cu, tree, name, rtol)

@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
+import memcore.kernels.triton.selective_scan as scan_kernel  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from kcheck import assert_close as kernel_close  # noqa: E402
@@ -23,14 +24,15 @@ from memcore.kernels.triton.selective_scan import selective_scan  # noqa: E402
 from memcore.kernels.triton.windowed_readout import windowed_readout  # noqa: E402
 from memcore.spec.reference.selective_scan import selective_scan as ref_scan  # noqa: E402
 from memcore.spec.reference.windowed_readout import windowed_readout as ref_readout  # noqa: E402
-from refcheck import assert_close, inputs, params64  # noqa: E402
+from refcheck import assert_close  # noqa: E402
 
 import memcore  # noqa: E402
 from tests.packed.packed_cases import (  # noqa: E402
-    check_packed,
+    check_packed_torch_layer,
     cu_seqlens,
     doc_lengths,
     reset_of,
+    spy_calls,
 )
 
 RTOL = 1e-9  # DESIGN 6: kernels in float64 (the gradients: kcheck's relative RMSE)
@@ -123,24 +125,8 @@ LAYERS = {
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layers_on_the_kernels(name, monkeypatch):
     monkeypatch.setenv(implementation.ENV, "triton")
-    calls = []
-    real = selective_scan
-
-    def spy(*a, **kw):
-        calls.append(kw.get("reset") is not None)
-        return real(*a, **kw)
-
-    monkeypatch.setattr("memcore.kernels.triton.selective_scan.selective_scan", spy)
-    spec = LAYERS[name]
-    layer = memcore.realize(spec, backend="torch", params=params64(spec))
-    cu = cu_seqlens([4, 1, 6, 3])
-    x = torch.from_numpy(inputs(spec, 1, int(cu[-1]), seed=2))
-
-    def run(a, cu_):
-        return layer.forward_aux(a, None, cu_seqlens=None if cu_ is None else
-                                 torch.from_numpy(cu_))
-
-    check_packed(run, x, cu, "triton", name, RTOL)
+    calls = spy_calls(monkeypatch, scan_kernel, "selective_scan", "reset")
+    check_packed_torch_layer(LAYERS[name], "triton", name, RTOL)
     if name in ("mamba", "bmojo_f", "bmojo"):
         assert True in calls  # the packed scan ran on the kernel, with its restarts
 

@@ -19,7 +19,7 @@ from kcheck import assert_close as kernel_close  # noqa: E402
 from memcore.backends.torch import implementation  # noqa: E402
 from refcheck import assert_close  # noqa: E402
 
-from tests.packed.packed_cases import cu_seqlens, doc_lengths  # noqa: E402
+from tests.packed.packed_cases import cu_seqlens, doc_lengths, spy_calls  # noqa: E402
 
 RTOL = 1e-9  # DESIGN 6: kernels in float64 (the gradients: kcheck's relative RMSE)
 EXAMPLES = settings(max_examples=3, deadline=None)
@@ -143,14 +143,7 @@ def test_associative_readout_kernel_refuses_cu_seqlens_over_a_batch():
 @pytest.mark.parametrize("how", ["explicit", "env"])
 @pytest.mark.parametrize("capacity", [None, 3])
 def test_backend_packed_associative_readout_on_the_kernel(how, capacity, monkeypatch):
-    calls = []
-    real = assoc_mod.associative_readout
-
-    def spy(*a, **kw):
-        calls.append(kw.get("cu_seqlens") is not None)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(assoc_mod, "associative_readout", spy)
+    calls = spy_calls(monkeypatch, assoc_mod, "associative_readout", "cu_seqlens")
     if how == "env":
         monkeypatch.setenv(implementation.ENV, "triton")
     cu = cu_seqlens([1, 5, 1, 1, 7, 2, 1])

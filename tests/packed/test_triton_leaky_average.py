@@ -17,10 +17,16 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from kcheck import assert_close as kernel_close  # noqa: E402
 from memcore.backends.torch import implementation  # noqa: E402
-from refcheck import assert_close, inputs, params64  # noqa: E402
+from refcheck import assert_close  # noqa: E402
 
 import memcore  # noqa: E402
-from tests.packed.packed_cases import check_packed, cu_seqlens, doc_lengths, reset_of  # noqa: E402
+from tests.packed.packed_cases import (  # noqa: E402
+    check_packed_torch_layer,
+    cu_seqlens,
+    doc_lengths,
+    reset_of,
+    spy_calls,
+)
 
 RTOL = 1e-9  # DESIGN 6: kernels in float64 (the gradients: kcheck's relative RMSE)
 EXAMPLES = settings(max_examples=3, deadline=None)
@@ -113,14 +119,7 @@ def test_leaky_average_kernel_keeps_a_non_finite_value_in_its_document(chunk):
 
 
 def test_backend_packed_leaky_average_on_the_kernel(monkeypatch):
-    calls = []
-    real = leaky_mod.leaky_average
-
-    def spy(*a, **kw):
-        calls.append(kw.get("reset") is not None)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(leaky_mod, "leaky_average", spy)
+    calls = spy_calls(monkeypatch, leaky_mod, "leaky_average", "reset")
     cu = cu_seqlens([1, 5, 1, 1, 7, 2, 1])
     T = int(cu[-1])
     k, ld = leaky_args(1, T, 3, 4, 5)
@@ -146,34 +145,9 @@ MOSAICS = {
 @pytest.mark.parametrize("name", sorted(MOSAICS))
 def test_mosaic_on_the_kernels(name, monkeypatch):
     monkeypatch.setenv(implementation.ENV, "triton")
-    calls = []
-    real = leaky_mod.leaky_average
-
-    def spy(*a, **kw):
-        calls.append(kw.get("reset") is not None)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(leaky_mod, "leaky_average", spy)
-    readouts = []
-    real_readout = assoc_mod.associative_readout
-
-    def readout_spy(*a, **kw):
-        readouts.append(kw.get("cu_seqlens") is not None)
-        return real_readout(*a, **kw)
-
-    monkeypatch.setattr(assoc_mod, "associative_readout", readout_spy)
-    spec = MOSAICS[name]
-    layer = memcore.realize(spec, backend="torch", params=params64(spec))
-    cu = cu_seqlens([4, 1, 6, 3])
-    x = torch.from_numpy(inputs(spec, 1, int(cu[-1]), seed=2))
-
-    def run(a, cu_):
-        return layer.forward_aux(a, None, cu_seqlens=None if cu_ is None else
-                                 torch.from_numpy(cu_))
-
-    check_packed(run, x, cu, "triton", name, RTOL)
+    calls = spy_calls(monkeypatch, leaky_mod, "leaky_average", "reset")
+    readouts = spy_calls(monkeypatch, assoc_mod, "associative_readout", "cu_seqlens")
+    check_packed_torch_layer(MOSAICS[name], "triton", name, RTOL)
     assert True in calls  # the packed leaky average ran on the kernel, with its restarts
     assert False in calls  # and so did the separate documents', without
     assert True in readouts  # the packed readout ran on the kernel, with the boundaries
-
-
