@@ -294,8 +294,13 @@ def config_record(cfg: LMConfig) -> dict:
 
 
 def deviations(cfg: LMConfig, lr_sweep: protocol.Sweep, overlap: bool) -> list[str]:
-    """This run's departures from the task's protocol, from its configuration."""
-    out = []
+    """This run's departures from the task's protocol, from its configuration, after the ones
+    every run has from the B'MOJO paper's length-generalisation test (Zancato et al. 2024:
+    PG-19, training sequences up to 8K tokens, tested to four times that)."""
+    out = [f"bytes of the given text instead of PG-19 tokens; training length {cfg.seq_len} "
+           f"instead of 8K (the test to {cfg.eval_factor} times the training length kept)",
+           f"{cfg.n_layers} blocks of width {cfg.d_model} instead of the paper's models of "
+           f"up to 1.4B parameters"]
     if cfg.eval_windows < MIN_WINDOWS:
         out.append(f"{cfg.eval_windows} test windows instead of at least {MIN_WINDOWS}")
     if cfg.val_windows < MIN_WINDOWS:
@@ -341,7 +346,7 @@ def run(text: str, models=DEFAULT_MODELS, cfg: LMConfig = PROTOCOL, lrs=LRS, see
                "sweep": {"lrs": list(lr_sweep.lrs), "seeds": list(lr_sweep.seeds)},
                "deviations": deviations(cfg, lr_sweep, overlap), "models": {},
                "baselines": baselines(parts, val, test, cfg)}
-    say("memcore lm: deviations from the protocol:")
+    say("memcore lm: deviations from the protocol and the paper's:")
     for dv in results["deviations"]:
         say(f"  - {dv}")
     four = results["baselines"]["4-gram"]["loss_within_L"]

@@ -74,6 +74,7 @@ def test_lm_tiny_run(text, tmp_path, capsys):
     assert list(res["models"]) == models
     assert set(res["baselines"]) == {"2-gram", "3-gram", "4-gram"}
     assert any("12 test windows" in d for d in res["deviations"])
+    assert any("PG-19" in d for d in res["deviations"])  # the paper's setup, in every mode
     four = res["baselines"]["4-gram"]["loss_within_L"]
     for r in [*res["models"].values(), *res["baselines"].values()]:
         per = np.array(r["loss_by_position"])
