@@ -31,6 +31,12 @@ if torch is not None:
 # as test_torch.py); the shared helpers (refcheck, torchcheck, jaxcheck, kcheck, ...) live in
 # tests/support and are found through sys.path.
 _HERE = pathlib.Path(__file__).resolve().parent
+
+# Before the root goes on sys.path: Hugging Face's `kernels`, not the kernels/ folder (after the
+# environment above, since memcore loads here).
+from memcore.shadowed_packages import import_installed  # noqa: E402
+
+import_installed("kernels", "memcore.kernels")
 # The repository root too: with importlib imports a test module is named tests.<folder>.<file>,
 # and processes a test spawns re-import it by that name.
 if str(_HERE.parent) not in sys.path:

@@ -13,7 +13,10 @@ and ``MemcoreForCausalLM`` with ``AutoModelForCausalLM``.
 
 from __future__ import annotations
 
+from memcore.shadowed_packages import import_installed
+
 try:
+    import_installed("kernels", "memcore.kernels")  # before transformers, which imports it
     import transformers  # noqa: F401
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError('memcore.hf needs transformers: pip install "memcore[hf]"') from err
