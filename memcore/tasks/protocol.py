@@ -59,7 +59,7 @@ class Sweep:
                        f"of at least {MIN_LRS}")
         if len(self.seeds) < MIN_SEEDS:
             out.append(f"{len(self.seeds)} seed(s) {list(self.seeds)} instead of at least "
-                       f"{MIN_SEEDS}: no spread over seeds (accuracy_std is 0)")
+                       f"{MIN_SEEDS}: no spread over seeds (every reported std is 0)")
         return out
 
 
