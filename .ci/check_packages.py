@@ -28,7 +28,10 @@ if stale:
     problems.append(f"listed packages with no folder: {stale}")
 for top in ("spec", "kernels", "backends"):
     spec = importlib.util.find_spec(top)
-    if spec is not None and spec.origin and str(root) in str(spec.origin):
+    # Another distribution may own the name (transformers pulls Hugging Face's `kernels`): only
+    # a top-level name that resolves to this checkout's folder is wrong.
+    origin = pathlib.Path(spec.origin).parent.resolve() if spec and spec.origin else None
+    if origin == root / top:
         problems.append(f"'{top}' is importable as a top-level package ({spec.origin})")
 if problems:
     sys.exit("\n".join(problems))
