@@ -133,6 +133,9 @@ def sdpa(q, k, v, mask=None, scale=None):
     the mask to masked keys' scores (NaN + -inf = NaN), and on CPU a row whose scores are NaN
     reads 0, so a non-finite query or key takes the masked softmax of ``partial`` instead (in
     blocks of queries), which reads keys only through ``where``."""
+    # torch's fused CPU kernel takes only a unit stride on the last dim; any other layout falls
+    # to its math path, which materialises the scores and is several times slower.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if all_finite(q, k, v):
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)

@@ -6,7 +6,10 @@ import pytest
 import torch
 from primitives import REF as R
 from primitives import TORCH as O
+from torch.profiler import profile
 from torchcheck import F64, rel
+
+import memcore
 
 D64 = torch.float64
 
@@ -31,3 +34,19 @@ def test_associative_readout(capacity, T):
     gb = torch.autograd.grad((y_r * w).sum(), (k, v), allow_unused=True, materialize_grads=True)
     for a, b in zip(ga, gb, strict=True):
         assert torch.isfinite(a).all() and rel(a, b) <= F64
+
+
+def test_mosaic_readout_takes_the_fused_cpu_kernel():
+    """The mosaic layer's leaky keys come out with time innermost; the readout must still reach
+    torch's fused CPU attention (forward and backward), not its math path, which materialises
+    the scores and made RegBench's mosaic training several times slower."""
+    spec = memcore.spec.mosaic(32, 2)
+    layer = memcore.realize(spec, backend="torch", params=memcore.init(spec, 0))
+    x = torch.randn(2, 33, 32, requires_grad=True)
+    with profile() as prof:
+        y, _ = layer(x)
+        y.pow(2).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in names
+    assert "aten::_scaled_dot_product_attention_math" not in names
