@@ -228,6 +228,9 @@ def model_name(heads: int) -> str:
     return f"{heads} head" + ("s" if heads > 1 else "")
 
 
+CHECKPOINTS = 10  # per run: an interrupted run resumes from the last of them
+
+
 def run_one(name: str, lr: float, seed: int, sub: str | None, cfg: MoonsConfig, device: str,
             backend: str, log_every: int, quiet: bool) -> dict:
     """Train one model at ``lr`` and ``seed`` (the official schedule) and evaluate its final
@@ -240,13 +243,14 @@ def run_one(name: str, lr: float, seed: int, sub: str | None, cfg: MoonsConfig, 
         x = sample(rng, [train_sets[i] for i in pick], cfg.length + 1)
         return x[:, :-1], x[:, 1:]
 
+    checkpoints, resume = sweep.checkpointing(sub, max(1, cfg.steps // CHECKPOINTS))
     tcfg = TrainConfig(steps=cfg.steps, lr=lr, weight_decay=0.0, seed=seed,
                        schedule="linear", min_lr_ratio=cfg.final_lr / lr, grad_clip=None,
-                       log_every=log_every, device=device, out_dir=sub)
+                       log_every=log_every, device=device, out_dir=sub, **checkpoints)
     model, res, params = runs.train_model(
         backend, memory_model(backend, heads_of(name), seed), batches, tcfg,
         {"torch": {"loss_fn": clipped_loss}, "jax": {"loss_fn": clipped_loss_jax}},
-        name=name, quiet=quiet)
+        resume=resume, name=name, quiet=quiet)
     twin = torch_twin(model).to("cpu").eval()
     test, val = held_out_sequences(cfg)
     val_err = rollout_errors(twin, val, cfg.contexts(cfg.val_context_step), cfg.horizon,

@@ -215,7 +215,8 @@ def in_context_ngram(items, order: int = 3) -> tuple[float, float]:
 def evaluator(data: dict, backend: str):
     """``evaluate(model) -> {"val": accuracy, "val_tvd", "test", "test_tvd"}``; the test set is
     scored only when the validation accuracy is the run's best so far (the checkpoint the
-    protocol keeps), and chooses nothing."""
+    protocol keeps), and chooses nothing. After a resume the first evaluation scores the test
+    set too (the best so far is in the loop's history, not here); the choice is the same."""
     best = [-np.inf]
 
     def evaluate(model):
@@ -246,16 +247,17 @@ def run_one(name: str, lr: float, seed: int, sub: str | None, cfg: RegBenchConfi
                                                           (i + 1) * cfg.batch_size]])
         return x, y
 
+    every = cfg.eval_every or cfg.steps_per_epoch  # a checkpoint at every evaluation
+    checkpoints, resume = sweep.checkpointing(sub, every)
     tcfg = TrainConfig(steps=cfg.total_steps, lr=lr, weight_decay=cfg.weight_decay, seed=seed,
                        warmup=cfg.warmup, min_lr_ratio=0.1, grad_clip=1.0, log_every=log_every,
-                       eval_every=cfg.eval_every or cfg.steps_per_epoch, out_dir=sub,
-                       device=device)
+                       eval_every=every, out_dir=sub, device=device, **checkpoints)
     # --backend jax: batches vary in length, padded with PAD to a multiple of TIME_BUCKET
     # (unlabelled), so that few shapes compile.
     _, res, params = runs.train_model(
         backend, next_token_model(backend, model_spec(name, cfg), seed), batches, tcfg,
         {"jax": {"time_multiple": TIME_BUCKET, "pad_token": PAD}},
-        eval_fn=evaluator(data, backend), name=name, quiet=quiet)
+        eval_fn=evaluator(data, backend), resume=resume, name=name, quiet=quiet)
     step, val, extras = protocol.best_evaluation(res["evals"])
     return {"lr": lr, "seed": seed, "val_accuracy": val, "accuracy": extras["test"],
             "tvd": extras["test_tvd"], "val_tvd": extras["val_tvd"], "best_step": step,

@@ -3,9 +3,13 @@ every (model, learning rate, seed) trained, ``jobs`` at a time, each finished ru
 ``--out`` as ``<model>/lr<lr>-seed<seed>/run.json`` with the configuration it ran.
 
 A command finds the runs already finished under its ``--out`` and trains only the others, so
-that a table can be filled by several commands (a model or a seed at a time) and an interrupted
-command loses only its unfinished runs. A finished run of another configuration is refused,
-naming the field that differs.
+that a table can be filled by several commands (a model or a seed at a time). A task whose runs
+are resumable (``checkpointing``: moons, regbench) checkpoints each run as it trains, and a
+later command resumes an interrupted run from its last checkpoint, so a killed command loses
+only the steps since then; lm's runs start again (their best checkpoint's test curves are held
+outside the loop's history). A run, finished or not, of another configuration is refused,
+naming the field that differs: each run writes its configuration to ``config.json`` before
+it trains.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import os
 from collections.abc import Callable
 
 from memcore.tasks import protocol, runs
+from memcore.tasks.train import CHECKPOINT
 
 RUN_FILE = "run.json"
+START_FILE = "config.json"
 
 
 def run_dir(out_dir: str | None, model: str, lr: float, seed: int) -> str | None:
@@ -37,15 +43,41 @@ def finished_run(sub: str | None, config: dict, what: str) -> dict | None:
     return kept["result"]
 
 
-def keep_run(sub: str | None, config: dict, result: dict) -> None:
-    """Write a finished run's result under ``sub`` (atomically), for a later command to reuse."""
+def _write_json(sub: str, name: str, data: dict) -> None:
+    os.makedirs(sub, exist_ok=True)
+    tmp = os.path.join(sub, "." + name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, os.path.join(sub, name))
+
+
+def start_run(sub: str | None, config: dict, what: str) -> None:
+    """Before an unfinished run under ``sub`` trains: refuse it if an interrupted run of another
+    configuration is there (its checkpoint would be resumed into this one), then write this
+    configuration for a later command to check."""
     if not sub:
         return
-    os.makedirs(sub, exist_ok=True)
-    tmp = os.path.join(sub, "." + RUN_FILE + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"config": config, "result": result}, fh, indent=1)
-    os.replace(tmp, os.path.join(sub, RUN_FILE))
+    path = os.path.join(sub, START_FILE)
+    if os.path.exists(path):
+        with open(path) as fh:
+            runs.check_same_run(json.load(fh), config, what, sub)
+    _write_json(sub, START_FILE, config)
+
+
+def checkpointing(sub: str | None, every: int) -> tuple[dict, bool]:
+    """A resumable run's checkpoints, as ``TrainConfig`` fields (every ``every`` steps and after
+    the last, under ``sub``; none without ``--out``), and whether an interrupted run left a
+    checkpoint there to resume from."""
+    if not sub:
+        return {}, False
+    return ({"checkpoint_every": every, "checkpoint_at_end": True},
+            os.path.exists(os.path.join(sub, CHECKPOINT)))
+
+
+def keep_run(sub: str | None, config: dict, result: dict) -> None:
+    """Write a finished run's result under ``sub`` (atomically), for a later command to reuse."""
+    if sub:
+        _write_json(sub, RUN_FILE, {"config": config, "result": result})
 
 
 def run_all(what: str, fn: Callable, models, sweep: protocol.Sweep, config: dict,
@@ -63,6 +95,7 @@ def run_all(what: str, fn: Callable, models, sweep: protocol.Sweep, config: dict
             sub = run_dir(out_dir, m, lr, seed)
             kept = finished_run(sub, config, what)
             if kept is None:
+                start_run(sub, config, what)
                 todo.append((m, lr, seed, sub, *args))
             else:
                 done[m].append(kept)
