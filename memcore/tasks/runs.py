@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
+from memcore.atomic_files import atomic_write
+
 
 def check_counts(task: str, cfg, names) -> None:
     """A task configuration's fields ``names`` must be ints >= 1."""
@@ -157,16 +159,20 @@ def table(head: str, width: int, rows) -> str:
     return "\n".join([head, "-" * width, *rows])
 
 
+def write_json(path: str, data, indent: int = 1) -> None:
+    """``data`` as JSON at ``path``, written whole and moved into place (``atomic_write``: a
+    reader never sees half a file, and a killed writer leaves no temporary for long)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=indent)
+    atomic_write(path, write)
+
+
 def write_results(results: dict, out_dir: str | None, t0: float) -> None:
-    """The wall time since ``t0`` into ``results``, and results.json under ``out_dir``
-    (written whole, then moved into place: a reader never sees half a file)."""
+    """The wall time since ``t0`` into ``results``, and results.json under ``out_dir``."""
     results["seconds"] = round(time.time() - t0, 1)
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = os.path.join(out_dir, ".results.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(results, fh, indent=2)
-        os.replace(tmp, os.path.join(out_dir, "results.json"))
+        write_json(os.path.join(out_dir, "results.json"), results, indent=2)
 
 
 def finish(results: dict, out_dir: str | None, t0: float,

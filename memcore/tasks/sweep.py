@@ -43,14 +43,6 @@ def finished_run(sub: str | None, config: dict, what: str) -> dict | None:
     return kept["result"]
 
 
-def _write_json(sub: str, name: str, data: dict) -> None:
-    os.makedirs(sub, exist_ok=True)
-    tmp = os.path.join(sub, "." + name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(tmp, os.path.join(sub, name))
-
-
 def start_run(sub: str | None, config: dict, what: str) -> None:
     """Before an unfinished run under ``sub`` trains: refuse it if an interrupted run of another
     configuration is there (its checkpoint would be resumed into this one), then write this
@@ -61,7 +53,7 @@ def start_run(sub: str | None, config: dict, what: str) -> None:
     if os.path.exists(path):
         with open(path) as fh:
             runs.check_same_run(json.load(fh), config, what, sub)
-    _write_json(sub, START_FILE, config)
+    runs.write_json(os.path.join(sub, START_FILE), config)
 
 
 def checkpointing(sub: str | None, every: int) -> tuple[dict, bool]:
@@ -77,7 +69,7 @@ def checkpointing(sub: str | None, every: int) -> tuple[dict, bool]:
 def keep_run(sub: str | None, config: dict, result: dict) -> None:
     """Write a finished run's result under ``sub`` (atomically), for a later command to reuse."""
     if sub:
-        _write_json(sub, RUN_FILE, {"config": config, "result": result})
+        runs.write_json(os.path.join(sub, RUN_FILE), {"config": config, "result": result})
 
 
 def run_all(what: str, fn: Callable, models, sweep: protocol.Sweep, config: dict,
